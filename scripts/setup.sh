@@ -1,0 +1,46 @@
+#!/usr/bin/env bash
+# Idempotent set-up on a fresh Debian machine with Rust: everything the build, the demo and the tests need.
+#   - OpenMPI + clang (Debian) for the `mpi` feature (rsmpi's bindgen needs libclang)
+#   - a project-local venv .venv with torch==2.11.0 (libtorch for tch, and the PyTorch oracle of the tests)
+#   - qwen.tiktoken extracted from the dashscope==2.0.2 wheel into .deps/ (never committed)
+# Prints the environment to use as shell `export` lines on stdout when called with --print-env.
+set -euo pipefail
+root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+cd "$root"
+log() { echo "[setup] $*" >&2; }
+
+need_apt=()
+command -v mpirun >/dev/null 2>&1 || need_apt+=(openmpi-bin)
+[ -e /usr/include/x86_64-linux-gnu/openmpi/include/mpi.h ] || [ -e /usr/lib/x86_64-linux-gnu/openmpi/include/mpi.h ] || need_apt+=(libopenmpi-dev)
+command -v clang >/dev/null 2>&1 || need_apt+=(clang)
+if [ ${#need_apt[@]} -gt 0 ]; then
+  log "installing Debian packages: ${need_apt[*]}"
+  export DEBIAN_FRONTEND=noninteractive
+  apt-get update -qq >&2
+  apt-get install -y -qq "${need_apt[@]}" >&2
+fi
+
+py=python3
+if [ ! -x .venv/bin/python ]; then
+  log "creating .venv"
+  $py -m venv .venv
+fi
+if ! .venv/bin/python -c 'import torch, numpy, PIL, safetensors; assert torch.__version__.startswith("2.11.0")' 2>/dev/null; then
+  log "installing torch==2.11.0 numpy pillow safetensors into .venv (a few minutes, ~4.6 GB)"
+  .venv/bin/pip install -q --disable-pip-version-check torch==2.11.0 numpy pillow safetensors >&2
+fi
+
+if [ ! -s .deps/qwen.tiktoken ]; then
+  log "extracting qwen.tiktoken from dashscope==2.0.2"
+  mkdir -p .deps/wheel
+  .venv/bin/pip download -q --disable-pip-version-check --no-deps -d .deps/wheel dashscope==2.0.2 >&2
+  .venv/bin/python - <<'PY'
+import zipfile, glob
+whl = glob.glob(".deps/wheel/dashscope-2.0.2-*.whl")[0]
+with zipfile.ZipFile(whl) as z:
+    data = z.read("dashscope/resources/qwen.tiktoken")
+open(".deps/qwen.tiktoken.part", "wb").write(data)
+PY
+  mv .deps/qwen.tiktoken.part .deps/qwen.tiktoken
+fi
+log "ok"

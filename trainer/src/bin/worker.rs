@@ -1,0 +1,186 @@
+//! idavlm-worker: one rank of a training job (normally started by `idavlm-launch`), plus tools that
+//! need libtorch: device report, parameter counts, checkpoint export.
+//!
+//! Exit codes: 0 done; 1 error; 3 a collective timed out (a peer died or hangs); 4 stopped after too
+//! many non-finite steps; 75 stopped by SIGTERM/SIGUSR1 after writing a checkpoint (requeue).
+
+use std::path::PathBuf;
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, Result};
+use clap::{Parser, Subcommand};
+use idavlm::comm::{tcp::TcpComm, Communicator, Local, RankInfo};
+use idavlm::model::{count_params, ModelConfig};
+use idavlm::train::{self, EXIT_NONFINITE, EXIT_PREEMPTED};
+use idavlm::{recipe, runtime};
+
+#[derive(Parser)]
+#[command(name = "idavlm-worker", version, about = "One rank of an idavlm training job, and libtorch-side tools")]
+struct Cli {
+    #[command(subcommand)]
+    cmd: Cmd,
+}
+
+#[derive(Subcommand)]
+enum Cmd {
+    /// Train this rank (rank, world and rendezvous from RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR, MASTER_PORT).
+    Train {
+        recipe: PathBuf,
+        /// Override a recipe key: --set optimizer.lr=1e-5 (repeatable).
+        #[arg(long = "set", value_name = "KEY=VALUE")]
+        sets: Vec<String>,
+        /// `auto` (newest complete checkpoint in checkpoint.dir), `none`, or a checkpoint folder.
+        #[arg(long, default_value = "auto")]
+        resume: String,
+        /// Communicator: auto (nccl on GPUs, mpi under mpirun when built with it, else tcp), tcp, mpi, nccl.
+        #[arg(long, default_value = "auto")]
+        comm: String,
+    },
+    /// Report libtorch, the CUDA devices, and time a bf16 matmul on each.
+    Info {
+        #[arg(long, default_value_t = 8192)]
+        size: i64,
+    },
+    /// Parameter counts of a model preset or HF config.json.
+    Params {
+        #[arg(long, default_value = "qwen-vl-chat")]
+        preset: String,
+        #[arg(long)]
+        config: Option<PathBuf>,
+        #[arg(long)]
+        id_former: bool,
+    },
+    /// Verify a checkpoint folder and write its model in the Hugging Face layout.
+    Export { checkpoint: PathBuf, out: PathBuf },
+}
+
+fn main() {
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()))
+        .with_writer(std::io::stderr)
+        .try_init();
+    match run(Cli::parse()) {
+        Ok(code) => std::process::exit(code),
+        Err(e) => {
+            let rank = std::env::var("RANK").unwrap_or_else(|_| "0".into());
+            eprintln!("rank {rank}: error: {e:#}");
+            std::process::exit(1);
+        }
+    }
+}
+
+fn make_comm(kind: &str, info: &RankInfo, device: tch::Device, timeout: Duration) -> Result<Box<dyn Communicator>> {
+    let under_mpirun = std::env::var_os("OMPI_COMM_WORLD_SIZE").is_some() || std::env::var_os("PMIX_RANK").is_some();
+    let kind = match kind {
+        "auto" if info.world == 1 && !under_mpirun => "local",
+        "auto" if device.is_cuda() => "nccl",
+        "auto" if under_mpirun && cfg!(feature = "mpi") => "mpi",
+        "auto" => "tcp",
+        k => k,
+    };
+    Ok(match kind {
+        "local" => Box::new(Local),
+        "tcp" => Box::new(TcpComm::connect(info, timeout)?),
+        "nccl" => {
+            let tch::Device::Cuda(i) = device else { anyhow::bail!("--comm nccl needs a GPU") };
+            Box::new(idavlm::comm::nccl::NcclComm::connect(info, i, timeout)?)
+        }
+        #[cfg(feature = "mpi")]
+        "mpi" => {
+            let c = idavlm::comm::mpi_comm::MpiComm::init(timeout)?;
+            anyhow::ensure!(
+                c.world() == info.world && c.rank() == info.rank,
+                "MPI says rank {} of {}, the environment says {} of {}",
+                c.rank(),
+                c.world(),
+                info.rank,
+                info.world
+            );
+            Box::new(c)
+        }
+        #[cfg(not(feature = "mpi"))]
+        "mpi" => anyhow::bail!("this build has no MPI support (build with --features mpi)"),
+        k => anyhow::bail!("unknown communicator {k:?} (auto, local, tcp, mpi, nccl)"),
+    })
+}
+
+fn run(cli: Cli) -> Result<i32> {
+    match cli.cmd {
+        Cmd::Train { recipe: path, sets, resume, comm } => {
+            let nccl = runtime::prepare_nccl();
+            let r = recipe::load(&path, &sets)?;
+            let info = RankInfo::from_env()?;
+            let device = runtime::device_for(info.local_rank);
+            if let (Some(lib), tch::Device::Cuda(_)) = (&nccl, device) {
+                tracing::debug!("NCCL: {}", lib.display());
+            }
+            let comm = make_comm(&comm, &info, device, Duration::from_secs(r.comm.timeout_s))?;
+            let s = train::run(&r, train::resolve_resume(&resume), &info, comm.as_ref(), device)?;
+            Ok(if s.preempted {
+                EXIT_PREEMPTED
+            } else if s.stopped_nonfinite {
+                EXIT_NONFINITE
+            } else {
+                0
+            })
+        }
+        Cmd::Info { size } => {
+            let cuda = runtime::init();
+            println!("libtorch: {}", runtime::torch_lib_dirs().first().map(|p| p.display().to_string()).unwrap_or_default());
+            println!(
+                "libtorch_cuda: {}",
+                cuda.as_ref().map(|p| p.display().to_string()).unwrap_or_else(|| "not found (CPU only)".into())
+            );
+            let n = tch::Cuda::device_count();
+            println!("CUDA devices: {n}");
+            for i in 0..n as usize {
+                let d = tch::Device::Cuda(i);
+                let a = tch::Tensor::randn([size, size], (tch::Kind::BFloat16, d));
+                let b = tch::Tensor::randn([size, size], (tch::Kind::BFloat16, d));
+                let _ = a.matmul(&b);
+                tch::Cuda::synchronize(i as i64);
+                let reps = 20;
+                let t = Instant::now();
+                for _ in 0..reps {
+                    let _ = a.matmul(&b);
+                }
+                tch::Cuda::synchronize(i as i64);
+                let s = t.elapsed().as_secs_f64() / reps as f64;
+                // Check against an f32 product on a slice, so the number is of a correct result.
+                let c = a.narrow(0, 0, 64).matmul(&b).to_kind(tch::Kind::Float);
+                let r = a.narrow(0, 0, 64).to_kind(tch::Kind::Float).matmul(&b.to_kind(tch::Kind::Float));
+                let rel = ((&c - &r).norm().double_value(&[]) / r.norm().double_value(&[])).abs();
+                println!(
+                    "cuda:{i}: bf16 {size}^3 matmul {:.3} ms, {:.0} TFLOP/s, rel. error vs f32 {rel:.1e}",
+                    s * 1e3,
+                    2.0 * (size as f64).powi(3) / s / 1e12
+                );
+            }
+            let a = tch::Tensor::randn([256, 256], (tch::Kind::Float, tch::Device::Cpu));
+            let _ = a.matmul(&a);
+            println!("cpu: f32 matmul ok");
+            Ok(0)
+        }
+        Cmd::Params { preset, config, id_former } => {
+            let mut cfg = match config {
+                Some(p) => ModelConfig::from_file(&p)?,
+                None => ModelConfig::preset(&preset)?,
+            };
+            cfg.id_former = id_former;
+            println!("{}", serde_json::to_string_pretty(&count_params(&cfg))?);
+            Ok(0)
+        }
+        Cmd::Export { checkpoint, out } => {
+            idavlm::checkpoint::verify(&checkpoint)?;
+            let model = checkpoint.join("model");
+            anyhow::ensure!(model.is_dir(), "{}: no model/ folder (checkpoint.save_model was off)", checkpoint.display());
+            let cfg: ModelConfig =
+                serde_json::from_slice(&std::fs::read(model.join("config.json")).context("model/config.json")?)?;
+            let (params, _) = idavlm::model::weights::load_hf(&model, &cfg, tch::Device::Cpu, tch::Kind::BFloat16)?;
+            idavlm::model::weights::save_params(&params, &out, tch::Kind::BFloat16, 4 << 30)?;
+            std::fs::write(out.join("config.json"), serde_json::to_vec_pretty(&cfg)?)?;
+            println!("wrote {} in the Hugging Face layout (bf16)", out.display());
+            Ok(0)
+        }
+    }
+}

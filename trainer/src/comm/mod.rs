@@ -1,0 +1,112 @@
+//! Communicators: the collectives the ZeRO strategies need, over tch tensors, with one interface and
+//! several backends.
+//!
+//! - [`Local`]: world size 1, so that single-process training runs the same code path.
+//! - [`tcp::TcpComm`]: CPU ranks over TCP rings (the `--nproc-per-node` and multi-node CPU path).
+//! - [`mpi_comm::MpiComm`] (feature `mpi`): CPU ranks under `mpirun`.
+//! - [`nccl::NcclComm`]: GPU ranks, NCCL on the same libnccl as libtorch's.
+//!
+//! Every collective has a deadline: a peer that does not answer in time turns into an error naming the
+//! collective, the rank and the peer, and the worker exits non-zero, so the launcher stops the job.
+
+#[cfg(feature = "mpi")]
+pub mod mpi_comm;
+pub mod nccl;
+pub mod rendezvous;
+pub mod tcp;
+
+use tch::Tensor;
+
+use crate::error::Result;
+
+pub trait Communicator {
+    fn rank(&self) -> usize;
+    fn world(&self) -> usize;
+    /// Backend name for logs.
+    fn name(&self) -> &'static str;
+    /// In-place sum over ranks.
+    fn all_reduce_sum(&self, t: &Tensor) -> Result<()>;
+    /// `input` holds world * n elements; `output` (n elements) gets the sum over ranks of chunk `rank`.
+    fn reduce_scatter_sum(&self, input: &Tensor, output: &Tensor) -> Result<()>;
+    /// `input` holds n elements; `output` (world * n) gets every rank's input in rank order.
+    fn all_gather(&self, input: &Tensor, output: &Tensor) -> Result<()>;
+    /// In-place broadcast from `root`.
+    fn broadcast(&self, t: &Tensor, root: usize) -> Result<()>;
+    fn barrier(&self) -> Result<()> {
+        let t = Tensor::zeros([1], (tch::Kind::Float, tch::Device::Cpu));
+        self.all_reduce_sum(&t)
+    }
+    /// Agreement across ranks on a rank-local flag (a stop signal, a bad batch): true if any rank says so.
+    fn any(&self, flag: bool, device: tch::Device) -> Result<bool> {
+        let t = Tensor::from_slice(&[flag as i32 as f32]).to_device(device);
+        self.all_reduce_sum(&t)?;
+        Ok(t.double_value(&[0]) > 0.0)
+    }
+}
+
+/// World size 1: every collective is a copy.
+pub struct Local;
+
+impl Communicator for Local {
+    fn rank(&self) -> usize {
+        0
+    }
+    fn world(&self) -> usize {
+        1
+    }
+    fn name(&self) -> &'static str {
+        "local"
+    }
+    fn all_reduce_sum(&self, _t: &Tensor) -> Result<()> {
+        Ok(())
+    }
+    fn reduce_scatter_sum(&self, input: &Tensor, output: &Tensor) -> Result<()> {
+        let mut o = output.shallow_clone();
+        tch::no_grad(|| o.copy_(input));
+        Ok(())
+    }
+    fn all_gather(&self, input: &Tensor, output: &Tensor) -> Result<()> {
+        let mut o = output.shallow_clone();
+        tch::no_grad(|| o.copy_(input));
+        Ok(())
+    }
+    fn broadcast(&self, _t: &Tensor, _root: usize) -> Result<()> {
+        Ok(())
+    }
+}
+
+/// Rank, world and local rank of this process, from the environment the launcher sets.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct RankInfo {
+    pub rank: usize,
+    pub world: usize,
+    pub local_rank: usize,
+    pub master_addr: String,
+    pub master_port: u16,
+}
+
+impl RankInfo {
+    /// Reads RANK / WORLD_SIZE / LOCAL_RANK / MASTER_ADDR / MASTER_PORT (set by `idavlm-launch`); a
+    /// process started on its own is rank 0 of 1.
+    pub fn from_env() -> Result<Self> {
+        let get = |k: &str| std::env::var(k).ok();
+        let num = |k: &str, default: usize| -> Result<usize> {
+            match get(k) {
+                Some(v) => v.trim().parse().map_err(|_| crate::Error::Comm(format!("{k}={v:?} is not a number"))),
+                None => Ok(default),
+            }
+        };
+        let world = num("WORLD_SIZE", 1)?;
+        let rank = num("RANK", 0)?;
+        if rank >= world {
+            return Err(crate::Error::Comm(format!("RANK={rank} is not below WORLD_SIZE={world}")));
+        }
+        Ok(Self {
+            rank,
+            world,
+            local_rank: num("LOCAL_RANK", rank)?,
+            master_addr: get("MASTER_ADDR").unwrap_or_else(|| "127.0.0.1".into()),
+            master_port: num("MASTER_PORT", 29500)? as u16,
+        })
+    }
+}

@@ -1,0 +1,39 @@
+//! The trainer library's error type: each variant says which file, key or rank it is about.
+
+use std::path::{Path, PathBuf};
+
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error("{}: {source}", file.display())]
+    Io { file: PathBuf, source: std::io::Error },
+    #[error("model config: {0}")]
+    Config(String),
+    #[error("{0}")]
+    Recipe(String),
+    #[error("weights {}: {detail}", file.display())]
+    Weights { file: PathBuf, detail: String },
+    #[error("checkpoint {}: {detail}", dir.display())]
+    Checkpoint { dir: PathBuf, detail: String },
+    #[error("communicator: {0}")]
+    Comm(String),
+    #[error("data: {0}")]
+    Data(#[from] idavlm_shards::Error),
+    #[error("torch: {0}")]
+    Torch(#[from] tch::TchError),
+    #[error("{0}")]
+    Other(String),
+}
+
+impl Error {
+    pub fn io(file: &Path, source: std::io::Error) -> Self {
+        Error::Io { file: file.to_path_buf(), source }
+    }
+    pub fn weights(file: &Path, detail: impl Into<String>) -> Self {
+        Error::Weights { file: file.to_path_buf(), detail: detail.into() }
+    }
+    pub fn checkpoint(dir: &Path, detail: impl Into<String>) -> Self {
+        Error::Checkpoint { dir: dir.to_path_buf(), detail: detail.into() }
+    }
+}
+
+pub type Result<T, E = Error> = std::result::Result<T, E>;

@@ -1,0 +1,26 @@
+//! idavlm: trains IDA-VLM (Qwen-VL-Chat + ID-Former) with sharded AdamW over many ranks.
+//!
+//! Reading order: [`train::run`] (the loop), [`step::forward_backward`] (one micro-batch, block by
+//! block), [`zero::Sharded`] (ZeRO-1/2/3 state), [`comm::Communicator`] (collectives), then
+//! [`model::QwenVl`] (the plain model), [`recipe::Recipe`], [`checkpoint`].
+//!
+//! - [`model`]: config presets, parameter specs and counts, the tch modules, HF weight I/O.
+//! - [`optim`]: AdamW and the schedules; [`flops`]: the MFU formula of PERF.md.
+//! - [`runtime`]: process start-up (CUDA visibility, the NCCL library).
+//! - re-exported from the data crate: [`tokenizer`], [`chat`], [`preprocess`].
+
+pub mod checkpoint;
+pub mod comm;
+pub mod error;
+pub mod flops;
+pub mod model;
+pub mod optim;
+pub mod recipe;
+pub mod report;
+pub mod runtime;
+pub mod step;
+pub mod train;
+pub mod zero;
+
+pub use error::{Error, Result};
+pub use idavlm_shards::{chat, preprocess, tokenizer};

@@ -1,0 +1,134 @@
+//! Small building blocks shared by the LLM, the ViT and the resampler.
+
+use tch::{Kind, Tensor};
+
+/// `y = x W^T + b`.
+#[derive(Debug)]
+pub struct Linear {
+    pub weight: Tensor,
+    pub bias: Option<Tensor>,
+}
+
+impl Linear {
+    pub fn forward(&self, x: &Tensor) -> Tensor {
+        x.linear(&self.weight, self.bias.as_ref())
+    }
+}
+
+#[derive(Debug)]
+pub struct LayerNorm {
+    pub weight: Tensor,
+    pub bias: Tensor,
+    pub eps: f64,
+}
+
+impl LayerNorm {
+    pub fn forward(&self, x: &Tensor) -> Tensor {
+        let d = *x.size().last().expect("layer norm of a scalar");
+        x.layer_norm([d], Some(&self.weight), Some(&self.bias), self.eps, true)
+    }
+}
+
+/// Qwen's RMSNorm: normalised in f32, cast back to the input dtype, then scaled.
+#[derive(Debug)]
+pub struct RmsNorm {
+    pub weight: Tensor,
+    pub eps: f64,
+}
+
+impl RmsNorm {
+    pub fn forward(&self, x: &Tensor) -> Tensor {
+        let xf = x.to_kind(Kind::Float);
+        let inv = (xf.square().mean_dim(-1, true, Kind::Float) + self.eps).rsqrt();
+        (xf * inv).to_kind(x.kind()) * &self.weight
+    }
+}
+
+/// PyTorch `nn.MultiheadAttention` with packed `in_proj_weight` rows [Wq; Wk; Wv], batch first here.
+#[derive(Debug)]
+pub struct Mha {
+    pub in_proj_weight: Tensor,
+    pub in_proj_bias: Tensor,
+    pub out_proj: Linear,
+    pub heads: i64,
+}
+
+impl Mha {
+    /// query (N, Lq, D), key/value (N, Lk, D) -> (N, Lq, D). No mask: every query sees every key.
+    pub fn forward(&self, query: &Tensor, key: &Tensor, value: &Tensor) -> Tensor {
+        let w = self.in_proj_weight.chunk(3, 0);
+        let b = self.in_proj_bias.chunk(3, 0);
+        let q = query.linear(&w[0], Some(&b[0]));
+        let k = key.linear(&w[1], Some(&b[1]));
+        let v = value.linear(&w[2], Some(&b[2]));
+        let (n, lq, d) = q.size3().expect("mha query must be (N, L, D)");
+        let hd = d / self.heads;
+        let heads = |t: &Tensor| {
+            let (n, l, _) = t.size3().expect("(N, L, D)");
+            t.view([n, l, self.heads, hd]).transpose(1, 2)
+        };
+        let a = Tensor::scaled_dot_product_attention::<Tensor>(&heads(&q), &heads(&k), &heads(&v), None, 0.0, false, None, false);
+        self.out_proj.forward(&a.transpose(1, 2).reshape([n, lq, d]))
+    }
+}
+
+/// Bicubic (align_corners = false) resize of a square position table (G*G, D) to (T*T, D), in f32,
+/// returned in the table's dtype; the table itself when the sizes agree (Qwen-VL's `get_abs_pos`).
+pub fn resize_pos_table(table: &Tensor, target_tokens: i64) -> Tensor {
+    let (n, d) = table.size2().expect("position table must be 2-D");
+    let src = (n as f64).sqrt().round() as i64;
+    let tgt = (target_tokens as f64).sqrt().round() as i64;
+    if src == tgt {
+        return table.shallow_clone();
+    }
+    table
+        .to_kind(Kind::Float)
+        .reshape([1, src, src, d])
+        .permute([0, 3, 1, 2])
+        .upsample_bicubic2d([tgt, tgt], false, None, None)
+        .permute([0, 2, 3, 1])
+        .reshape([tgt * tgt, d])
+        .to_kind(table.kind())
+}
+
+/// The resampler's fixed 2-D sin-cos table (G*G, D) with G = 16: first D/2 dims encode the column,
+/// last D/2 the row; each half is [sin(p w_k), cos(p w_k)], w_k = 10000^(-k/(D/4)).
+pub fn sincos_2d(dim: i64, grid: i64) -> Vec<f32> {
+    let quarter = dim / 4;
+    let omega: Vec<f64> = (0..quarter).map(|k| 1.0 / 10000f64.powf(k as f64 / quarter as f64)).collect();
+    let mut out = Vec::with_capacity((grid * grid * dim) as usize);
+    for row in 0..grid {
+        for col in 0..grid {
+            for p in [col, row] {
+                // numpy computes this table in float64 and the model stores it as f32.
+                out.extend(omega.iter().map(|w| (p as f64 * w).sin() as f32));
+                out.extend(omega.iter().map(|w| (p as f64 * w).cos() as f32));
+            }
+        }
+    }
+    out
+}
+
+/// Rotary tables for positions `start..start+len`: cos and sin of shape (len, head_dim), f32.
+/// `ntk_alpha` > 1 is Qwen's dynamic NTK base scaling (inference only).
+pub fn rope_tables(head_dim: i64, base: f64, start: i64, len: i64, ntk_alpha: f64, device: tch::Device) -> (Tensor, Tensor) {
+    let base = base * ntk_alpha.powf(head_dim as f64 / (head_dim as f64 - 2.0));
+    // As Qwen: inv_freq = 1 / base^(arange(0, dim, 2).float() / dim), all in f32 torch arithmetic.
+    let exps = Tensor::arange_start_step(0, head_dim, 2, (Kind::Float, device)) / head_dim as f64;
+    let inv = Tensor::full([1], base, (Kind::Float, device)).pow(&exps).reciprocal();
+    let pos = Tensor::arange_start(start, start + len, (Kind::Float, device));
+    let freqs = pos.outer(&inv);
+    let emb = Tensor::cat(&[&freqs, &freqs], -1);
+    (emb.cos(), emb.sin())
+}
+
+/// Applies rotate-half RoPE in f32 to x (B, S, H, Dh) with tables (S, Dh); returns x's dtype.
+pub fn apply_rope(x: &Tensor, cos: &Tensor, sin: &Tensor) -> Tensor {
+    let xf = x.to_kind(Kind::Float);
+    let half = xf.size()[3] / 2;
+    let x1 = xf.narrow(3, 0, half);
+    let x2 = xf.narrow(3, half, half);
+    let rot = Tensor::cat(&[&x2.neg(), &x1], 3);
+    let (c, s) = (cos.unsqueeze(1), sin.unsqueeze(1)); // (S, 1, Dh) broadcasts over heads
+    (xf * c + rot * s).to_kind(x.kind())
+}

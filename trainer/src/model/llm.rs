@@ -1,0 +1,77 @@
+//! Qwen-7B decoder block (SPEC §1.1): pre-norm, contiguous [Q|K|V] with bias, rotate-half RoPE in f32,
+//! causal attention scaled by 1/sqrt(head_dim), MLP `c_proj(w1(x) * silu(w2(x)))`.
+
+use tch::{Kind, Tensor};
+
+use super::layers::{apply_rope, Linear, RmsNorm};
+
+#[derive(Debug)]
+pub struct QwenBlock {
+    pub ln_1: RmsNorm,
+    pub c_attn: Linear,
+    pub c_proj: Linear,
+    pub ln_2: RmsNorm,
+    pub w1: Linear,
+    pub w2: Linear,
+    pub mlp_c_proj: Linear,
+    pub heads: i64,
+}
+
+/// Keys and values of earlier positions, (B, H, T, Dh) each, for incremental decoding.
+#[derive(Debug)]
+pub struct KvCache {
+    pub k: Tensor,
+    pub v: Tensor,
+}
+
+/// Rotary tables and the inference-only logn scaling of queries for one forward call.
+pub struct Rope {
+    /// (S, Dh) f32 each, for the positions of this call.
+    pub cos: Tensor,
+    pub sin: Tensor,
+    /// (S,) f32 factors for the queries (Qwen's logn attention); None in training.
+    pub logn: Option<Tensor>,
+}
+
+impl QwenBlock {
+    /// x (B, S, D) -> (B, S, D). With a cache, x holds only the new positions, which attend to the
+    /// cached ones and causally among themselves; the cache is extended in place.
+    pub fn forward(&self, x: &Tensor, rope: &Rope, cache: Option<&mut Option<KvCache>>) -> Tensor {
+        let (b, s, d) = x.size3().expect("block input must be (B, S, D)");
+        let hd = d / self.heads;
+        let qkv = self.c_attn.forward(&self.ln_1.forward(x));
+        let parts = qkv.split(d, -1);
+        let q = apply_rope(&parts[0].view([b, s, self.heads, hd]), &rope.cos, &rope.sin);
+        let k = apply_rope(&parts[1].view([b, s, self.heads, hd]), &rope.cos, &rope.sin);
+        let v = parts[2].view([b, s, self.heads, hd]);
+        let q = match &rope.logn {
+            // logn scaling in f32 then back, as Qwen's `query * logn_tensor`.
+            Some(f) => (q.to_kind(Kind::Float) * f.view([1, s, 1, 1])).to_kind(q.kind()),
+            None => q,
+        };
+        let (q, mut k, mut v) = (q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2));
+        let mut past = 0;
+        if let Some(cache) = cache {
+            if let Some(c) = cache.as_ref() {
+                past = c.k.size()[2];
+                k = Tensor::cat(&[&c.k, &k], 2);
+                v = Tensor::cat(&[&c.v, &v], 2);
+            }
+            *cache = Some(KvCache { k: k.shallow_clone(), v: v.shallow_clone() });
+        }
+        let a = if past == 0 {
+            Tensor::scaled_dot_product_attention::<Tensor>(&q, &k, &v, None, 0.0, true, None, false)
+        } else {
+            // New position i (absolute past+i) sees keys 0..=past+i.
+            let t = past + s;
+            let qi = Tensor::arange_start(past, t, (Kind::Int64, x.device())).unsqueeze(1);
+            let kj = Tensor::arange(t, (Kind::Int64, x.device())).unsqueeze(0);
+            let mask = kj.le_tensor(&qi);
+            Tensor::scaled_dot_product_attention(&q, &k, &v, Some(&mask), 0.0, false, None, false)
+        };
+        let x = x + self.c_proj.forward(&a.transpose(1, 2).reshape([b, s, d]));
+        let h = self.ln_2.forward(&x);
+        let m = self.w1.forward(&h) * self.w2.forward(&h).silu();
+        x + self.mlp_c_proj.forward(&m)
+    }
+}

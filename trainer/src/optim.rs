@@ -1,0 +1,131 @@
+//! AdamW over f32 flat partitions, the learning-rate schedules, and global-norm clipping factors.
+
+use tch::Tensor;
+
+use crate::recipe::{OptimizerSection, ScheduleKind, ScheduleSection};
+
+/// Learning rate of every optimizer step, 1-based.
+#[derive(Clone, Debug)]
+pub struct Schedule {
+    pub kind: ScheduleKind,
+    pub lr: f64,
+    pub min_lr: f64,
+    pub warmup: u64,
+    pub total: u64,
+}
+
+impl Schedule {
+    /// Warm-up defaults to max(2, ceil(1% of the run's steps)) (SPEC §4).
+    pub fn new(s: &ScheduleSection, lr: f64, total_steps: u64) -> Self {
+        let warmup = s.warmup_steps.unwrap_or_else(|| ((total_steps as f64 * 0.01).ceil() as u64).max(2));
+        Self { kind: s.kind, lr, min_lr: s.min_lr, warmup, total: total_steps }
+    }
+
+    /// The lr of optimizer step `k` (1-based).
+    pub fn lr_at(&self, k: u64) -> f64 {
+        let w = self.warmup.max(1) as f64;
+        match self.kind {
+            // DeepSpeed WarmupLR (log): its counter is k - 2 at step k (starts at -1, advanced after
+            // each step); gamma = ln(counter + 1) / ln(W) while counter < W; lr 0 while counter < 0.
+            ScheduleKind::WarmupLog => {
+                let c = k as i64 - 2;
+                if c < 0 {
+                    0.0
+                } else if (c as f64) < w {
+                    self.min_lr + (self.lr - self.min_lr) * ((c + 1) as f64).ln() / w.max(2.0).ln()
+                } else {
+                    self.lr
+                }
+            }
+            ScheduleKind::WarmupLinear => {
+                let c = k as i64 - 2;
+                if c < 0 {
+                    0.0
+                } else if (c as f64) < w {
+                    self.min_lr + (self.lr - self.min_lr) * c as f64 / w
+                } else {
+                    self.lr
+                }
+            }
+            ScheduleKind::Cosine => {
+                let k = k as f64;
+                if k <= w {
+                    self.lr * k / w
+                } else {
+                    let p = ((k - w) / (self.total as f64 - w).max(1.0)).min(1.0);
+                    self.min_lr + 0.5 * (self.lr - self.min_lr) * (1.0 + (std::f64::consts::PI * p).cos())
+                }
+            }
+            ScheduleKind::Constant => self.lr,
+        }
+    }
+}
+
+/// Hyper-parameters of AdamW.
+#[derive(Clone, Debug)]
+pub struct AdamW {
+    pub beta1: f64,
+    pub beta2: f64,
+    pub eps: f64,
+    pub weight_decay: f64,
+}
+
+impl AdamW {
+    pub fn new(o: &OptimizerSection) -> Self {
+        Self { beta1: o.betas[0], beta2: o.betas[1], eps: o.eps, weight_decay: o.weight_decay }
+    }
+
+    /// One decoupled AdamW update of `param` (f32) in place, as torch.optim.AdamW: decay, moments,
+    /// bias correction with the 1-based step `t`.
+    pub fn update(&self, param: &mut Tensor, grad: &Tensor, m: &mut Tensor, v: &mut Tensor, lr: f64, t: u64) {
+        tch::no_grad(|| {
+            let _ = param.g_mul_scalar_(1.0 - lr * self.weight_decay);
+            let _ = m.lerp_(grad, 1.0 - self.beta1);
+            let _ = v.g_mul_scalar_(self.beta2);
+            let _ = v.g_add_(&(grad * grad * (1.0 - self.beta2)));
+            let bc1 = 1.0 - self.beta1.powi(t as i32);
+            let bc2 = 1.0 - self.beta2.powi(t as i32);
+            let denom = v.sqrt() / bc2.sqrt() + self.eps;
+            let _ = param.addcdiv_(&(m.shallow_clone() * (-lr / bc1)), &denom);
+        });
+    }
+}
+
+/// The factor gradients are multiplied by for global-norm clipping (torch's clip_grad_norm_).
+pub fn clip_coef(total_norm: f64, max_norm: Option<f64>) -> f64 {
+    match max_norm {
+        Some(m) => (m / (total_norm + 1e-6)).min(1.0),
+        None => 1.0,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn deepspeed_warmup_log() {
+        let s = Schedule { kind: ScheduleKind::WarmupLog, lr: 5e-6, min_lr: 0.0, warmup: 10, total: 1000 };
+        assert_eq!(s.lr_at(1), 0.0);
+        assert_eq!(s.lr_at(2), 0.0);
+        assert!((s.lr_at(3) - 5e-6 * 2f64.ln() / 10f64.ln()).abs() < 1e-18);
+        assert!((s.lr_at(11) - 5e-6 * 10f64.ln() / 10f64.ln()).abs() < 1e-18);
+        assert_eq!(s.lr_at(12), 5e-6);
+        assert_eq!(s.lr_at(500), 5e-6);
+    }
+
+    #[test]
+    fn adamw_matches_the_formula() {
+        let o = AdamW { beta1: 0.9, beta2: 0.95, eps: 1e-8, weight_decay: 0.1 };
+        let mut p = Tensor::from_slice(&[1.0f32, -2.0]);
+        let g = Tensor::from_slice(&[0.5f32, 0.25]);
+        let mut m = Tensor::zeros([2], (tch::Kind::Float, tch::Device::Cpu));
+        let mut v = m.copy();
+        o.update(&mut p, &g, &mut m, &mut v, 1e-3, 1);
+        // First step: m/bc1 = g, sqrt(v/bc2) = |g| -> p = p(1 - lr wd) - lr g/(|g| + eps).
+        let want = [1.0 * (1.0 - 1e-4) - 1e-3 * 0.5 / (0.5 + 1e-8), -2.0 * (1.0 - 1e-4) - 1e-3 * 0.25 / (0.25 + 1e-8)];
+        for (i, w) in want.iter().enumerate() {
+            assert!((p.double_value(&[i as i64]) - w).abs() < 1e-6);
+        }
+    }
+}

@@ -1,0 +1,486 @@
+//! Recipes: the YAML of a training stage, typed (serde), with `extends:` and `--set key.path=value`.
+//!
+//! Errors name the key path and, where it can be found, the file and line that set it: an unknown
+//! key, a wrong type and a missing field all fail before any work starts.
+
+use std::path::{Path, PathBuf};
+
+use serde::{Deserialize, Serialize};
+use serde_yaml::Value;
+
+use crate::error::{Error, Result};
+
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Recipe {
+    /// Another recipe this one overrides (path relative to this file).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub extends: Option<String>,
+    pub model: ModelSection,
+    #[serde(default)]
+    pub trainable: TrainableSection,
+    pub data: DataSection,
+    pub optimizer: OptimizerSection,
+    #[serde(default)]
+    pub schedule: ScheduleSection,
+    pub batch: BatchSection,
+    #[serde(default = "yes")]
+    pub activation_checkpointing: bool,
+    #[serde(default)]
+    pub zero: ZeroSection,
+    pub checkpoint: CheckpointSection,
+    #[serde(default)]
+    pub logging: LoggingSection,
+    #[serde(default)]
+    pub seed: u64,
+    pub length: LengthSection,
+    /// Stop after this many optimizer steps in a row with a non-finite loss or gradient norm.
+    #[serde(default = "default_nonfinite")]
+    pub max_nonfinite_in_row: u32,
+    #[serde(default)]
+    pub comm: CommSection,
+}
+
+fn yes() -> bool {
+    true
+}
+fn default_nonfinite() -> u32 {
+    5
+}
+
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ModelSection {
+    /// `tiny` or `qwen-vl-chat`; or give `config` (a HF config.json).
+    #[serde(default)]
+    pub preset: Option<String>,
+    #[serde(default)]
+    pub config: Option<PathBuf>,
+    /// HF checkpoint (folder or .safetensors) or an idavlm checkpoint folder (its `model/` is used).
+    #[serde(default)]
+    pub init: Option<PathBuf>,
+    #[serde(default)]
+    pub id_former: bool,
+    #[serde(default)]
+    pub dtype: Dtype,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[serde(rename_all = "snake_case")]
+pub enum Dtype {
+    /// bf16 on GPUs, f32 on CPUs.
+    #[default]
+    Auto,
+    Bf16,
+    F32,
+}
+
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TrainableSection {
+    /// Glob patterns (`*` matches any run of characters) of parameter names to train.
+    pub include: Vec<String>,
+    #[serde(default)]
+    pub exclude: Vec<String>,
+}
+
+impl Default for TrainableSection {
+    /// SPEC §4: the LLM and the resampler (and the ID-Former when present); ViT, ln_post and proj frozen.
+    fn default() -> Self {
+        Self {
+            include: vec![
+                "transformer.wte.*".into(),
+                "transformer.h.*".into(),
+                "transformer.ln_f.*".into(),
+                "lm_head.*".into(),
+                "transformer.visual.attn_pool.*".into(),
+            ],
+            exclude: vec![],
+        }
+    }
+}
+
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SourceSection {
+    pub name: String,
+    pub path: PathBuf,
+    /// Samples drawn from this source per epoch (default: its size).
+    #[serde(default)]
+    pub count: Option<u64>,
+}
+
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct DataSection {
+    pub sources: Vec<SourceSection>,
+    /// General data injected after ID micro-batches (SPEC §3).
+    #[serde(default)]
+    pub general: Option<SourceSection>,
+    #[serde(default)]
+    pub inject_probability: f64,
+    #[serde(default = "default_max_len")]
+    pub max_len: usize,
+    #[serde(default = "default_bad_image")]
+    pub bad_image: idavlm_shards::reader::BadImagePolicy,
+    /// Image decode threads per rank.
+    #[serde(default = "default_workers")]
+    pub workers: usize,
+    /// Optimizer steps of data loaded ahead.
+    #[serde(default = "default_prefetch")]
+    pub prefetch_steps: usize,
+}
+
+fn default_max_len() -> usize {
+    2048
+}
+fn default_bad_image() -> idavlm_shards::reader::BadImagePolicy {
+    idavlm_shards::reader::BadImagePolicy::Skip
+}
+fn default_workers() -> usize {
+    2
+}
+fn default_prefetch() -> usize {
+    2
+}
+
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct OptimizerSection {
+    pub lr: f64,
+    #[serde(default = "default_betas")]
+    pub betas: [f64; 2],
+    #[serde(default = "default_eps")]
+    pub eps: f64,
+    #[serde(default)]
+    pub weight_decay: f64,
+    /// Global-norm clipping threshold; none when absent.
+    #[serde(default)]
+    pub clip_grad_norm: Option<f64>,
+}
+
+fn default_betas() -> [f64; 2] {
+    [0.9, 0.95]
+}
+fn default_eps() -> f64 {
+    1e-8
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[serde(rename_all = "snake_case")]
+pub enum ScheduleKind {
+    /// DeepSpeed WarmupLR with log warm-up, then constant (SPEC §4).
+    #[default]
+    WarmupLog,
+    WarmupLinear,
+    /// Linear warm-up, then cosine decay to `min_lr`.
+    Cosine,
+    Constant,
+}
+
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+pub struct ScheduleSection {
+    #[serde(default)]
+    pub kind: ScheduleKind,
+    /// Default: max(2, ceil(1% of the run's steps)).
+    #[serde(default)]
+    pub warmup_steps: Option<u64>,
+    #[serde(default)]
+    pub min_lr: f64,
+}
+
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct BatchSection {
+    /// Samples per micro-batch per rank.
+    pub micro: usize,
+    /// Micro-batches per optimizer step per rank.
+    pub accum: usize,
+}
+
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ZeroSection {
+    #[serde(default = "default_stage")]
+    pub stage: u8,
+}
+
+impl Default for ZeroSection {
+    fn default() -> Self {
+        Self { stage: default_stage() }
+    }
+}
+fn default_stage() -> u8 {
+    2
+}
+
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct CheckpointSection {
+    pub dir: PathBuf,
+    #[serde(default)]
+    pub every_steps: Option<u64>,
+    #[serde(default = "default_keep")]
+    pub keep: usize,
+    /// Also write the model in the HF layout (rank 0) with each checkpoint.
+    #[serde(default = "yes")]
+    pub save_model: bool,
+    /// Write a checkpoint when the run ends.
+    #[serde(default = "yes")]
+    pub at_end: bool,
+}
+
+fn default_keep() -> usize {
+    3
+}
+
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct LoggingSection {
+    #[serde(default = "one")]
+    pub every_steps: u64,
+    #[serde(default)]
+    pub metrics_file: Option<PathBuf>,
+    /// `ADDR:PORT` for a Prometheus endpoint on rank 0.
+    #[serde(default)]
+    pub prometheus: Option<String>,
+    /// Loss-curve picture (SVG) written at the end.
+    #[serde(default)]
+    pub plot: Option<PathBuf>,
+    #[serde(default = "yes")]
+    pub progress_bar: bool,
+}
+
+impl Default for LoggingSection {
+    fn default() -> Self {
+        Self { every_steps: 1, metrics_file: None, prometheus: None, plot: None, progress_bar: true }
+    }
+}
+fn one() -> u64 {
+    1
+}
+
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+pub struct LengthSection {
+    #[serde(default)]
+    pub steps: Option<u64>,
+    #[serde(default)]
+    pub epochs: Option<f64>,
+}
+
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct CommSection {
+    /// A collective that takes longer aborts every rank.
+    #[serde(default = "default_timeout")]
+    pub timeout_s: u64,
+}
+
+impl Default for CommSection {
+    fn default() -> Self {
+        Self { timeout_s: default_timeout() }
+    }
+}
+fn default_timeout() -> u64 {
+    600
+}
+
+/// Where a key was written: the recipe files read (child first) and their texts.
+struct Sources {
+    files: Vec<(PathBuf, String)>,
+}
+
+impl Sources {
+    /// Best-effort `file:line` of the last key of `path` (e.g. `optimizer.lr`), child files first.
+    fn locate(&self, path: &str) -> Option<String> {
+        let keys: Vec<&str> = path.split('.').filter(|k| !k.is_empty() && k.parse::<usize>().is_err() && *k != "?").collect();
+        let key = keys.last()?;
+        for (file, text) in &self.files {
+            for (i, line) in text.lines().enumerate() {
+                let t = line.trim_start().trim_start_matches("- ");
+                if t.starts_with(&format!("{key}:")) {
+                    return Some(format!("{}:{}", file.display(), i + 1));
+                }
+            }
+        }
+        None
+    }
+}
+
+fn merge(base: &mut Value, over: Value) {
+    match (base, over) {
+        (Value::Mapping(b), Value::Mapping(o)) => {
+            for (k, v) in o {
+                match b.get_mut(&k) {
+                    Some(slot) => merge(slot, v),
+                    None => {
+                        b.insert(k, v);
+                    }
+                }
+            }
+        }
+        (slot, v) => *slot = v,
+    }
+}
+
+fn read_layer(path: &Path, sources: &mut Sources, depth: usize) -> Result<Value> {
+    if depth > 8 {
+        return Err(Error::Recipe(format!("{}: `extends` nests more than 8 deep (a cycle?)", path.display())));
+    }
+    let text = std::fs::read_to_string(path).map_err(|e| Error::Recipe(format!("recipe {}: {e}", path.display())))?;
+    let v: Value = serde_yaml::from_str(&text).map_err(|e| Error::Recipe(format!("recipe {}: {e}", path.display())))?;
+    sources.files.push((path.to_path_buf(), text));
+    let Some(parent) = v.get("extends").and_then(|e| e.as_str()).map(str::to_string) else { return Ok(v) };
+    let base_path = path.parent().unwrap_or(Path::new(".")).join(parent);
+    let mut base = read_layer(&base_path, sources, depth + 1)?;
+    merge(&mut base, v);
+    Ok(base)
+}
+
+/// Applies `key.path=value` (value parsed as YAML).
+fn apply_set(root: &mut Value, set: &str) -> Result<()> {
+    let (key, val) = set.split_once('=').ok_or_else(|| Error::Recipe(format!("--set {set:?}: expected key.path=value")))?;
+    let val: Value = serde_yaml::from_str(val).map_err(|e| Error::Recipe(format!("--set {key}: {e}")))?;
+    let mut cur = root;
+    let parts: Vec<&str> = key.split('.').collect();
+    for (i, p) in parts.iter().enumerate() {
+        if !cur.is_mapping() {
+            return Err(Error::Recipe(format!("--set {key}: {} is not a mapping", parts[..i].join("."))));
+        }
+        let m = cur.as_mapping_mut().expect("checked mapping");
+        let k = Value::String(p.to_string());
+        if i + 1 == parts.len() {
+            m.insert(k, val);
+            return Ok(());
+        }
+        if !m.contains_key(&k) {
+            m.insert(k.clone(), Value::Mapping(Default::default()));
+        }
+        cur = m.get_mut(&k).expect("just inserted");
+    }
+    Ok(())
+}
+
+/// Loads a recipe file with its `extends` chain and `--set` overrides.
+pub fn load(path: &Path, sets: &[String]) -> Result<Recipe> {
+    let mut sources = Sources { files: Vec::new() };
+    let mut v = read_layer(path, &mut sources, 0)?;
+    for s in sets {
+        apply_set(&mut v, s)?;
+    }
+    from_value(v, &sources, path)
+}
+
+/// Parses a recipe from YAML text (used for recipes embedded in checkpoints).
+pub fn from_str(text: &str, origin: &Path) -> Result<Recipe> {
+    let v: Value = serde_yaml::from_str(text).map_err(|e| Error::Recipe(format!("recipe {}: {e}", origin.display())))?;
+    let sources = Sources { files: vec![(origin.to_path_buf(), text.to_string())] };
+    from_value(v, &sources, origin)
+}
+
+fn from_value(mut v: Value, sources: &Sources, path: &Path) -> Result<Recipe> {
+    if let Some(m) = v.as_mapping_mut() {
+        m.remove("extends");
+    }
+    let r: Recipe = serde_path_to_error::deserialize(v).map_err(|e| {
+        let key = e.path().to_string();
+        let at = sources.locate(&key).unwrap_or_else(|| path.display().to_string());
+        Error::Recipe(format!("recipe key `{key}` ({at}): {}", e.into_inner()))
+    })?;
+    r.validate().map_err(|(key, msg)| {
+        let at = sources.locate(&key).unwrap_or_else(|| path.display().to_string());
+        Error::Recipe(format!("recipe key `{key}` ({at}): {msg}"))
+    })?;
+    Ok(r)
+}
+
+impl Recipe {
+    /// Checks values serde cannot: returns (key path, message).
+    pub fn validate(&self) -> std::result::Result<(), (String, String)> {
+        let err = |k: &str, m: String| Err((k.to_string(), m));
+        match (&self.model.preset, &self.model.config) {
+            (None, None) => return err("model.preset", "give model.preset (tiny, qwen-vl-chat) or model.config".into()),
+            (Some(_), Some(_)) => return err("model.config", "give either model.preset or model.config, not both".into()),
+            (Some(p), None) if p != "tiny" && p != "qwen-vl-chat" => {
+                return err("model.preset", format!("unknown preset {p:?} (known: tiny, qwen-vl-chat)"))
+            }
+            _ => {}
+        }
+        if !(1..=3).contains(&self.zero.stage) {
+            return err("zero.stage", format!("{} is not 1, 2 or 3", self.zero.stage));
+        }
+        if self.batch.micro == 0 {
+            return err("batch.micro", "must be at least 1".into());
+        }
+        if self.batch.accum == 0 {
+            return err("batch.accum", "must be at least 1".into());
+        }
+        if self.data.sources.is_empty() {
+            return err("data.sources", "at least one source".into());
+        }
+        if !(0.0..=1.0).contains(&self.data.inject_probability) {
+            return err("data.inject_probability", format!("{} is not in [0, 1]", self.data.inject_probability));
+        }
+        if self.data.inject_probability > 0.0 && self.data.general.is_none() {
+            return err("data.inject_probability", "injection needs data.general".into());
+        }
+        if self.optimizer.lr < 0.0 || !self.optimizer.lr.is_finite() {
+            return err("optimizer.lr", format!("{} is not a finite non-negative number", self.optimizer.lr));
+        }
+        match (self.length.steps, self.length.epochs) {
+            (None, None) => return err("length", "give length.steps or length.epochs".into()),
+            (Some(_), Some(_)) => return err("length.epochs", "give length.steps or length.epochs, not both".into()),
+            _ => {}
+        }
+        if self.checkpoint.keep == 0 {
+            return err("checkpoint.keep", "must keep at least one checkpoint".into());
+        }
+        Ok(())
+    }
+
+    /// The resolved recipe as YAML (written into checkpoints).
+    pub fn to_yaml(&self) -> String {
+        serde_yaml::to_string(self).expect("recipe serialises")
+    }
+}
+
+/// `*`-glob match of a parameter name.
+pub fn glob_match(pattern: &str, name: &str) -> bool {
+    let parts: Vec<&str> = pattern.split('*').collect();
+    if parts.len() == 1 {
+        return pattern == name;
+    }
+    let mut rest = name;
+    for (i, p) in parts.iter().enumerate() {
+        if i == 0 {
+            match rest.strip_prefix(p) {
+                Some(r) => rest = r,
+                None => return false,
+            }
+        } else if i == parts.len() - 1 {
+            return rest.ends_with(p);
+        } else {
+            match rest.find(p) {
+                Some(k) => rest = &rest[k + p.len()..],
+                None => return false,
+            }
+        }
+    }
+    true
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn globs() {
+        assert!(glob_match("transformer.h.*", "transformer.h.3.mlp.w1.weight"));
+        assert!(glob_match("lm_head.*", "lm_head.weight"));
+        assert!(!glob_match("lm_head.*", "transformer.lm_head.weight"));
+        assert!(glob_match("*.attn1.*", "transformer.visual.attn_pool.attn1.out_proj.bias"));
+        assert!(glob_match("exact", "exact"));
+    }
+}

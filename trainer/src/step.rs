@@ -1,0 +1,160 @@
+//! One micro-batch's forward and backward, block by block, with activation checkpointing and the ZeRO
+//! strategy's gathers and gradient hand-offs at block boundaries.
+//!
+//! tch has no autograd hooks, so the schedule is explicit. Forward: the stem (vision under no_grad,
+//! resampler and embedding with a graph), then each LLM block without a graph, keeping only its input.
+//! Backward: the head's loss, then for each block from the last, recompute it with a graph on a leaf
+//! copy of its input and back-propagate the incoming gradient (`(out * g).sum().backward()`); the
+//! block's parameter gradient lands on the leaf its views were taken from and is handed to the strategy
+//! at once. Finally the stem is back-propagated from the first block's input gradient.
+
+use tch::{Kind, Tensor};
+
+use crate::comm::Communicator;
+use crate::error::Result;
+use crate::model::{Head, ModelConfig, ModelInput, QwenVl, Stem};
+use crate::zero::{Role, Sharded};
+use idavlm_shards::reader::MicroBatch;
+use idavlm_shards::tokenizer::ENDOFTEXT;
+
+/// Tensors of a micro-batch on the model's device. An empty micro-batch (every sample dropped) becomes
+/// one unsupervised two-token row, so that this rank still takes part in every collective.
+pub fn model_input(mb: &MicroBatch, image_size: i64, device: tch::Device) -> ModelInput {
+    if mb.batch == 0 {
+        let ids = Tensor::from_slice(&[ENDOFTEXT as i64, ENDOFTEXT as i64]).view([1, 2]).to_device(device);
+        return ModelInput {
+            labels: Tensor::full([1, 2], -100, (Kind::Int64, device)),
+            input_ids: ids,
+            pixels: Tensor::zeros([0, 3, image_size, image_size], (Kind::Float, device)),
+            image_rows: vec![],
+            image_starts: vec![],
+            image_roles: vec![],
+        };
+    }
+    let (b, s) = (mb.batch as i64, mb.seq as i64);
+    let n = mb.num_images() as i64;
+    ModelInput {
+        input_ids: Tensor::from_slice(&mb.input_ids).view([b, s]).to_device(device),
+        labels: Tensor::from_slice(&mb.labels).view([b, s]).to_device(device),
+        pixels: Tensor::from_slice(&mb.pixels).view([n, 3, image_size, image_size]).to_device(device),
+        image_rows: mb.image_rows.clone(),
+        image_starts: mb.image_starts.clone(),
+        image_roles: mb.image_roles.clone(),
+    }
+}
+
+fn leaf(t: &Tensor) -> Tensor {
+    t.detach().set_requires_grad(true)
+}
+
+/// Forward + backward of one micro-batch; gradients (scaled by `scale`) go to the strategy. Returns the
+/// unscaled loss (mean over the micro-batch's supervised tokens).
+pub fn forward_backward(
+    st: &mut Sharded,
+    comm: &dyn Communicator,
+    cfg: &ModelConfig,
+    input: &ModelInput,
+    scale: f64,
+    checkpointing: bool,
+) -> Result<f64> {
+    let layers = cfg.num_hidden_layers as usize;
+    let device = st.device;
+    // Stem, with a graph through the trainable resampler and embedding.
+    let stem_b = st.bucket(&Role::Stem);
+    let stem_leaf = match stem_b {
+        Some(b) => Some(leaf(&st.gather(comm, b)?)),
+        None => None,
+    };
+    let x0 = {
+        let flats: Vec<(usize, &Tensor)> = stem_b.iter().copied().zip(stem_leaf.iter()).collect();
+        let g = st.getter(&flats);
+        Stem::new(cfg, &g).forward(input)
+    };
+    let rope = QwenVl::rope(cfg, input.input_ids.size()[1], device);
+
+    // Blocks forward. With checkpointing only each block's input is kept; without, each block keeps its
+    // graph (input leaf, parameter leaf, output).
+    let mut x = x0.detach();
+    let mut kept: Vec<(Tensor, Option<(Option<Tensor>, Tensor)>)> = Vec::with_capacity(layers);
+    for i in 0..layers {
+        let b = st.bucket(&Role::Block(i));
+        let flat = match b {
+            Some(b) => Some(st.gather(comm, b)?),
+            None => None,
+        };
+        if checkpointing {
+            let flats: Vec<(usize, &Tensor)> = b.iter().copied().zip(flat.iter()).collect();
+            let g = st.getter(&flats);
+            let blk = QwenVl::block_from(cfg, i, &g);
+            let out = tch::no_grad(|| blk.forward(&x, &rope, None));
+            kept.push((x, None));
+            x = out;
+        } else {
+            let pl = flat.as_ref().map(leaf);
+            let xin = leaf(&x);
+            let out = {
+                let flats: Vec<(usize, &Tensor)> = b.iter().copied().zip(pl.iter()).collect();
+                let g = st.getter(&flats);
+                QwenVl::block_from(cfg, i, &g).forward(&xin, &rope, None)
+            };
+            x = out.detach();
+            kept.push((xin, Some((pl, out))));
+        }
+    }
+
+    // Head: loss and the gradient at the last block's output.
+    let head_b = st.bucket(&Role::Head);
+    let head_leaf = match head_b {
+        Some(b) => Some(leaf(&st.gather(comm, b)?)),
+        None => None,
+    };
+    let xl = leaf(&x);
+    let loss = {
+        let flats: Vec<(usize, &Tensor)> = head_b.iter().copied().zip(head_leaf.iter()).collect();
+        let g = st.getter(&flats);
+        Head::new(cfg, &g).loss(&xl, &input.labels)
+    };
+    let loss_value = loss.double_value(&[]);
+    (loss * scale).backward();
+    let mut grad = xl.grad();
+    if let (Some(b), Some(l)) = (head_b, &head_leaf) {
+        st.accumulate_grad(comm, b, l)?;
+    }
+    drop(head_leaf);
+
+    // Blocks backward, last to first.
+    for i in (0..layers).rev() {
+        let b = st.bucket(&Role::Block(i));
+        let (input_i, graph) = kept.pop().expect("one kept entry per block");
+        let (xin, pl, out) = match graph {
+            Some((pl, out)) => (input_i, pl, out),
+            None => {
+                let pl = match b {
+                    Some(b) => Some(leaf(&st.gather(comm, b)?)),
+                    None => None,
+                };
+                let xin = leaf(&input_i);
+                let out = {
+                    let flats: Vec<(usize, &Tensor)> = b.iter().copied().zip(pl.iter()).collect();
+                    let g = st.getter(&flats);
+                    QwenVl::block_from(cfg, i, &g).forward(&xin, &rope, None)
+                };
+                (xin, pl, out)
+            }
+        };
+        (out * &grad).sum(Kind::Float).backward();
+        grad = xin.grad();
+        if let (Some(b), Some(l)) = (b, &pl) {
+            st.accumulate_grad(comm, b, l)?;
+        }
+    }
+
+    // Stem backward (nothing to do when nothing in the stem is trained).
+    if x0.requires_grad() {
+        (x0 * &grad).sum(Kind::Float).backward();
+    }
+    if let (Some(b), Some(l)) = (stem_b, &stem_leaf) {
+        st.accumulate_grad(comm, b, l)?;
+    }
+    Ok(loss_value)
+}

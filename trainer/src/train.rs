@@ -1,0 +1,332 @@
+//! The training run of one rank, top to bottom: recipe -> model -> sharding -> data -> steps ->
+//! checkpoints. Every rank runs this same code; world size 1 is not a special case.
+
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::Instant;
+
+use tch::{Device, Kind};
+
+use crate::checkpoint::{self, TrainerState};
+use crate::comm::{Communicator, RankInfo};
+use crate::error::{Error, Result};
+use crate::flops;
+use crate::model::weights::load_hf;
+use crate::model::{ModelConfig, ParamSet, ParamSpec};
+use crate::optim::{AdamW, Schedule};
+use crate::recipe::{glob_match, Dtype, Recipe};
+use crate::report::{Reporter, StepRecord};
+use crate::step::{forward_backward, model_input};
+use crate::zero::Sharded;
+use idavlm_shards::reader::{BatchKind, LoadOptions, Reader, ReaderState, Source, StepShape};
+use idavlm_shards::tokenizer::Tokenizer;
+
+/// Exit code of a run stopped by SIGTERM / SIGUSR1 after saving a checkpoint (requeue me).
+pub const EXIT_PREEMPTED: i32 = 75;
+/// Exit code of a run stopped by too many non-finite steps in a row.
+pub const EXIT_NONFINITE: i32 = 4;
+
+#[derive(Clone, Debug)]
+pub enum Resume {
+    None,
+    /// The newest complete checkpoint in the recipe's folder, if any.
+    Auto,
+    Path(PathBuf),
+}
+
+#[derive(Clone, Debug, Default)]
+pub struct Summary {
+    pub steps_run: u64,
+    pub final_step: u64,
+    pub losses: Vec<f64>,
+    pub last_checkpoint: Option<PathBuf>,
+    pub preempted: bool,
+    pub stopped_nonfinite: bool,
+}
+
+/// The model config a recipe asks for.
+pub fn model_config(r: &Recipe) -> Result<ModelConfig> {
+    let mut cfg = match (&r.model.preset, &r.model.config) {
+        (Some(p), _) => ModelConfig::preset(p)?,
+        (None, Some(c)) => ModelConfig::from_file(c)?,
+        (None, None) => unreachable!("validated recipe"),
+    };
+    cfg.id_former = r.model.id_former;
+    Ok(cfg)
+}
+
+/// Initial weights: from `model.init` (an HF checkpoint, or an idavlm checkpoint folder's `model/`)
+/// or fresh from the seed.
+pub fn initial_params(r: &Recipe, cfg: &ModelConfig, device: Device, kind: Kind) -> Result<ParamSet> {
+    match &r.model.init {
+        Some(p) => {
+            let p = if p.join("model").is_dir() { p.join("model") } else { p.clone() };
+            let (params, report) = load_hf(&p, cfg, device, kind)?;
+            if !report.created_id_former.is_empty() {
+                tracing::info!(
+                    "ID-Former not in {}: created zero-initialised ({} tensors)",
+                    p.display(),
+                    report.created_id_former.len()
+                );
+            }
+            Ok(params)
+        }
+        None => Ok(ParamSet::init(cfg, device, kind, r.seed as i64)),
+    }
+}
+
+fn compute_kind(d: Dtype, device: Device) -> Kind {
+    match (d, device) {
+        (Dtype::F32, _) | (Dtype::Auto, Device::Cpu) => Kind::Float,
+        _ => Kind::BFloat16,
+    }
+}
+
+/// Runs a recipe on this rank to its end (or to a stop signal).
+pub fn run(recipe: &Recipe, resume: Resume, info: &RankInfo, comm: &dyn Communicator, device: Device) -> Result<Summary> {
+    let (rank, world) = (comm.rank(), comm.world());
+    let recipe_yaml = recipe.to_yaml();
+    let cfg = model_config(recipe)?;
+    let kind = compute_kind(recipe.model.dtype, device);
+    tracing::info!(rank, world, ?device, ?kind, backend = comm.name(), "starting");
+
+    // Model and sharding.
+    let params = initial_params(recipe, &cfg, device, kind)?;
+    let include = recipe.trainable.include.clone();
+    let exclude = recipe.trainable.exclude.clone();
+    let trainable =
+        move |s: &ParamSpec| include.iter().any(|p| glob_match(p, &s.name)) && !exclude.iter().any(|p| glob_match(p, &s.name));
+    let mut st = Sharded::new(&cfg, params, &trainable, recipe.zero.stage, comm);
+    let n_trainable = st.layout.trainable_numel();
+    if n_trainable == 0 {
+        return Err(Error::Recipe("recipe key `trainable.include`: no parameter matches".into()));
+    }
+
+    // Data.
+    let tok = Arc::new(Tokenizer::load_default()?);
+    let mut sources = Vec::new();
+    let mut main = Vec::new();
+    for s in &recipe.data.sources {
+        let src = Source::open(&s.name, &s.path)?;
+        let count = s.count.unwrap_or_else(|| src.layout.len());
+        main.push((sources.len(), count));
+        sources.push(src);
+    }
+    let general = match &recipe.data.general {
+        Some(g) => {
+            sources.push(Source::open(&g.name, &g.path)?);
+            Some(sources.len() - 1)
+        }
+        None => None,
+    };
+    let shape = StepShape {
+        micro_batch: recipe.batch.micro,
+        accum: recipe.batch.accum,
+        world,
+        rank,
+        inject_probability: recipe.data.inject_probability,
+    };
+    let image_size = cfg.visual.image_size;
+    let load = LoadOptions {
+        image_size: image_size as usize,
+        max_len: recipe.data.max_len,
+        bad_image: recipe.data.bad_image,
+        workers: recipe.data.workers,
+    };
+    let reader = Reader::new(sources, tok, load, recipe.seed, &main, general, shape)?;
+    let global_batch = (recipe.batch.micro * recipe.batch.accum * world) as u64;
+    let total_steps = match (recipe.length.steps, recipe.length.epochs) {
+        (Some(s), _) => s,
+        (None, Some(e)) => ((e * reader.main_epoch_len() as f64) / global_batch as f64).ceil() as u64,
+        _ => unreachable!("validated recipe"),
+    };
+    let schedule = Schedule::new(&recipe.schedule, recipe.optimizer.lr, total_steps);
+    let opt = AdamW::new(&recipe.optimizer);
+
+    // Resume.
+    let mut ts = TrainerState {
+        step: 0,
+        adam_step: 0,
+        reader: ReaderState { seed: recipe.seed, main_position: 0, general_position: 0 },
+        seed: recipe.seed,
+        nonfinite_in_row: 0,
+        nonfinite_total: 0,
+        samples_dropped: 0,
+    };
+    let ckpt_root = recipe.checkpoint.dir.clone();
+    let resume_dir = match resume {
+        Resume::None => None,
+        Resume::Path(p) => {
+            checkpoint::verify(&p)?;
+            Some(p)
+        }
+        Resume::Auto => {
+            let (found, skipped) = checkpoint::find_latest(&ckpt_root);
+            if rank == 0 {
+                for s in skipped {
+                    tracing::warn!("{s}");
+                }
+            }
+            found
+        }
+    };
+    if let Some(dir) = &resume_dir {
+        let m = checkpoint::verify(dir)?;
+        let saved = checkpoint::read_trainer_state(dir)?;
+        if saved.seed != recipe.seed {
+            return Err(Error::checkpoint(dir, format!("written with seed {}, the recipe says {}", saved.seed, recipe.seed)));
+        }
+        checkpoint::load_optimizer(dir, &m, comm, &mut st, saved.adam_step)?;
+        if rank == 0 {
+            tracing::info!("resumed from {} (step {}, written by {} ranks)", dir.display(), saved.step, m.world);
+        }
+        ts = saved;
+    }
+
+    // Signals: stop at the next step boundary with a checkpoint.
+    let stop = Arc::new(AtomicBool::new(false));
+    for sig in [signal_hook::consts::SIGTERM, signal_hook::consts::SIGUSR1, signal_hook::consts::SIGINT] {
+        signal_hook::flag::register(sig, stop.clone()).map_err(|e| Error::Other(format!("signal handler: {e}")))?;
+    }
+
+    let peak = if let Device::Cuda(i) = device { flops::device_peak(&cuda_name(i)) } else { None };
+    let mut reporter = Reporter::new(recipe, rank, total_steps, ts.step, n_trainable, st.layout.shard_numel())?;
+    let rx = reader.stream(ts.step, ts.reader, recipe.data.prefetch_steps);
+    let mut summary = Summary::default();
+    let scale = 1.0 / (recipe.batch.accum * world) as f64;
+    while ts.step < total_steps {
+        let t0 = Instant::now();
+        let data = rx.recv().map_err(|_| Error::Other("the data reader stopped".into()))??;
+        debug_assert_eq!(data.step, ts.step);
+        let mut sums = [0f64; 6]; // id loss, id count, general loss, general count, tokens, flops
+        let mut dropped = 0u64;
+        for mb in &data.micro_batches {
+            let input = model_input(mb, image_size, device);
+            let loss = forward_backward(&mut st, comm, &cfg, &input, scale, recipe.activation_checkpointing)?;
+            let slot = if mb.kind == BatchKind::Id { 0 } else { 2 };
+            if mb.batch > 0 {
+                sums[slot] += loss;
+                sums[slot + 1] += 1.0;
+            }
+            sums[4] += (mb.batch * mb.seq) as f64;
+            sums[5] += flops::micro_batch_flops(&cfg, mb.batch, mb.seq, mb.num_images());
+            dropped += (mb.dropped_bad_image + mb.dropped_overlong) as u64;
+        }
+        st.finish_grads(comm)?;
+        let k = ts.step + 1;
+        let lr = schedule.lr_at(k);
+        let stats = st.step(comm, &opt, lr, recipe.optimizer.clip_grad_norm)?;
+        // One small all-reduce: losses, counts, tokens, FLOPs and the stop flag agreed across ranks.
+        let agg = tch::Tensor::from_slice(&[
+            sums[0],
+            sums[1],
+            sums[2],
+            sums[3],
+            sums[4],
+            sums[5],
+            dropped as f64,
+            stop.load(Ordering::Relaxed) as i32 as f64,
+        ])
+        .to_kind(Kind::Double);
+        let agg = agg.to_device(if device.is_cuda() { device } else { Device::Cpu });
+        let agg32 = agg.to_kind(Kind::Float);
+        // Reduce in f64 where the backend can (CPU backends stage through f32; counts stay exact).
+        comm.all_reduce_sum(&agg32)?;
+        let a: Vec<f64> =
+            Vec::<f32>::try_from(&agg32.to_device(Device::Cpu)).expect("vec").into_iter().map(|v| v as f64).collect();
+        let loss_id = if a[1] > 0.0 { a[0] / a[1] } else { f64::NAN };
+        let loss_general = if a[3] > 0.0 { a[2] / a[3] } else { f64::NAN };
+        let loss_all = if a[1] + a[3] > 0.0 { (a[0] + a[2]) / (a[1] + a[3]) } else { f64::NAN };
+        ts.samples_dropped += a[6] as u64;
+        ts.step = k;
+        ts.adam_step = st.adam_step;
+        ts.reader = data.state_after;
+        if stats.skipped || !loss_all.is_finite() {
+            ts.nonfinite_in_row += 1;
+            ts.nonfinite_total += 1;
+            metrics::counter!("idavlm_nonfinite_steps_total").increment(1);
+            tracing::warn!(
+                step = k,
+                grad_norm = stats.grad_norm,
+                loss = loss_all,
+                "non-finite loss or gradient norm: step skipped"
+            );
+        } else {
+            ts.nonfinite_in_row = 0;
+        }
+        let step_s = t0.elapsed().as_secs_f64();
+        let rec = StepRecord {
+            step: k,
+            loss: loss_all,
+            loss_id,
+            loss_general,
+            lr,
+            grad_norm: stats.grad_norm,
+            skipped: stats.skipped,
+            step_s,
+            tokens_per_s: a[4] / step_s,
+            tokens_per_s_per_rank: a[4] / step_s / world as f64,
+            mfu: peak.map(|p| a[5] / step_s / (world as f64 * p)),
+            mem_gib: memory_gib(device),
+            samples_dropped: ts.samples_dropped,
+        };
+        summary.losses.push(loss_all);
+        reporter.record(&rec)?;
+        summary.steps_run += 1;
+        summary.final_step = k;
+
+        let stop_now = a[7] > 0.0;
+        let too_many = ts.nonfinite_in_row >= recipe.max_nonfinite_in_row;
+        let due = recipe.checkpoint.every_steps.is_some_and(|n| n > 0 && k % n == 0);
+        let last = k == total_steps && recipe.checkpoint.at_end;
+        if due || last || stop_now {
+            let t = Instant::now();
+            let dir =
+                checkpoint::save(&ckpt_root, comm, &st, &ts, &recipe_yaml, recipe.checkpoint.save_model, recipe.checkpoint.keep)?;
+            reporter.note(&format!("checkpoint {} ({:.1}s)", dir.display(), t.elapsed().as_secs_f64()));
+            summary.last_checkpoint = Some(dir);
+        }
+        if stop_now {
+            reporter.note("stop signal: checkpoint written, exiting");
+            summary.preempted = true;
+            break;
+        }
+        if too_many {
+            reporter.note(&format!("{} non-finite steps in a row: stopping", ts.nonfinite_in_row));
+            summary.stopped_nonfinite = true;
+            break;
+        }
+    }
+    reporter.finish(&summary)?;
+    let _ = info;
+    Ok(summary)
+}
+
+fn cuda_name(i: usize) -> String {
+    // libtorch has no name query in tch; nvidia-smi style names come from the driver through cudarc.
+    (|| -> Option<String> {
+        cudarc::driver::result::init().ok()?;
+        let d = cudarc::driver::result::device::get(i as i32).ok()?;
+        cudarc::driver::result::device::get_name(d).ok()
+    })()
+    .unwrap_or_default()
+}
+
+fn memory_gib(device: Device) -> f64 {
+    match device {
+        Device::Cuda(_) => {
+            // Peak bytes held by libtorch's caching allocator on this device.
+            crate::runtime::cuda_max_memory_allocated().unwrap_or(0) as f64 / (1u64 << 30) as f64
+        }
+        _ => crate::runtime::rss_bytes() as f64 / (1u64 << 30) as f64,
+    }
+}
+
+pub fn resolve_resume(s: &str) -> Resume {
+    match s {
+        "none" | "" => Resume::None,
+        "auto" => Resume::Auto,
+        p => Resume::Path(Path::new(p).to_path_buf()),
+    }
+}

@@ -1,0 +1,295 @@
+//! ZeRO-1/2/3 data parallelism over flat buckets (see [`layout`]).
+//!
+//! - Stage 1: every rank keeps full compute-dtype parameters and accumulates full gradients over the
+//!   step's micro-batches; at the end of the step each bucket's gradient is reduce-scattered once.
+//!   f32 master weights and AdamW moments are partitioned.
+//! - Stage 2: as 1, but each bucket's gradient is reduce-scattered into the rank's f32 partition as soon
+//!   as the bucket's backward finishes, every micro-batch; no full gradient is kept.
+//! - Stage 3: as 2, and the compute-dtype parameters are partitioned too: a bucket is all-gathered just
+//!   before its forward and again before its backward recompute, and dropped after use.
+//!
+//! Frozen parameters (the ViT, ln_post, proj) are replicated and never touch the optimizer. After the
+//! optimizer step the updated master partitions are cast to the compute dtype and all-gathered back
+//! into the full parameters (stages 1/2) or kept as the rank's parameter shard (stage 3).
+
+pub mod layout;
+
+use std::collections::HashMap;
+
+use tch::{Device, Kind, Tensor};
+
+use crate::comm::Communicator;
+use crate::error::{Error, Result};
+use crate::model::{ModelConfig, ParamSet, ParamSpec};
+use crate::optim::{clip_coef, AdamW};
+pub use layout::{Bucket, Layout, Role};
+
+/// Outcome of one optimizer step.
+#[derive(Clone, Copy, Debug)]
+pub struct StepStats {
+    pub grad_norm: f64,
+    pub skipped: bool,
+}
+
+pub struct Sharded {
+    pub stage: u8,
+    pub layout: Layout,
+    pub cfg: ModelConfig,
+    pub specs: Vec<ParamSpec>,
+    pub device: Device,
+    /// Compute dtype of parameters and activations.
+    pub kind: Kind,
+    pub rank: usize,
+    frozen: HashMap<String, Tensor>,
+    /// name -> (bucket, entry index).
+    where_is: HashMap<String, (usize, usize)>,
+    /// Stages 1/2: full flat compute-dtype parameters per bucket.
+    full: Vec<Option<Tensor>>,
+    /// Stage 3: this rank's compute-dtype shard per bucket.
+    shard_params: Vec<Option<Tensor>>,
+    pub master: Vec<Tensor>,
+    pub exp_avg: Vec<Tensor>,
+    pub exp_avg_sq: Vec<Tensor>,
+    /// f32 gradient partitions, accumulated over the step.
+    grad_shard: Vec<Tensor>,
+    /// Stage 1: full f32 gradients, accumulated over the step.
+    full_grad: Vec<Option<Tensor>>,
+    /// AdamW steps taken (bias correction counts these).
+    pub adam_step: u64,
+}
+
+fn flat_of(b: &Bucket, params: &ParamSet, kind: Kind, device: Device) -> Tensor {
+    let flat = Tensor::zeros([b.padded as i64], (kind, device));
+    tch::no_grad(|| {
+        for e in &b.entries {
+            flat.narrow(0, e.offset as i64, e.numel as i64).copy_(&params.tensors[e.param].reshape([-1]));
+        }
+    });
+    flat
+}
+
+impl Sharded {
+    /// Partitions a full parameter set (identical on every rank) for this rank.
+    pub fn new(
+        cfg: &ModelConfig,
+        params: ParamSet,
+        trainable: &dyn Fn(&ParamSpec) -> bool,
+        stage: u8,
+        comm: &dyn Communicator,
+    ) -> Self {
+        let (rank, world) = (comm.rank(), comm.world());
+        let layout = layout::layout(&params.specs, trainable, world);
+        let kind = params.tensors[0].kind();
+        let device = params.tensors[0].device();
+        let mut where_is = HashMap::new();
+        for (bi, b) in layout.buckets.iter().enumerate() {
+            for (ei, e) in b.entries.iter().enumerate() {
+                where_is.insert(e.name.clone(), (bi, ei));
+            }
+        }
+        let mut full = Vec::new();
+        let mut shard_params = Vec::new();
+        let (mut master, mut exp_avg, mut exp_avg_sq, mut grad_shard, mut full_grad) = (vec![], vec![], vec![], vec![], vec![]);
+        for b in &layout.buckets {
+            let flat = flat_of(b, &params, kind, device);
+            let mine = flat.narrow(0, (rank * b.shard) as i64, b.shard as i64);
+            master.push(mine.to_kind(Kind::Float).copy());
+            exp_avg.push(Tensor::zeros([b.shard as i64], (Kind::Float, device)));
+            exp_avg_sq.push(Tensor::zeros([b.shard as i64], (Kind::Float, device)));
+            grad_shard.push(Tensor::zeros([b.shard as i64], (Kind::Float, device)));
+            full_grad.push((stage == 1).then(|| Tensor::zeros([b.padded as i64], (Kind::Float, device))));
+            if stage == 3 {
+                shard_params.push(Some(mine.copy()));
+                full.push(None);
+            } else {
+                shard_params.push(None);
+                full.push(Some(flat));
+            }
+        }
+        let frozen = params
+            .specs
+            .iter()
+            .zip(params.tensors)
+            .filter(|(s, _)| !where_is.contains_key(&s.name))
+            .map(|(s, t)| (s.name.clone(), t))
+            .collect();
+        Self {
+            stage,
+            layout,
+            cfg: cfg.clone(),
+            specs: params.specs,
+            device,
+            kind,
+            rank,
+            frozen,
+            where_is,
+            full,
+            shard_params,
+            master,
+            exp_avg,
+            exp_avg_sq,
+            grad_shard,
+            full_grad,
+            adam_step: 0,
+        }
+    }
+
+    pub fn bucket(&self, role: &Role) -> Option<usize> {
+        self.layout.bucket_index(role)
+    }
+
+    /// The full compute-dtype flat parameters of bucket `b`: the kept buffer (stages 1/2) or a fresh
+    /// all-gather of the shards (stage 3; the caller drops it after use, which frees it).
+    pub fn gather(&self, comm: &dyn Communicator, b: usize) -> Result<Tensor> {
+        match &self.full[b] {
+            Some(f) => Ok(f.shallow_clone()),
+            None => {
+                let bk = &self.layout.buckets[b];
+                let out = Tensor::empty([bk.padded as i64], (self.kind, self.device));
+                comm.all_gather(self.shard_params[b].as_ref().expect("stage 3 shard"), &out)?;
+                Ok(out)
+            }
+        }
+    }
+
+    /// A name -> tensor getter over frozen parameters and the given gathered buckets (as views).
+    pub fn getter<'a>(&'a self, flats: &'a [(usize, &'a Tensor)]) -> impl Fn(&str) -> Tensor + 'a {
+        move |name: &str| {
+            if let Some(t) = self.frozen.get(name) {
+                return t.shallow_clone();
+            }
+            let (b, e) = self.where_is.get(name).unwrap_or_else(|| panic!("parameter {name} is neither frozen nor trainable"));
+            let flat = flats.iter().find(|(fb, _)| fb == b).unwrap_or_else(|| panic!("bucket of {name} not gathered")).1;
+            let e = &self.layout.buckets[*b].entries[*e];
+            flat.narrow(0, e.offset as i64, e.numel as i64).view(e.shape.as_slice())
+        }
+    }
+
+    pub fn is_trainable(&self, name: &str) -> bool {
+        self.where_is.contains_key(name)
+    }
+
+    /// Hands bucket `b`'s gradient (the `.grad` of the leaf the bucket's views were taken from) to the
+    /// strategy: accumulated in full (stage 1) or reduce-scattered into the f32 partition now (2/3).
+    pub fn accumulate_grad(&mut self, comm: &dyn Communicator, b: usize, leaf: &Tensor) -> Result<()> {
+        let g = leaf.grad();
+        let bk = &self.layout.buckets[b];
+        let g32 =
+            if g.defined() { g.to_kind(Kind::Float) } else { Tensor::zeros([bk.padded as i64], (Kind::Float, self.device)) };
+        tch::no_grad(|| -> Result<()> {
+            if let Some(fg) = self.full_grad[b].as_mut() {
+                let _ = fg.g_add_(&g32);
+            } else {
+                let part = Tensor::empty([bk.shard as i64], (Kind::Float, self.device));
+                comm.reduce_scatter_sum(&g32, &part)?;
+                let _ = self.grad_shard[b].g_add_(&part);
+            }
+            Ok(())
+        })
+    }
+
+    /// Stage 1: reduce-scatter the step's accumulated gradients. A no-op for stages 2/3.
+    pub fn finish_grads(&mut self, comm: &dyn Communicator) -> Result<()> {
+        for b in 0..self.layout.buckets.len() {
+            if let Some(fg) = self.full_grad[b].as_mut() {
+                let part = Tensor::empty([self.layout.buckets[b].shard as i64], (Kind::Float, self.device));
+                comm.reduce_scatter_sum(fg, &part)?;
+                tch::no_grad(|| {
+                    let _ = self.grad_shard[b].g_add_(&part);
+                    let _ = fg.zero_();
+                });
+            }
+        }
+        Ok(())
+    }
+
+    /// Global gradient norm, clipping, AdamW on the partitions, and the parameters brought up to date.
+    /// A non-finite norm skips the update (every rank sees the same norm, so every rank skips).
+    pub fn step(&mut self, comm: &dyn Communicator, opt: &AdamW, lr: f64, max_norm: Option<f64>) -> Result<StepStats> {
+        let mut sq = Tensor::zeros([1], (Kind::Float, self.device));
+        tch::no_grad(|| {
+            for g in &self.grad_shard {
+                let _ = sq.g_add_(&g.square().sum(Kind::Float));
+            }
+        });
+        let sq = sq.to_kind(Kind::Double).to_kind(Kind::Float);
+        comm.all_reduce_sum(&sq)?;
+        let norm = sq.double_value(&[0]).sqrt();
+        if !norm.is_finite() {
+            for g in &mut self.grad_shard {
+                let _ = tch::no_grad(|| g.zero_());
+            }
+            return Ok(StepStats { grad_norm: norm, skipped: true });
+        }
+        let coef = clip_coef(norm, max_norm);
+        self.adam_step += 1;
+        for b in 0..self.layout.buckets.len() {
+            let g = if coef < 1.0 { &self.grad_shard[b] * coef } else { self.grad_shard[b].shallow_clone() };
+            opt.update(&mut self.master[b], &g, &mut self.exp_avg[b], &mut self.exp_avg_sq[b], lr, self.adam_step);
+            let _ = tch::no_grad(|| self.grad_shard[b].zero_());
+        }
+        self.refresh_params(comm)?;
+        Ok(StepStats { grad_norm: norm, skipped: false })
+    }
+
+    /// Compute-dtype parameters from the master partitions.
+    pub fn refresh_params(&mut self, comm: &dyn Communicator) -> Result<()> {
+        for b in 0..self.layout.buckets.len() {
+            let cast = self.master[b].to_kind(self.kind);
+            match self.full[b].as_ref() {
+                Some(full) => comm.all_gather(&cast, full)?,
+                None => {
+                    let mut s = self.shard_params[b].as_ref().expect("stage 3 shard").shallow_clone();
+                    tch::no_grad(|| s.copy_(&cast));
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Every parameter at full size in spec order (a collective under stage 3: every rank must call).
+    pub fn full_named(&self, comm: &dyn Communicator) -> Result<Vec<(String, Tensor)>> {
+        let flats: Vec<(usize, Tensor)> =
+            (0..self.layout.buckets.len()).map(|b| self.gather(comm, b).map(|t| (b, t))).collect::<Result<_>>()?;
+        let refs: Vec<(usize, &Tensor)> = flats.iter().map(|(b, t)| (*b, t)).collect();
+        let g = self.getter(&refs);
+        Ok(self.specs.iter().map(|s| (s.name.clone(), g(&s.name).copy())).collect())
+    }
+
+    /// This rank's optimizer state for checkpoints: per bucket, master / exp_avg / exp_avg_sq partitions.
+    pub fn state_tensors(&self) -> Vec<(String, Tensor)> {
+        let mut out = Vec::new();
+        for (b, bk) in self.layout.buckets.iter().enumerate() {
+            let n = bk.role.name();
+            out.push((format!("{n}.master"), self.master[b].shallow_clone()));
+            out.push((format!("{n}.exp_avg"), self.exp_avg[b].shallow_clone()));
+            out.push((format!("{n}.exp_avg_sq"), self.exp_avg_sq[b].shallow_clone()));
+        }
+        out
+    }
+
+    /// Restores optimizer state from full (unpadded, world-independent) bucket vectors: `get(name)`
+    /// returns the f32 CPU vector of `{bucket}.{master|exp_avg|exp_avg_sq}` of `bucket.numel` elements.
+    pub fn load_state(&mut self, comm: &dyn Communicator, adam_step: u64, get: &dyn Fn(&str) -> Result<Tensor>) -> Result<()> {
+        for (b, bk) in self.layout.buckets.clone().iter().enumerate() {
+            let n = bk.role.name();
+            for (which, dst) in [("master", 0), ("exp_avg", 1), ("exp_avg_sq", 2)] {
+                let full = get(&format!("{n}.{which}"))?;
+                if full.numel() != bk.numel {
+                    return Err(Error::Other(format!("{n}.{which}: {} elements, the layout has {}", full.numel(), bk.numel)));
+                }
+                let padded = Tensor::zeros([bk.padded as i64], (Kind::Float, Device::Cpu));
+                tch::no_grad(|| padded.narrow(0, 0, bk.numel as i64).copy_(&full));
+                let mine = padded.narrow(0, (self.rank * bk.shard) as i64, bk.shard as i64).to_device(self.device);
+                let target = match dst {
+                    0 => &mut self.master[b],
+                    1 => &mut self.exp_avg[b],
+                    _ => &mut self.exp_avg_sq[b],
+                };
+                tch::no_grad(|| target.copy_(&mine));
+            }
+        }
+        self.adam_step = adam_step;
+        self.refresh_params(comm)
+    }
+}
