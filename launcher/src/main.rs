@@ -191,6 +191,7 @@ fn spawn_local(cli: &Cli, worker: &PathBuf, n: usize) -> Result<i32> {
         c.env("RANK", rank.to_string())
             .env("WORLD_SIZE", world.to_string())
             .env("LOCAL_RANK", local.to_string())
+            .env("LOCAL_WORLD_SIZE", n.to_string())
             .env("MASTER_ADDR", &cli.master_addr)
             .env("MASTER_PORT", port.to_string());
         // Rank 0 of the job keeps the terminal (its progress bar); the others' output is prefixed and kept.

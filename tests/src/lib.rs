@@ -1,1 +1,118 @@
+//! Helpers shared by the integration tests: the built binaries, the project venv's python, small
+//! synthetic datasets and recipes written into temporary folders.
 
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::sync::OnceLock;
+
+use idavlm_shards::chat::{encode_conversation, Overflow};
+use idavlm_shards::synth::{write_synth, SynthOptions};
+use idavlm_shards::tokenizer::Tokenizer;
+
+/// The repository root.
+pub fn root() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).parent().expect("tests/ is in the repo").to_path_buf()
+}
+
+/// A binary of the workspace (built by `cargo build --workspace` before the tests run).
+pub fn bin(name: &str) -> PathBuf {
+    let exe = std::env::current_exe().expect("test executable");
+    let dir = exe.parent().and_then(Path::parent).expect("target/<profile>/deps/..");
+    let p = dir.join(name);
+    assert!(p.is_file(), "{} not built: run `cargo build --workspace` first (make test does)", p.display());
+    p
+}
+
+/// The project venv's python (scripts/setup.sh), with torch, numpy, PIL, safetensors.
+pub fn python() -> PathBuf {
+    let p = std::env::var("IDAVLM_PYTHON").map(PathBuf::from).unwrap_or_else(|_| root().join(".venv/bin/python"));
+    assert!(p.is_file(), "{} missing: run `bash scripts/setup.sh` (make test does)", p.display());
+    p
+}
+
+pub fn tokenizer() -> &'static Tokenizer {
+    static T: OnceLock<Tokenizer> = OnceLock::new();
+    T.get_or_init(|| Tokenizer::load_default().expect("tokenizer: run scripts/setup.sh"))
+}
+
+/// Writes a small synthetic dataset (id + general + eval) into `dir`.
+pub fn synth(dir: &Path, id_samples: usize, general_samples: usize, row_group: usize) {
+    let o = SynthOptions {
+        seed: 7,
+        cast_size: 8,
+        id_samples,
+        general_samples,
+        eval_per_type: 4,
+        row_group_rows: row_group,
+        target_shard_bytes: 256 << 10,
+    };
+    let tok = tokenizer();
+    write_synth(dir, &o, &|turns| Ok(encode_conversation(tok, "t", turns, usize::MAX, Overflow::Reject)?.input_ids.len() as i32))
+        .expect("synth");
+}
+
+/// A training recipe over the micro test model (tests/data/micro.json) and the dataset in `data`.
+pub fn recipe(dir: &Path, data: &Path, extra: &str) -> PathBuf {
+    let cfg = root().join("tests/data/micro.json");
+    let text = format!(
+        "model:\n  config: {cfg}\n  id_former: true\n  dtype: f32\n\
+data:\n  sources:\n    - name: id\n      path: {id}\n  general:\n    name: general\n    path: {gen}\n  inject_probability: 0.0\n  max_len: 2048\n  workers: 1\n\
+optimizer:\n  lr: 1.0e-3\n  weight_decay: 0.1\n  clip_grad_norm: 1.0\n\
+schedule:\n  kind: warmup_log\n  warmup_steps: 2\n\
+batch:\n  micro: 1\n  accum: 2\n\
+zero:\n  stage: 2\n\
+checkpoint:\n  dir: {ckpt}\n  keep: 10\n\
+logging:\n  metrics_file: {metrics}\n  progress_bar: false\n\
+seed: 11\n\
+length:\n  steps: 4\n{extra}",
+        cfg = cfg.display(),
+        id = data.join("id").display(),
+        gen = data.join("general").display(),
+        ckpt = dir.join("ckpt").display(),
+        metrics = dir.join("metrics.jsonl").display(),
+    );
+    let p = dir.join("recipe.yaml");
+    std::fs::write(&p, text).expect("write recipe");
+    p
+}
+
+/// Losses per step from a metrics JSONL file.
+pub fn losses(metrics: &Path) -> Vec<(u64, f64)> {
+    std::fs::read_to_string(metrics)
+        .unwrap_or_default()
+        .lines()
+        .map(|l| {
+            let v: serde_json::Value = serde_json::from_str(l).expect("json line");
+            (v["step"].as_u64().expect("step"), v["loss"].as_f64().unwrap_or(f64::NAN))
+        })
+        .collect()
+}
+
+/// `idavlm-worker train` as one process (world 1), CPU, one torch thread.
+pub fn worker_train(recipe: &Path, extra: &[&str]) -> std::process::Output {
+    let mut c = Command::new(bin("idavlm-worker"));
+    c.arg("train").arg(recipe).args(extra).env("IDAVLM_TORCH_THREADS", "1").env_remove("RANK").env_remove("WORLD_SIZE");
+    c.output().expect("run worker")
+}
+
+/// `idavlm-launch --nproc-per-node n` on a free port.
+pub fn launch(recipe: &Path, n: usize, extra: &[&str]) -> Command {
+    let mut c = Command::new(bin("idavlm-launch"));
+    c.arg("--nproc-per-node").arg(n.to_string()).arg("--master-port").arg(free_port().to_string()).arg(recipe).args(extra);
+    c.env("IDAVLM_TORCH_THREADS", "1");
+    c
+}
+
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0").expect("bind").local_addr().expect("addr").port()
+}
+
+/// Every tensor of a safetensors file (f32 expected) by name.
+pub fn read_f32(path: &Path) -> std::collections::BTreeMap<String, Vec<f32>> {
+    let bytes = std::fs::read(path).expect("read safetensors");
+    let st = safetensors::SafeTensors::deserialize(&bytes).expect("parse safetensors");
+    st.tensors()
+        .into_iter()
+        .map(|(n, v)| (n, v.data().chunks_exact(4).map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]])).collect()))
+        .collect()
+}

@@ -1,1 +1,6 @@
-
+//! One integration-test binary: cross-crate and multi-process tests of idavlm.
+mod dist;
+mod model;
+mod shards;
+mod tokenizer;
+mod train;

@@ -23,6 +23,25 @@ pub fn torch_lib_dirs() -> Vec<PathBuf> {
     dirs
 }
 
+/// Process-wide settings for CPU training, once at start:
+/// - glibc hands blocks above 32 MiB back to the kernel on free, so every step re-faults the pages of
+///   the large gradient and optimizer temporaries (most of a CPU step went to the kernel); keeping freed
+///   memory in the heap removes that.
+/// - libtorch's intra-op threads are split between the ranks sharing this machine.
+pub fn tune_cpu(local_world: usize) {
+    // SAFETY: mallopt only changes allocator parameters; called before worker threads allocate.
+    unsafe {
+        libc::mallopt(libc::M_MMAP_THRESHOLD, 1 << 30);
+        libc::mallopt(libc::M_TRIM_THRESHOLD, 4 << 30);
+    }
+    let cores = std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1);
+    let threads = std::env::var("IDAVLM_TORCH_THREADS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or_else(|| (cores / local_world.max(1)).max(1));
+    tch::set_num_threads(threads as i32);
+}
+
 /// Loads `libtorch_cuda.so` when present; returns its path. Safe to call more than once.
 pub fn init() -> Option<PathBuf> {
     CUDA_LOADED

@@ -111,6 +111,10 @@ fn run(cli: Cli) -> Result<i32> {
             let r = recipe::load(&path, &sets)?;
             let info = RankInfo::from_env()?;
             let device = runtime::device_for(info.local_rank);
+            if device == tch::Device::Cpu {
+                let local_world = std::env::var("LOCAL_WORLD_SIZE").ok().and_then(|v| v.parse().ok()).unwrap_or(info.world);
+                runtime::tune_cpu(local_world);
+            }
             if let (Some(lib), tch::Device::Cuda(_)) = (&nccl, device) {
                 tracing::debug!("NCCL: {}", lib.display());
             }

@@ -1,0 +1,224 @@
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+use idavlm_tests::{launch, losses, read_f32, recipe, synth, worker_train};
+
+fn run_ok(mut c: Command) -> String {
+    let out = c.output().unwrap();
+    let err = String::from_utf8_lossy(&out.stderr).into_owned();
+    assert!(out.status.success(), "failed ({:?}):\n{err}", out.status.code());
+    err
+}
+
+/// Optimizer state of a checkpoint as full vectors (rank files concatenated in rank order).
+fn state(ckpt: &Path) -> BTreeMap<String, Vec<f32>> {
+    let m = idavlm::checkpoint::verify(ckpt).unwrap();
+    let mut out: BTreeMap<String, Vec<f32>> = BTreeMap::new();
+    for r in 0..m.world {
+        for (k, v) in read_f32(&ckpt.join(format!("rank-{r:05}-of-{:05}.safetensors", m.world))) {
+            out.entry(k).or_default().extend(v);
+        }
+    }
+    out
+}
+
+fn assert_close(a: &BTreeMap<String, Vec<f32>>, b: &BTreeMap<String, Vec<f32>>, what: &str) {
+    assert_eq!(a.keys().collect::<Vec<_>>(), b.keys().collect::<Vec<_>>());
+    for (k, va) in a {
+        let vb = &b[k];
+        assert_eq!(va.len(), vb.len(), "{what}: {k} length");
+        let scale = va.iter().fold(0f32, |m, x| m.max(x.abs())).max(1e-30);
+        let diff = va.iter().zip(vb).fold(0f32, |m, (x, y)| m.max((x - y).abs()));
+        assert!(diff / scale <= 1e-5, "{what}: {k} differs by {diff} (scale {scale})");
+    }
+}
+
+fn assert_losses_close(a: &[(u64, f64)], b: &[(u64, f64)], what: &str) {
+    assert_eq!(a.len(), b.len(), "{what}: step counts");
+    for (x, y) in a.iter().zip(b) {
+        assert_eq!(x.0, y.0);
+        assert!(((x.1 - y.1) / y.1).abs() <= 1e-5, "{what}: step {} loss {} vs {}", x.0, x.1, y.1);
+    }
+}
+
+fn setup(root: &Path, name: &str, data: &Path, global: usize, world: usize, stage: u8, steps: u64) -> PathBuf {
+    let d = root.join(name);
+    std::fs::create_dir_all(&d).unwrap();
+    let r = recipe(&d, data, "");
+    let t = std::fs::read_to_string(&r)
+        .unwrap()
+        .replace("  accum: 2", &format!("  accum: {}", global / world))
+        .replace("  stage: 2", &format!("  stage: {stage}"))
+        .replace("  steps: 4", &format!("  steps: {steps}"));
+    std::fs::write(&r, t).unwrap();
+    r
+}
+
+#[test]
+fn zero_1_2_3_on_2_and_3_ranks_equal_one_process() {
+    let d = tempfile::tempdir().unwrap();
+    let data = d.path().join("data");
+    synth(&data, 40, 8, 5);
+    let single = setup(d.path(), "single", &data, 6, 1, 2, 3);
+    run_ok({
+        let mut c = Command::new(idavlm_tests::bin("idavlm-worker"));
+        c.arg("train").arg(&single).env("IDAVLM_TORCH_THREADS", "1").env_remove("RANK").env_remove("WORLD_SIZE");
+        c
+    });
+    let want_losses = losses(&single.with_file_name("metrics.jsonl"));
+    let want = state(&single.with_file_name("ckpt").join("step-00000003"));
+    for world in [2, 3] {
+        for stage in [1u8, 2, 3] {
+            let name = format!("w{world}z{stage}");
+            let r = setup(d.path(), &name, &data, 6, world, stage, 3);
+            run_ok(launch(&r, world, &[]));
+            assert_losses_close(&losses(&r.with_file_name("metrics.jsonl")), &want_losses, &name);
+            assert_close(&state(&r.with_file_name("ckpt").join("step-00000003")), &want, &name);
+        }
+    }
+}
+
+#[test]
+fn resume_from_2_ranks_on_3_ranks_and_two_launchers_form_one_job() {
+    let d = tempfile::tempdir().unwrap();
+    let data = d.path().join("data");
+    synth(&data, 40, 8, 5);
+    let straight = setup(d.path(), "straight", &data, 6, 2, 2, 4);
+    run_ok(launch(&straight, 2, &[]));
+    let want = losses(&straight.with_file_name("metrics.jsonl"));
+    // 2 steps on 2 ranks, then steps 3-4 on 3 ranks at the same global batch.
+    let r = setup(d.path(), "resized", &data, 6, 2, 2, 2);
+    run_ok(launch(&r, 2, &[]));
+    let t = std::fs::read_to_string(&r).unwrap().replace("  accum: 3", "  accum: 2").replace("  steps: 2", "  steps: 4");
+    std::fs::write(&r, t).unwrap();
+    let err = run_ok(launch(&r, 3, &[]));
+    assert!(err.contains("written by 2 ranks"), "{err}");
+    assert_losses_close(&losses(&r.with_file_name("metrics.jsonl")), &want, "2 -> 3 ranks");
+    assert_close(
+        &state(&r.with_file_name("ckpt").join("step-00000004")),
+        &state(&straight.with_file_name("ckpt").join("step-00000004")),
+        "2 -> 3 ranks",
+    );
+    // Multi-node path on loopback: two launchers, one rank each.
+    let mn = setup(d.path(), "multinode", &data, 6, 2, 2, 4);
+    let port = idavlm_tests::free_port().to_string();
+    let spawn = |k: &str| {
+        Command::new(idavlm_tests::bin("idavlm-launch"))
+            .args([
+                "--nproc-per-node",
+                "1",
+                "--nnodes",
+                "2",
+                "--node-rank",
+                k,
+                "--master-addr",
+                "127.0.0.1",
+                "--master-port",
+                &port,
+            ])
+            .arg(&mn)
+            .env("IDAVLM_TORCH_THREADS", "1")
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap()
+    };
+    let (a, b) = (spawn("0"), spawn("1"));
+    let (oa, ob) = (a.wait_with_output().unwrap(), b.wait_with_output().unwrap());
+    assert!(
+        oa.status.success() && ob.status.success(),
+        "{}\n{}",
+        String::from_utf8_lossy(&oa.stderr),
+        String::from_utf8_lossy(&ob.stderr)
+    );
+    assert_losses_close(&losses(&mn.with_file_name("metrics.jsonl")), &want, "two launchers");
+}
+
+fn children(pid: u32) -> Vec<(u32, String)> {
+    let mut out = Vec::new();
+    for e in std::fs::read_dir("/proc").unwrap().flatten() {
+        let Ok(p) = e.file_name().to_string_lossy().parse::<u32>() else { continue };
+        let Ok(stat) = std::fs::read_to_string(format!("/proc/{p}/stat")) else { continue };
+        let ppid: u32 =
+            stat.rsplit(") ").next().and_then(|s| s.split_whitespace().nth(1)).and_then(|s| s.parse().ok()).unwrap_or(0);
+        if ppid == pid {
+            let env = std::fs::read(format!("/proc/{p}/environ")).unwrap_or_default();
+            let rank = env
+                .split(|&b| b == 0)
+                .find_map(|kv| kv.strip_prefix(b"RANK="))
+                .map(|v| String::from_utf8_lossy(v).into_owned())
+                .unwrap_or_default();
+            out.push((p, rank));
+        }
+    }
+    out
+}
+
+#[test]
+fn a_dead_rank_stops_the_job_and_sigterm_checkpoints_then_resume_is_exact() {
+    let d = tempfile::tempdir().unwrap();
+    let data = d.path().join("data");
+    synth(&data, 40, 8, 5);
+    // Kill rank 1 mid-run: every process exits within 30 s, non-zero, and the launcher names the rank.
+    let r = setup(d.path(), "kill", &data, 4, 2, 3, 500);
+    let mut l = launch(&r, 2, &[]).stderr(Stdio::piped()).spawn().unwrap();
+    let metrics = r.with_file_name("metrics.jsonl");
+    let t = Instant::now();
+    while losses(&metrics).is_empty() {
+        assert!(t.elapsed() < Duration::from_secs(120), "no step within 120 s");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let kids = children(l.id());
+    let victim = kids.iter().find(|k| k.1 == "1").expect("rank 1 worker").0;
+    unsafe { libc_kill(victim as i32, 9) };
+    let killed_at = Instant::now();
+    let out = loop {
+        if let Some(_s) = l.try_wait().unwrap() {
+            break l.wait_with_output().unwrap();
+        }
+        assert!(killed_at.elapsed() < Duration::from_secs(30), "the launcher did not exit within 30 s");
+        std::thread::sleep(Duration::from_millis(100));
+    };
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("rank 1") && err.contains("signal 9"), "{err}");
+    for (p, _) in kids {
+        assert!(
+            !Path::new(&format!("/proc/{p}")).exists()
+                || std::fs::read_to_string(format!("/proc/{p}/stat")).unwrap_or_default().contains(") Z"),
+            "worker {p} still alive"
+        );
+    }
+
+    // SIGTERM to the launcher: a checkpoint, exit 75; resuming continues exactly as a straight run.
+    let straight = setup(d.path(), "straight", &data, 4, 2, 2, 5);
+    run_ok(launch(&straight, 2, &[]));
+    let r = setup(d.path(), "term", &data, 4, 2, 2, 5);
+    let mut l = launch(&r, 2, &[]).stderr(Stdio::piped()).spawn().unwrap();
+    let metrics = r.with_file_name("metrics.jsonl");
+    let t = Instant::now();
+    while losses(&metrics).is_empty() {
+        assert!(t.elapsed() < Duration::from_secs(120), "no step within 120 s");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    unsafe { libc_kill(l.id() as i32, 15) };
+    let status = l.wait().unwrap();
+    if status.code() == Some(0) {
+        // The run finished before the signal landed; nothing to resume.
+        return;
+    }
+    assert_eq!(status.code(), Some(75));
+    run_ok(launch(&r, 2, &[]));
+    assert_losses_close(
+        &losses(&r.with_file_name("metrics.jsonl")),
+        &losses(&straight.with_file_name("metrics.jsonl")),
+        "SIGTERM + resume",
+    );
+    let _ = worker_train;
+}
+
+extern "C" {
+    #[link_name = "kill"]
+    fn libc_kill(pid: i32, sig: i32) -> i32;
+}

@@ -1,0 +1,288 @@
+use std::collections::HashMap;
+use std::path::Path;
+use std::process::Command;
+
+use idavlm::model::weights::{load_hf, save_hf, save_params};
+use idavlm::model::{count_params, ModelConfig, ModelInput, ParamSet, QwenVl};
+use idavlm_shards::chat::{encode_conversation, Overflow, Turn};
+use idavlm_shards::tokenizer::ENDOFTEXT;
+use idavlm_tests::{python, root, tokenizer};
+use safetensors::tensor::{Dtype, TensorView};
+use tch::{Device, Kind, Tensor};
+
+#[test]
+fn full_size_parameter_counts_match_the_spec() {
+    let mut cfg = ModelConfig::qwen_vl_chat();
+    let c = count_params(&cfg);
+    assert_eq!(c.llm, 7_721_324_544);
+    assert_eq!(c.vit, 1_842_770_688);
+    assert_eq!(c.resampler, 76_054_528);
+    assert_eq!(c.post_proj, 16_785_408);
+    assert_eq!(c.whole_model, 9_656_935_168);
+    assert_eq!(c.trainable_finetune, 7_797_379_072);
+    cfg.id_former = true;
+    let c = count_params(&cfg);
+    assert_eq!(c.id_former, 67_125_248);
+    assert_eq!(c.trainable_finetune, 7_864_504_320);
+}
+
+#[test]
+fn libtorch_works_from_the_build() {
+    let a = Tensor::from_slice(&[1.0f32, 2.0, 3.0, 4.0]).view([2, 2]);
+    let b = a.matmul(&a);
+    assert_eq!(Vec::<f32>::try_from(b.view([-1])).unwrap(), vec![7.0, 10.0, 15.0, 22.0]);
+}
+
+fn tiny_id() -> ModelConfig {
+    let mut c = ModelConfig::tiny();
+    c.id_former = true;
+    c
+}
+
+/// A batch with a reference + test row and a general row.
+fn batch(cfg: &ModelConfig) -> ModelInput {
+    let tok = tokenizer();
+    let rows = [
+        vec![
+            Turn {
+                from: "user".into(),
+                value: "Bob is <img>r</img>\nIn the image: <img>t</img>\nIdentify Bob with grounding.".into(),
+            },
+            Turn { from: "assistant".into(), value: "<ref>Bob</ref><box>(10,20),(300,400)</box>".into() },
+        ],
+        vec![
+            Turn { from: "user".into(), value: "<img>g</img>\nHow many shapes?".into() },
+            Turn { from: "assistant".into(), value: "There are 3 shapes.".into() },
+        ],
+    ];
+    let enc: Vec<_> = rows.iter().map(|t| encode_conversation(tok, "t", t, 2048, Overflow::Reject).unwrap()).collect();
+    let s = enc.iter().map(|e| e.input_ids.len()).max().unwrap();
+    let (mut ids, mut labels, mut img_rows, mut starts, mut roles) = (vec![], vec![], vec![], vec![], vec![]);
+    for (r, e) in enc.iter().enumerate() {
+        ids.extend(e.input_ids.iter().map(|&t| t as i64));
+        ids.extend(std::iter::repeat_n(ENDOFTEXT as i64, s - e.input_ids.len()));
+        labels.extend(&e.labels);
+        labels.extend(std::iter::repeat_n(-100i64, s - e.labels.len()));
+        for (k, &st) in e.image_starts.iter().enumerate() {
+            img_rows.push(r);
+            starts.push(st);
+            roles.push(e.image_roles[k]);
+        }
+    }
+    let n = img_rows.len() as i64;
+    let size = cfg.visual.image_size;
+    tch::manual_seed(5);
+    ModelInput {
+        input_ids: Tensor::from_slice(&ids).view([2, s as i64]),
+        labels: Tensor::from_slice(&labels).view([2, s as i64]),
+        pixels: Tensor::randn([n, 3, size, size], (Kind::Float, Device::Cpu)),
+        image_rows: img_rows,
+        image_starts: starts,
+        image_roles: roles,
+    }
+}
+
+fn write_inputs(input: &ModelInput, path: &Path) {
+    let raw = |t: &Tensor, k: Kind| {
+        let t = t.to_kind(k).contiguous();
+        let mut v = vec![0u8; t.numel() * k.elt_size_in_bytes()];
+        t.copy_data_u8(&mut v, t.numel());
+        v
+    };
+    let ids = raw(&input.input_ids, Kind::Int64);
+    let labels = raw(&input.labels, Kind::Int64);
+    let px = raw(&input.pixels, Kind::Float);
+    let shape = |t: &Tensor| t.size().iter().map(|&d| d as usize).collect::<Vec<_>>();
+    let views = vec![
+        ("input_ids", TensorView::new(Dtype::I64, shape(&input.input_ids), &ids).unwrap()),
+        ("labels", TensorView::new(Dtype::I64, shape(&input.labels), &labels).unwrap()),
+        ("pixels", TensorView::new(Dtype::F32, shape(&input.pixels), &px).unwrap()),
+    ];
+    safetensors::serialize_to_file(views, None, path).unwrap();
+}
+
+fn rel_err(a: &Tensor, b: &Tensor) -> f64 {
+    (a - b).norm().double_value(&[]) / b.norm().double_value(&[])
+}
+
+/// Random values everywhere, the ID-Former's zero out_proj included, so that its path is exercised.
+fn random_params(cfg: &ModelConfig) -> ParamSet {
+    let p = ParamSet::init(cfg, Device::Cpu, Kind::Float, 3);
+    tch::no_grad(|| {
+        for (s, t) in p.iter() {
+            if s.name.contains("attn1.out_proj") || s.name.ends_with(".bias") {
+                let mut t = t.shallow_clone();
+                t.copy_(&(Tensor::randn(s.shape.as_slice(), (Kind::Float, Device::Cpu)) * 0.05));
+            }
+        }
+    });
+    p
+}
+
+#[test]
+fn logits_and_loss_match_an_independent_pytorch_reference() {
+    let cfg = tiny_id();
+    let dir = tempfile::tempdir().unwrap();
+    let params = random_params(&cfg);
+    save_params(&params, dir.path(), Kind::Float, usize::MAX).unwrap();
+    let input = batch(&cfg);
+    write_inputs(&input, &dir.path().join("inputs.safetensors"));
+    let cfg_json = dir.path().join("config.json");
+    std::fs::write(&cfg_json, serde_json::to_vec(&cfg).unwrap()).unwrap();
+    let out = Command::new(python())
+        .arg(root().join("tests/python/qwenvl_ref.py"))
+        .arg(&cfg_json)
+        .arg(dir.path().join("model.safetensors"))
+        .arg(dir.path().join("inputs.safetensors"))
+        .arg(dir.path().join("out.safetensors"))
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "reference failed: {}", String::from_utf8_lossy(&out.stderr));
+    let refs = Tensor::read_safetensors(dir.path().join("out.safetensors")).unwrap();
+    let refs: HashMap<String, Tensor> = refs.into_iter().collect();
+    let model = QwenVl::new(&cfg, &params);
+    let logits = tch::no_grad(|| model.forward_logits(&input));
+    let loss = QwenVl::loss(&logits, &input.labels);
+    let e = rel_err(&logits, &refs["logits"]);
+    assert!(e <= 1e-4, "logits relative error {e}");
+    let (a, b) = (loss.double_value(&[]), refs["loss"].double_value(&[0]));
+    assert!(((a - b) / b).abs() <= 1e-4, "loss {a} vs reference {b}");
+    // The trainer's loss (lm_head only at supervised positions) equals the full one.
+    let x = {
+        let mut x = model.stem.forward(&input);
+        let rope = QwenVl::rope(&cfg, input.input_ids.size()[1], Device::Cpu);
+        for b in &model.blocks {
+            x = b.forward(&x, &rope, None);
+        }
+        x
+    };
+    let l2 = tch::no_grad(|| model.head.loss(&x, &input.labels)).double_value(&[]);
+    assert!(((l2 - a) / a).abs() < 1e-5, "{l2} vs {a}");
+}
+
+#[test]
+fn a_fresh_id_former_leaves_the_logits_unchanged() {
+    let cfg_on = tiny_id();
+    let cfg_off = ModelConfig::tiny();
+    let on = ParamSet::init(&cfg_on, Device::Cpu, Kind::Float, 9);
+    let off = ParamSet::from_tensors(
+        idavlm::model::param_specs(&cfg_off),
+        idavlm::model::param_specs(&cfg_off).iter().map(|s| on.get(&s.name).shallow_clone()).collect(),
+    );
+    let input = batch(&cfg_on);
+    let a = tch::no_grad(|| QwenVl::new(&cfg_on, &on).forward_logits(&input));
+    let b = tch::no_grad(|| QwenVl::new(&cfg_off, &off).forward_logits(&input));
+    assert!(a.equal(&b), "logits differ by {}", (&a - &b).abs().max().double_value(&[]));
+}
+
+#[test]
+fn save_and_load_round_trip_bit_exact_sharded() {
+    let cfg = tiny_id();
+    let dir = tempfile::tempdir().unwrap();
+    let p = random_params(&cfg);
+    save_params(&p, dir.path(), Kind::Float, 8 << 20).unwrap();
+    assert!(dir.path().join("model.safetensors.index.json").is_file(), "small shards force an index");
+    let (q, report) = load_hf(dir.path(), &cfg, Device::Cpu, Kind::Float).unwrap();
+    assert!(report.created_id_former.is_empty());
+    for ((s, a), (_, b)) in p.iter().zip(q.iter()) {
+        assert!(a.equal(b), "{} differs", s.name);
+    }
+}
+
+#[test]
+fn a_python_written_checkpoint_loads_and_missing_keys_fail_by_name() {
+    let cfg_off = ModelConfig::tiny();
+    let dir = tempfile::tempdir().unwrap();
+    let p = ParamSet::init(&cfg_off, Device::Cpu, Kind::Float, 4);
+    save_params(&p, dir.path(), Kind::Float, usize::MAX).unwrap();
+    // Python re-writes it in bf16 with its own safetensors writer, as HF checkpoints are.
+    let py = dir.path().join("py");
+    std::fs::create_dir_all(&py).unwrap();
+    let script = "import sys\nfrom safetensors.torch import load_file, save_file\n\
+w = load_file(sys.argv[1])\nsave_file({k: v.bfloat16().contiguous() for k, v in w.items()}, sys.argv[2], metadata={'format': 'pt'})\n";
+    let out = Command::new(python())
+        .args(["-c", script])
+        .arg(dir.path().join("model.safetensors"))
+        .arg(py.join("model.safetensors"))
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    // Loading the ID-Former config from a checkpoint without it creates attn1 (zero out_proj).
+    let (q, report) = load_hf(&py, &tiny_id(), Device::Cpu, Kind::Float).unwrap();
+    assert_eq!(report.created_id_former.len(), 4);
+    assert!(q.get("transformer.visual.attn_pool.attn1.out_proj.weight").abs().max().double_value(&[]) == 0.0);
+    let w = "transformer.h.1.mlp.w2.weight";
+    assert!(q.get(w).equal(&p.get(w).to_kind(Kind::BFloat16).to_kind(Kind::Float)));
+    // A missing non-ID-Former key fails with its name.
+    let named: Vec<(String, Tensor)> =
+        p.iter().filter(|(s, _)| s.name != w).map(|(s, t)| (s.name.clone(), t.shallow_clone())).collect();
+    let m = dir.path().join("missing");
+    save_hf(&named, &m, Kind::Float, usize::MAX).unwrap();
+    let err = load_hf(&m, &cfg_off, Device::Cpu, Kind::Float).err().expect("must fail");
+    assert!(err.to_string().contains(w), "{err}");
+    // A truncated file is a clear error naming it.
+    let f = m.join("model.safetensors");
+    let bytes = std::fs::read(&f).unwrap();
+    std::fs::write(&f, &bytes[..bytes.len() / 2]).unwrap();
+    let err = load_hf(&m, &cfg_off, Device::Cpu, Kind::Float).err().expect("must fail");
+    assert!(err.to_string().contains("model.safetensors"), "{err}");
+}
+
+#[test]
+fn kv_cache_decoding_matches_the_full_forward() {
+    let cfg = ModelConfig::tiny();
+    let p = ParamSet::init(&cfg, Device::Cpu, Kind::Float, 2);
+    let m = QwenVl::new(&cfg, &p);
+    let ids = Tensor::from_slice(&[9707i64, 11, 1879, 0, 358, 1079, 264, 1273]).view([1, 8]);
+    let full = tch::no_grad(|| {
+        let mut x = m.stem.embed(&ids, None, &[], &[]);
+        let rope = QwenVl::rope(&cfg, 8, Device::Cpu);
+        for b in &m.blocks {
+            x = b.forward(&x, &rope, None);
+        }
+        m.head.forward(&x)
+    });
+    let mut caches: Vec<_> = (0..cfg.num_hidden_layers).map(|_| None).collect();
+    let mut steps = Vec::new();
+    tch::no_grad(|| {
+        let x = m.stem.embed(&ids.narrow(1, 0, 5), None, &[], &[]);
+        steps.push(m.decode_step(x, &m.rope_infer(0, 5, 1.0), &mut caches));
+        for p in 5..8 {
+            let x = m.stem.embed(&ids.narrow(1, p, 1), None, &[], &[]);
+            steps.push(m.decode_step(x, &m.rope_infer(p, 1, 1.0), &mut caches));
+        }
+    });
+    let inc = Tensor::cat(&steps, 1);
+    assert!(rel_err(&inc, &full) < 1e-5, "{}", rel_err(&inc, &full));
+    assert_eq!(m.ntk_alpha(2048), 1.0);
+    assert_eq!(m.ntk_alpha(3000), 3.0);
+    assert_eq!(m.ntk_alpha(5000), 7.0);
+}
+
+#[test]
+fn preprocessing_matches_pil() {
+    let dir = tempfile::tempdir().unwrap();
+    idavlm_tests::synth(dir.path(), 10, 0, 8);
+    let imgs: Vec<_> = std::fs::read_dir(dir.path().join("eval/images")).unwrap().map(|e| e.unwrap().path()).take(12).collect();
+    let out = Command::new(python())
+        .arg(root().join("tests/python/pil_resize.py"))
+        .arg("448")
+        .arg(dir.path())
+        .args(&imgs)
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    for f in &imgs {
+        let pil = std::fs::read(dir.path().join(format!("{}.rgb", f.file_name().unwrap().to_string_lossy()))).unwrap();
+        let (rgb, w, h) = idavlm_shards::preprocess::decode_rgb8(&std::fs::read(f).unwrap(), "t").unwrap();
+        let ours = idavlm_shards::preprocess::resize_rgb8(&rgb, w, h, 448, 448);
+        let mad = ours.iter().zip(&pil).map(|(&a, &b)| (a as f64 - b as f64).abs()).sum::<f64>() / ours.len() as f64;
+        let png = f.extension().is_some_and(|e| e == "png");
+        // PNG decodes identically, so the resize must be bit-exact; JPEG decoders may differ by rounding.
+        if png {
+            assert_eq!(ours, pil, "{}", f.display());
+        } else {
+            assert!(mad < 1.0, "{}: mean abs difference {mad} (of 255)", f.display());
+        }
+    }
+}

@@ -1,0 +1,154 @@
+use std::path::Path;
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+use idavlm_tests::{bin, losses, read_f32, recipe, synth, worker_train};
+
+fn ok(out: &std::process::Output) -> String {
+    let err = String::from_utf8_lossy(&out.stderr).into_owned();
+    assert!(out.status.success(), "worker failed ({:?}):\n{err}", out.status.code());
+    err
+}
+
+pub fn data(dir: &Path) -> std::path::PathBuf {
+    let d = dir.join("data");
+    synth(&d, 40, 12, 8);
+    d
+}
+
+#[test]
+fn recipe_errors_name_the_key_and_the_line() {
+    let d = tempfile::tempdir().unwrap();
+    let r = recipe(d.path(), &d.path().join("data"), "");
+    let text = std::fs::read_to_string(&r).unwrap();
+    let line_of = |needle: &str| text.lines().position(|l| l.contains(needle)).unwrap() + 1;
+    let bad = text.replace("  lr: 1.0e-3", "  lrr: 1.0e-3");
+    std::fs::write(&r, &bad).unwrap();
+    let e = idavlm::recipe::load(&r, &[]).unwrap_err().to_string();
+    assert!(
+        e.contains("optimizer") && e.contains("lrr") && e.contains(&format!("recipe.yaml:{}", line_of("  lr: 1.0e-3"))),
+        "{e}"
+    );
+    std::fs::write(&r, text.replace("  micro: 1", "  micro: one")).unwrap();
+    let e = idavlm::recipe::load(&r, &[]).unwrap_err().to_string();
+    assert!(e.contains("batch.micro") && e.contains(&format!("recipe.yaml:{}", line_of("  micro: 1"))), "{e}");
+    std::fs::write(&r, &text).unwrap();
+    let e = idavlm::recipe::load(&r, &["zero.stage=4".into()]).unwrap_err().to_string();
+    assert!(e.contains("zero.stage") && e.contains("not 1, 2 or 3"), "{e}");
+    // `extends` with an override in the child.
+    let child = d.path().join("child.yaml");
+    std::fs::write(&child, "extends: recipe.yaml\noptimizer:\n  lr: 5.0e-6\n").unwrap();
+    let c = idavlm::recipe::load(&child, &["batch.accum=3".into()]).unwrap();
+    assert_eq!((c.optimizer.lr, c.batch.accum, c.optimizer.weight_decay), (5e-6, 3, 0.1));
+}
+
+#[test]
+fn the_loss_falls() {
+    let d = tempfile::tempdir().unwrap();
+    let r = recipe(d.path(), &data(d.path()), "");
+    ok(&worker_train(&r, &["--set", "length.steps=14", "--set", "optimizer.lr=3e-3", "--set", "checkpoint.at_end=false"]));
+    let l = losses(&d.path().join("metrics.jsonl"));
+    assert_eq!(l.len(), 14);
+    let first: f64 = l[..3].iter().map(|x| x.1).sum::<f64>() / 3.0;
+    let last: f64 = l[11..].iter().map(|x| x.1).sum::<f64>() / 3.0;
+    assert!(last < first - 1.0, "loss did not fall: {first} -> {last}");
+}
+
+#[test]
+fn resume_is_bit_exact_and_a_truncated_checkpoint_is_skipped() {
+    let d = tempfile::tempdir().unwrap();
+    let data = data(d.path());
+    let a = d.path().join("a");
+    let b = d.path().join("b");
+    std::fs::create_dir_all(&a).unwrap();
+    std::fs::create_dir_all(&b).unwrap();
+    let ra = recipe(&a, &data, "");
+    let rb = recipe(&b, &data, "");
+    ok(&worker_train(&ra, &["--set", "length.steps=4"]));
+    ok(&worker_train(&rb, &["--set", "length.steps=2"]));
+    let err = ok(&worker_train(&rb, &["--set", "length.steps=4"]));
+    assert!(err.contains("resumed from") && err.contains("step-00000002"), "{err}");
+    let la = losses(&a.join("metrics.jsonl"));
+    let lb = losses(&b.join("metrics.jsonl"));
+    assert_eq!(la, lb, "losses of the straight and the resumed run differ");
+    let fa = read_f32(&a.join("ckpt/step-00000004/rank-00000-of-00001.safetensors"));
+    let fb = read_f32(&b.join("ckpt/step-00000004/rank-00000-of-00001.safetensors"));
+    assert_eq!(fa.keys().collect::<Vec<_>>(), fb.keys().collect::<Vec<_>>());
+    for (k, v) in &fa {
+        assert!(v == &fb[k], "{k} differs after resume");
+    }
+    // Truncate the newest checkpoint: --resume auto takes the previous one and says why.
+    let f = b.join("ckpt/step-00000004/rank-00000-of-00001.safetensors");
+    let bytes = std::fs::read(&f).unwrap();
+    std::fs::write(&f, &bytes[..bytes.len() - 100]).unwrap();
+    let err = ok(&worker_train(&rb, &["--set", "length.steps=3", "--set", "checkpoint.at_end=false"]));
+    assert!(err.contains("skipped") && err.contains("step-00000004") && err.contains("truncated"), "{err}");
+    assert!(err.contains("resumed from") && err.contains("step-00000002"), "{err}");
+    // An explicit path to the damaged checkpoint is refused with the reason.
+    let out = worker_train(&rb, &["--resume", b.join("ckpt/step-00000004").to_str().unwrap()]);
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("truncated"));
+}
+
+#[test]
+fn sigterm_writes_a_loadable_checkpoint_and_exits_75() {
+    let d = tempfile::tempdir().unwrap();
+    let r = recipe(d.path(), &data(d.path()), "");
+    let mut child = Command::new(bin("idavlm-worker"))
+        .arg("train")
+        .arg(&r)
+        .args(["--set", "length.steps=200"])
+        .env("IDAVLM_TORCH_THREADS", "1")
+        .env_remove("RANK")
+        .env_remove("WORLD_SIZE")
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let metrics = d.path().join("metrics.jsonl");
+    let t = Instant::now();
+    while losses(&metrics).is_empty() {
+        assert!(t.elapsed() < Duration::from_secs(120), "no step within 120 s");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    unsafe { libc_kill(child.id() as i32, 15) };
+    let status = child.wait().unwrap();
+    assert_eq!(status.code(), Some(75));
+    let (latest, _) = idavlm::checkpoint::find_latest(&d.path().join("ckpt"));
+    let latest = latest.expect("a checkpoint");
+    idavlm::checkpoint::verify(&latest).unwrap();
+    let st = idavlm::checkpoint::read_trainer_state(&latest).unwrap();
+    assert!(st.step >= 1 && st.step < 200);
+    let err = ok(&worker_train(&r, &["--set", &format!("length.steps={}", st.step + 1)]));
+    assert!(err.contains("resumed from"), "{err}");
+}
+
+extern "C" {
+    #[link_name = "kill"]
+    fn libc_kill(pid: i32, sig: i32) -> i32;
+}
+
+#[test]
+fn stage_two_starts_from_stage_one_with_a_zero_id_former() {
+    let d = tempfile::tempdir().unwrap();
+    let data = data(d.path());
+    let s1 = d.path().join("s1");
+    std::fs::create_dir_all(&s1).unwrap();
+    let r1 = recipe(&s1, &data, "");
+    let text = std::fs::read_to_string(&r1).unwrap().replace("  id_former: true", "  id_former: false");
+    std::fs::write(&r1, text).unwrap();
+    ok(&worker_train(&r1, &["--set", "length.steps=2"]));
+    let s2 = d.path().join("s2");
+    std::fs::create_dir_all(&s2).unwrap();
+    let init = s1.join("ckpt/step-00000002");
+    let r2 = recipe(&s2, &data, &format!("extends: {}\n", r1.display()));
+    let text =
+        std::fs::read_to_string(&r2).unwrap().replace("  dtype: f32", &format!("  dtype: f32\n  init: {}", init.display()));
+    std::fs::write(&r2, text).unwrap();
+    let err = ok(&worker_train(&r2, &["--set", "length.steps=2", "--set", "optimizer.lr=5e-6"]));
+    assert!(err.contains("ID-Former not in") && err.contains("zero-initialised"), "{err}");
+    // Stage 2's fresh optimizer: adam_step counts from its own start.
+    let st = idavlm::checkpoint::read_trainer_state(&s2.join("ckpt/step-00000002")).unwrap();
+    assert_eq!(st.adam_step, 2);
+    let m = idavlm::checkpoint::verify(&s2.join("ckpt/step-00000002")).unwrap();
+    assert!(m.layout.iter().any(|(_, n)| *n > 0));
+}
