@@ -16,8 +16,8 @@ command -v clang >/dev/null 2>&1 || need_apt+=(clang)
 if [ ${#need_apt[@]} -gt 0 ]; then
   log "installing Debian packages: ${need_apt[*]}"
   export DEBIAN_FRONTEND=noninteractive
-  apt-get update -qq >&2
-  apt-get install -y -qq "${need_apt[@]}" >&2
+  apt-get update -qq >/tmp/idavlm-apt.log 2>&1 || { cat /tmp/idavlm-apt.log >&2; exit 1; }
+  apt-get install -y -qq "${need_apt[@]}" >>/tmp/idavlm-apt.log 2>&1 || { tail -30 /tmp/idavlm-apt.log >&2; exit 1; }
 fi
 
 py=python3

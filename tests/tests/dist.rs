@@ -78,6 +78,20 @@ fn zero_1_2_3_on_2_and_3_ranks_equal_one_process() {
             assert_close(&state(&r.with_file_name("ckpt").join("step-00000003")), &want, &name);
         }
     }
+    // Under mpirun: the launcher becomes each rank's worker; MPI carries the collectives when the build
+    // has the `mpi` feature (make test builds it and sets IDAVLM_EXPECT_MPI=1).
+    if Command::new("mpirun").arg("--version").output().is_ok_and(|o| o.status.success()) {
+        let r = setup(d.path(), "mpirun", &data, 6, 2, 2, 3);
+        let mut c = Command::new("mpirun");
+        c.args(["--oversubscribe", "--allow-run-as-root", "-np", "2"]).arg(idavlm_tests::bin("idavlm-launch")).arg(&r);
+        c.env("IDAVLM_TORCH_THREADS", "1").env("MASTER_PORT", idavlm_tests::free_port().to_string());
+        let err = run_ok(c);
+        if std::env::var("IDAVLM_EXPECT_MPI").is_ok() {
+            assert!(err.contains("backend=\"mpi\""), "{err}");
+        }
+        assert_losses_close(&losses(&r.with_file_name("metrics.jsonl")), &want_losses, "mpirun");
+        assert_close(&state(&r.with_file_name("ckpt").join("step-00000003")), &want, "mpirun");
+    }
 }
 
 #[test]

@@ -152,3 +152,16 @@ fn stage_two_starts_from_stage_one_with_a_zero_id_former() {
     let m = idavlm::checkpoint::verify(&s2.join("ckpt/step-00000002")).unwrap();
     assert!(m.layout.iter().any(|(_, n)| *n > 0));
 }
+
+#[test]
+fn the_shipped_recipes_parse() {
+    let dir = idavlm_tests::root().join("recipes");
+    let s1 = idavlm::recipe::load(&dir.join("stage1.yaml"), &[]).unwrap();
+    let s2 = idavlm::recipe::load(&dir.join("stage2.yaml"), &[]).unwrap();
+    let demo = idavlm::recipe::load(&dir.join("demo.yaml"), &[]).unwrap();
+    assert_eq!((s1.batch.micro, s1.batch.accum, s1.zero.stage, s1.optimizer.lr), (2, 8, 3, 1e-5));
+    assert_eq!((s2.optimizer.lr, s2.length.epochs, s2.length.steps, s2.model.id_former), (5e-6, Some(8.0), None, true));
+    assert_eq!(s2.data.inject_probability, 0.1);
+    assert_eq!(s2.checkpoint.every_steps, Some(500));
+    assert_eq!(demo.model.preset.as_deref(), Some("tiny"));
+}
