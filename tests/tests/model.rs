@@ -286,3 +286,52 @@ fn preprocessing_matches_pil() {
         }
     }
 }
+
+#[test]
+fn greedy_generation_with_the_kv_cache_equals_recomputing_everything() {
+    let cfg = tiny_id();
+    let p = random_params(&cfg);
+    let m = QwenVl::new(&cfg, &p);
+    let tok = tokenizer();
+    let d = tempfile::tempdir().unwrap();
+    idavlm_tests::synth(d.path(), 4, 0, 4);
+    let items = idavlm::infer::read_bench(&d.path().join("eval/mmid.json")).unwrap();
+    let item = items.iter().find(|i| i.kind == "location").unwrap();
+    let prompt = idavlm::infer::fill_question(item);
+    let opts = idavlm::infer::GenOptions { max_new_tokens: 12, top_p: None, seed: 1 };
+    let (_, cached) = idavlm::infer::generate(&m, tok, &prompt, &d.path().join("eval"), &opts).unwrap();
+    // Without a cache: the whole sequence through the model for every new token.
+    let turns = vec![Turn { from: "user".into(), value: prompt.clone() }];
+    let enc = encode_conversation(tok, "p", &turns, usize::MAX, Overflow::Reject).unwrap();
+    let mut ids: Vec<i64> = enc.input_ids.iter().map(|&t| t as i64).collect();
+    ids.push(151_644);
+    ids.extend(tok.encode("assistant").iter().map(|&t| t as i64));
+    ids.push(198);
+    let size = cfg.visual.image_size as usize;
+    let mut px = Vec::new();
+    for path in &enc.image_paths {
+        px.extend(idavlm_shards::preprocess::preprocess_image(&std::fs::read(d.path().join("eval").join(path)).unwrap(), size, path).unwrap());
+    }
+    let n = enc.image_paths.len() as i64;
+    let mut full = Vec::new();
+    for _ in 0..12 {
+        let l = ids.len() as i64;
+        let input = ModelInput {
+            input_ids: Tensor::from_slice(&ids).view([1, l]),
+            labels: Tensor::full([1, l], -100, (Kind::Int64, Device::Cpu)),
+            pixels: Tensor::from_slice(&px).view([n, 3, size as i64, size as i64]),
+            image_rows: vec![0; n as usize],
+            image_starts: enc.image_starts.clone(),
+            image_roles: enc.image_roles.clone(),
+        };
+        let logits = tch::no_grad(|| m.forward_logits(&input));
+        let next = logits.select(1, l - 1).argmax(-1, false).int64_value(&[0]);
+        if next == 151_645 || next == 151_644 {
+            break;
+        }
+        full.push(next as u32);
+        ids.push(next);
+    }
+    assert_eq!(cached, full);
+    assert!(!full.is_empty());
+}

@@ -165,3 +165,29 @@ fn the_shipped_recipes_parse() {
     assert_eq!(s2.checkpoint.every_steps, Some(500));
     assert_eq!(demo.model.preset.as_deref(), Some("tiny"));
 }
+
+#[test]
+fn the_held_out_evaluation_runs_end_to_end() {
+    let d = tempfile::tempdir().unwrap();
+    let data = data(d.path());
+    let r = recipe(d.path(), &data, "");
+    ok(&worker_train(&r, &["--set", "length.steps=2"]));
+    let preds = d.path().join("preds.jsonl");
+    let out = Command::new(bin("idavlm-infer"))
+        .arg("--checkpoint")
+        .arg(d.path().join("ckpt/step-00000002"))
+        .arg("--bench")
+        .arg(data.join("eval/mmid.json"))
+        .arg("--out")
+        .arg(&preds)
+        .args(["--max-new-tokens", "8"])
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let table = String::from_utf8_lossy(&out.stdout);
+    assert!(table.contains("matching") && table.contains("location") && table.contains("caption_singleimage"), "{table}");
+    assert_eq!(std::fs::read_to_string(&preds).unwrap().lines().count(), 16);
+    let summary: serde_json::Value = serde_json::from_slice(&std::fs::read(d.path().join("preds.summary.json")).unwrap()).unwrap();
+    assert_eq!(summary["matching"]["items"], 4);
+    assert!(summary["location"]["mean_iou"].is_number());
+}

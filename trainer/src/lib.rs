@@ -9,10 +9,12 @@
 //! - [`runtime`]: process start-up (CUDA visibility, the NCCL library).
 //! - re-exported from the data crate: [`tokenizer`], [`chat`], [`preprocess`].
 
+pub mod bench;
 pub mod checkpoint;
 pub mod comm;
 pub mod error;
 pub mod flops;
+pub mod infer;
 pub mod model;
 pub mod optim;
 pub mod recipe;

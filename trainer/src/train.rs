@@ -303,7 +303,7 @@ pub fn run(recipe: &Recipe, resume: Resume, info: &RankInfo, comm: &dyn Communic
     Ok(summary)
 }
 
-fn cuda_name(i: usize) -> String {
+pub fn cuda_name(i: usize) -> String {
     // libtorch has no name query in tch; nvidia-smi style names come from the driver through cudarc.
     (|| -> Option<String> {
         cudarc::driver::result::init().ok()?;

@@ -50,6 +50,27 @@ enum Cmd {
         #[arg(long)]
         id_former: bool,
     },
+    /// Workload W1 of PERF.md through the trainer's step code (ranks from the launcher's environment).
+    Bench {
+        #[arg(long, default_value_t = 32)]
+        layers: i64,
+        #[arg(long, default_value_t = 48)]
+        vit_layers: i64,
+        #[arg(long, default_value_t = 2)]
+        micro_batch: usize,
+        #[arg(long, default_value_t = 8)]
+        grad_accum: usize,
+        #[arg(long, default_value_t = 2048)]
+        seq: usize,
+        #[arg(long, default_value_t = 4)]
+        images: usize,
+        #[arg(long, default_value_t = 3)]
+        steps: usize,
+        #[arg(long, default_value_t = 3)]
+        zero: u8,
+        #[arg(long)]
+        no_id_former: bool,
+    },
     /// Verify a checkpoint folder and write its model in the Hugging Face layout.
     Export { checkpoint: PathBuf, out: PathBuf },
 }
@@ -173,6 +194,22 @@ fn run(cli: Cli) -> Result<i32> {
             };
             cfg.id_former = id_former;
             println!("{}", serde_json::to_string_pretty(&count_params(&cfg))?);
+            Ok(0)
+        }
+        Cmd::Bench { layers, vit_layers, micro_batch, grad_accum, seq, images, steps, zero, no_id_former } => {
+            runtime::prepare_nccl();
+            let info = RankInfo::from_env()?;
+            let device = runtime::device_for(info.local_rank);
+            let comm = make_comm("auto", &info, device, Duration::from_secs(600))?;
+            let name = match device {
+                tch::Device::Cuda(i) => train::cuda_name(i),
+                _ => "cpu".into(),
+            };
+            let w = idavlm::bench::W1 { layers, vit_layers, micro: micro_batch, accum: grad_accum, seq, images, steps, zero, id_former: !no_id_former };
+            let r = idavlm::bench::run(&w, comm.as_ref(), device, &name)?;
+            if info.rank == 0 {
+                println!("{}", serde_json::to_string(&r)?);
+            }
             Ok(0)
         }
         Cmd::Export { checkpoint, out } => {

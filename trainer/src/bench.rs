@@ -1,0 +1,164 @@
+//! Workload W1 of PERF.md, run through the trainer's own step code and ZeRO state: full-size
+//! Qwen-VL-Chat + ID-Former (random weights), micro-batch 2 x 2048 tokens with 4 images per sample
+//! (2 references "Name is <img>", 2 test images), accumulation 8, bf16 compute, f32 master and AdamW.
+//! `--layers` / `--vit-layers` shrink it for smaller machines, as the peer's flags do.
+
+use std::time::Instant;
+
+use serde::Serialize;
+use tch::{Device, Kind, Tensor};
+
+use crate::comm::Communicator;
+use crate::error::Result;
+use crate::flops;
+use crate::model::{ModelConfig, ModelInput, ParamSet, ParamSpec};
+use crate::optim::AdamW;
+use crate::recipe::{glob_match, TrainableSection};
+use crate::step::forward_backward;
+use crate::zero::Sharded;
+use idavlm_shards::chat::ImageRole;
+use idavlm_shards::tokenizer::{IMG_END, IMG_PAD, IMG_START, IS_TOKEN};
+
+#[derive(Clone, Debug)]
+pub struct W1 {
+    pub layers: i64,
+    pub vit_layers: i64,
+    pub micro: usize,
+    pub accum: usize,
+    pub seq: usize,
+    pub images: usize,
+    pub steps: usize,
+    pub zero: u8,
+    pub id_former: bool,
+}
+
+#[derive(Debug, Serialize)]
+pub struct W1Result {
+    pub system: String,
+    pub gpus: usize,
+    pub gpu: String,
+    pub layers: i64,
+    pub vit_layers: i64,
+    pub id_former: bool,
+    pub trainable_params: usize,
+    pub micro_batch: usize,
+    pub grad_accum: usize,
+    pub seq: usize,
+    pub images_per_sample: usize,
+    pub step_s: f64,
+    pub step_times: Vec<f64>,
+    pub optimizer_s: f64,
+    pub tokens_per_s_per_gpu: f64,
+    pub mfu: f64,
+    pub peak_mem_gib: f64,
+}
+
+/// The synthetic micro-batch of W1 (the same for every micro-step, as the peer's).
+pub fn w1_input(w: &W1, vocab: i64, image_size: i64, device: Device, rank: usize) -> ModelInput {
+    tch::manual_seed(1000 + rank as i64);
+    let (b, s, n) = (w.micro as i64, w.seq as i64, w.images);
+    let ids = Tensor::randint(151_643, [b, s], (Kind::Int64, Device::Cpu)).clamp(0, vocab - 1);
+    let mut v: Vec<i64> = Vec::<i64>::try_from(ids.view([-1])).expect("ids");
+    let (mut rows, mut starts, mut roles) = (vec![], vec![], vec![]);
+    let refs = if w.id_former { n / 2 } else { 0 };
+    for r in 0..b as usize {
+        for i in 0..n {
+            let st = 20 + i * 258;
+            let base = r * w.seq;
+            v[base + st] = IMG_START as i64;
+            for k in 1..=256 {
+                v[base + st + k] = IMG_PAD as i64;
+            }
+            v[base + st + 257] = IMG_END as i64;
+            // References read "Name is <img>": " is" two positions before <img>.
+            v[base + st - 2] = if i < refs { IS_TOKEN as i64 } else { 11 };
+            rows.push(r);
+            starts.push(st);
+            roles.push(if i < refs { ImageRole::Reference } else if refs > 0 { ImageRole::Test } else { ImageRole::General });
+        }
+    }
+    let ids = Tensor::from_slice(&v).view([b, s]);
+    let labels = ids.copy();
+    let _ = labels.narrow(1, 0, s / 2).fill_(-100);
+    ModelInput {
+        input_ids: ids.to_device(device),
+        labels: labels.to_device(device),
+        pixels: Tensor::randn([b * n as i64, 3, image_size, image_size], (Kind::BFloat16, device)),
+        image_rows: rows,
+        image_starts: starts,
+        image_roles: roles,
+    }
+}
+
+pub fn run(w: &W1, comm: &dyn Communicator, device: Device, gpu_name: &str) -> Result<W1Result> {
+    let mut cfg = ModelConfig::qwen_vl_chat();
+    cfg.num_hidden_layers = w.layers;
+    cfg.visual.layers = w.vit_layers;
+    cfg.id_former = w.id_former;
+    let kind = if device.is_cuda() { Kind::BFloat16 } else { Kind::Float };
+    let params = ParamSet::init(&cfg, device, kind, 0);
+    let t = TrainableSection::default();
+    let trainable = move |s: &ParamSpec| t.include.iter().any(|p| glob_match(p, &s.name));
+    let mut st = Sharded::new(&cfg, params, &trainable, w.zero, comm);
+    let input = w1_input(w, cfg.vocab_size, cfg.visual.image_size, device, comm.rank());
+    let opt = AdamW { beta1: 0.9, beta2: 0.95, eps: 1e-8, weight_decay: 0.1 };
+    let scale = 1.0 / (w.accum * comm.world()) as f64;
+    let sync = || {
+        if let Device::Cuda(i) = device {
+            tch::Cuda::synchronize(i as i64);
+        }
+    };
+    let mut times = Vec::new();
+    let mut opt_times = Vec::new();
+    for step in 0..w.steps {
+        sync();
+        comm.barrier()?;
+        let t0 = Instant::now();
+        let mut loss = 0.0;
+        for _ in 0..w.accum {
+            loss = forward_backward(&mut st, comm, &cfg, &input, scale, true)?;
+        }
+        sync();
+        let t1 = Instant::now();
+        st.finish_grads(comm)?;
+        st.step(comm, &opt, 5e-6, Some(1.0))?;
+        sync();
+        let dt = t0.elapsed().as_secs_f64();
+        opt_times.push(t1.elapsed().as_secs_f64());
+        times.push(dt);
+        if comm.rank() == 0 {
+            eprintln!("step {step} loss {loss:.4} time {dt:.2}s (optimizer + reduce {:.2}s)", t1.elapsed().as_secs_f64());
+        }
+    }
+    let mut measured: Vec<f64> = times[1.min(times.len() - 1)..].to_vec();
+    measured.sort_by(f64::total_cmp);
+    let median = measured[measured.len() / 2];
+    let tokens = (w.micro * w.seq * w.accum) as f64;
+    let fl = flops::micro_batch_flops(&cfg, w.micro, w.seq, w.micro * w.images) * w.accum as f64;
+    let peak = crate::runtime::cuda_max_memory_allocated().unwrap_or(0) as f64 / (1u64 << 30) as f64;
+    let pk = Tensor::from_slice(&[peak as f32]).to_device(device);
+    // The job's peak: the largest over ranks (max through a sum of one-hot contributions is not
+    // available; gather every rank's value instead).
+    let all = Tensor::zeros([comm.world() as i64], (Kind::Float, device));
+    comm.all_gather(&pk, &all)?;
+    let peak_all = Vec::<f32>::try_from(all.to_device(Device::Cpu)).expect("peaks").into_iter().fold(0f32, f32::max) as f64;
+    Ok(W1Result {
+        system: format!("idavlm-zero{}", w.zero),
+        gpus: comm.world(),
+        gpu: gpu_name.to_string(),
+        layers: w.layers,
+        vit_layers: w.vit_layers,
+        id_former: w.id_former,
+        trainable_params: st.layout.trainable_numel(),
+        micro_batch: w.micro,
+        grad_accum: w.accum,
+        seq: w.seq,
+        images_per_sample: w.images,
+        step_s: median,
+        step_times: times,
+        optimizer_s: opt_times[opt_times.len() - 1],
+        tokens_per_s_per_gpu: tokens / median,
+        mfu: fl / median / (comm.world() as f64 * flops::H100_PEAK_BF16),
+        peak_mem_gib: peak_all,
+    })
+}

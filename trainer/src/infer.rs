@@ -1,0 +1,308 @@
+//! Generation over MM-ID-format benchmarks and their scoring (SPEC §5).
+//!
+//! Prompts are built as in the original evaluation: the ChatML system prompt, one user turn with the
+//! question (its `image_k` placeholders replaced by `<img>PATH</img>`), then `<|im_start|>assistant\n`.
+//! Decoding uses the KV cache, greedy or top-p with a seed, and stops at `<|im_end|>` / `<|im_start|>`.
+
+use std::path::{Path, PathBuf};
+
+use serde::Serialize;
+use serde_json::Value;
+use tch::{Device, Kind, Tensor};
+
+use crate::error::{Error, Result};
+use crate::model::{ModelInput, QwenVl};
+use idavlm_shards::chat::{encode_conversation, Overflow, Turn};
+use idavlm_shards::preprocess::{decode_rgb8, preprocess_image};
+use idavlm_shards::tokenizer::{Tokenizer, IM_END, IM_START, NEWLINE};
+
+/// One benchmark item as read from the MM-ID JSON.
+#[derive(Clone, Debug)]
+pub struct Item {
+    pub id: String,
+    pub kind: String,
+    pub question: String,
+    pub answer: String,
+    /// `image_k` key -> path, in key order.
+    pub images: Vec<(String, String)>,
+}
+
+pub fn read_bench(path: &Path) -> Result<Vec<Item>> {
+    let text = std::fs::read_to_string(path).map_err(|e| Error::io(path, e))?;
+    let v: Value = serde_json::from_str(&text).map_err(|e| Error::Other(format!("{}: invalid JSON: {e}", path.display())))?;
+    let list = v.as_array().ok_or_else(|| Error::Other(format!("{}: expected a JSON list of items", path.display())))?;
+    list.iter()
+        .enumerate()
+        .map(|(i, it)| {
+            let s = |k: &str| -> Result<String> {
+                it.get(k)
+                    .map(|x| x.as_str().map(str::to_string).unwrap_or_else(|| x.to_string()))
+                    .ok_or_else(|| Error::Other(format!("{}: item {i}: no {k:?}", path.display())))
+            };
+            let mut images: Vec<(usize, String, String)> = it
+                .as_object()
+                .into_iter()
+                .flatten()
+                .filter_map(|(k, v)| {
+                    let n = k.strip_prefix("image_")?.parse::<usize>().ok()?;
+                    Some((n, k.clone(), v.as_str()?.to_string()))
+                })
+                .collect();
+            images.sort();
+            Ok(Item {
+                id: s("id")?,
+                kind: s("type")?,
+                question: s("question")?,
+                answer: s("answer")?,
+                images: images.into_iter().map(|(_, k, p)| (k, p)).collect(),
+            })
+        })
+        .collect()
+}
+
+/// The question with each `image_k` replaced by `<img>PATH</img>` (longest keys first, so `image_1`
+/// never eats the front of `image_10`).
+pub fn fill_question(item: &Item) -> String {
+    let mut keys: Vec<&(String, String)> = item.images.iter().collect();
+    keys.sort_by_key(|(k, _)| std::cmp::Reverse(k.len()));
+    let mut q = item.question.clone();
+    for (k, p) in keys {
+        q = q.replace(k.as_str(), &format!("<img>{p}</img>"));
+    }
+    q
+}
+
+#[derive(Clone, Debug)]
+pub struct GenOptions {
+    pub max_new_tokens: usize,
+    /// None: greedy; Some(p): nucleus sampling with top-p p (the original uses 0.3).
+    pub top_p: Option<f64>,
+    pub seed: i64,
+}
+
+/// Generates the assistant's answer for one prompt.
+pub fn generate(model: &QwenVl, tok: &Tokenizer, user: &str, images_root: &Path, opts: &GenOptions) -> Result<(String, Vec<u32>)> {
+    let turns = vec![Turn { from: "user".into(), value: user.to_string() }];
+    let enc = encode_conversation(tok, "prompt", &turns, usize::MAX, Overflow::Reject)?;
+    let mut ids: Vec<i64> = enc.input_ids.iter().map(|&t| t as i64).collect();
+    ids.push(IM_START as i64);
+    ids.extend(tok.encode("assistant").iter().map(|&t| t as i64));
+    ids.push(NEWLINE as i64);
+    let size = model.cfg.visual.image_size as usize;
+    let device = model.device();
+    let mut pixels = Vec::new();
+    for p in &enc.image_paths {
+        let f = images_root.join(p);
+        let bytes = std::fs::read(&f).map_err(|e| Error::io(&f, e))?;
+        pixels.extend(preprocess_image(&bytes, size, &f.display().to_string())?);
+    }
+    let n = enc.image_paths.len() as i64;
+    let l = ids.len() as i64;
+    let input = ModelInput {
+        input_ids: Tensor::from_slice(&ids).view([1, l]).to_device(device),
+        labels: Tensor::full([1, l], -100, (Kind::Int64, device)),
+        pixels: Tensor::from_slice(&pixels).view([n, 3, size as i64, size as i64]).to_device(device),
+        image_rows: vec![0; n as usize],
+        image_starts: enc.image_starts.clone(),
+        image_roles: enc.image_roles.clone(),
+    };
+    let alpha = model.ntk_alpha(l);
+    tch::manual_seed(opts.seed);
+    let out = tch::no_grad(|| -> Vec<u32> {
+        let mut caches: Vec<_> = (0..model.cfg.num_hidden_layers).map(|_| None).collect();
+        let x = model.stem.forward(&input);
+        let mut logits = model.decode_step(x, &model.rope_infer(0, l, alpha), &mut caches);
+        let mut out = Vec::new();
+        let mut pos = l;
+        for _ in 0..opts.max_new_tokens {
+            let last = logits.select(1, logits.size()[1] - 1).squeeze_dim(0).to_kind(Kind::Float);
+            let next = match opts.top_p {
+                None => last.argmax(0, false).int64_value(&[]),
+                Some(p) => sample_top_p(&last, p),
+            } as u32;
+            if next == IM_END || next == IM_START {
+                break;
+            }
+            out.push(next);
+            let t = Tensor::from_slice(&[next as i64]).view([1, 1]).to_device(device);
+            let x = model.stem.embed(&t, None, &[], &[]);
+            logits = model.decode_step(x, &model.rope_infer(pos, 1, alpha), &mut caches);
+            pos += 1;
+        }
+        out
+    });
+    Ok((tok.decode(&out), out))
+}
+
+fn sample_top_p(logits: &Tensor, p: f64) -> i64 {
+    let probs = logits.softmax(0, Kind::Float);
+    let (sorted, idx) = probs.sort(0, true);
+    let cum = sorted.cumsum(0, Kind::Float);
+    // Keep the smallest prefix whose mass reaches p (at least one token).
+    let keep = cum.lt(p).sum(Kind::Int64).int64_value(&[]) + 1;
+    let kept = sorted.narrow(0, 0, keep);
+    let choice = kept.multinomial(1, false).int64_value(&[0]);
+    idx.int64_value(&[choice])
+}
+
+/// Matching: the first of "1/first", "2/second", "3/third", "4/fourth" found in the text.
+pub fn matching_choice(text: &str) -> Option<usize> {
+    let t = text.to_lowercase();
+    [("1", "first"), ("2", "second"), ("3", "third"), ("4", "fourth")]
+        .iter()
+        .position(|(d, w)| t.contains(d) || t.contains(w))
+        .map(|i| i + 1)
+}
+
+/// `<box>(x1,y1),(x2,y2)</box>` in 0..1000 coordinates.
+pub fn parse_box(text: &str) -> Option<[f64; 4]> {
+    let s = text.find("<box>")? + 5;
+    let e = text[s..].find("</box>")? + s;
+    let nums: Vec<f64> = text[s..e]
+        .split(|c: char| !(c.is_ascii_digit() || c == '.' || c == '-'))
+        .filter(|x| !x.is_empty())
+        .map(|x| x.parse::<f64>())
+        .collect::<std::result::Result<_, _>>()
+        .ok()?;
+    (nums.len() == 4).then(|| [nums[0], nums[1], nums[2], nums[3]])
+}
+
+/// "[x1, y1, x2, y2]" in pixels.
+pub fn parse_pixel_box(text: &str) -> Option<[f64; 4]> {
+    let nums: Vec<f64> = text.trim().trim_start_matches('[').trim_end_matches(']').split(',').map(|x| x.trim().parse::<f64>()).collect::<std::result::Result<_, _>>().ok()?;
+    (nums.len() == 4).then(|| [nums[0], nums[1], nums[2], nums[3]])
+}
+
+pub fn iou(a: [f64; 4], b: [f64; 4]) -> f64 {
+    let iw = (a[2].min(b[2]) - a[0].max(b[0])).max(0.0);
+    let ih = (a[3].min(b[3]) - a[1].max(b[1])).max(0.0);
+    let inter = iw * ih;
+    let area = |r: [f64; 4]| (r[2] - r[0]).max(0.0) * (r[3] - r[1]).max(0.0);
+    let union = area(a) + area(b) - inter;
+    if union <= 0.0 {
+        0.0
+    } else {
+        inter / union
+    }
+}
+
+#[derive(Clone, Debug, Serialize)]
+pub struct Prediction {
+    pub id: String,
+    #[serde(rename = "type")]
+    pub kind: String,
+    pub question: String,
+    pub answer: String,
+    pub prediction: String,
+    /// matching: 1.0 / 0.0; location: IoU; None for externally judged types.
+    pub score: Option<f64>,
+    pub unparsable: bool,
+}
+
+/// Scores one prediction. `test_image_size` gives the location item's test image (w, h).
+pub fn score(item: &Item, prediction: &str, test_image_size: Option<(usize, usize)>) -> (Option<f64>, bool) {
+    match item.kind.as_str() {
+        "matching" => {
+            let gt = matching_choice(&item.answer);
+            match matching_choice(prediction) {
+                Some(k) => (Some((Some(k) == gt) as i32 as f64), false),
+                None => (Some(0.0), true),
+            }
+        }
+        "location" => {
+            let gt = parse_pixel_box(&item.answer);
+            match (parse_box(prediction), gt, test_image_size) {
+                (Some(b), Some(g), Some((w, h))) => {
+                    let px = [b[0] * w as f64 / 1000.0, b[1] * h as f64 / 1000.0, b[2] * w as f64 / 1000.0, b[3] * h as f64 / 1000.0];
+                    (Some(iou(px, g)), false)
+                }
+                _ => (Some(0.0), true),
+            }
+        }
+        _ => (None, false),
+    }
+}
+
+#[derive(Debug, Default, Serialize)]
+pub struct TypeSummary {
+    pub items: usize,
+    pub unparsable: usize,
+    /// matching accuracy, or location accuracy at IoU > 0.5.
+    pub accuracy: Option<f64>,
+    pub mean_iou: Option<f64>,
+}
+
+pub fn summarise(preds: &[Prediction]) -> std::collections::BTreeMap<String, TypeSummary> {
+    let mut out: std::collections::BTreeMap<String, TypeSummary> = Default::default();
+    for p in preds {
+        let s = out.entry(p.kind.clone()).or_default();
+        s.items += 1;
+        s.unparsable += p.unparsable as usize;
+    }
+    for (k, s) in out.iter_mut() {
+        let scores: Vec<f64> = preds.iter().filter(|p| &p.kind == k).filter_map(|p| p.score).collect();
+        if scores.is_empty() {
+            continue;
+        }
+        let n = scores.len() as f64;
+        if k == "location" {
+            s.accuracy = Some(scores.iter().filter(|&&x| x > 0.5).count() as f64 / n);
+            s.mean_iou = Some(scores.iter().sum::<f64>() / n);
+        } else {
+            s.accuracy = Some(scores.iter().sum::<f64>() / n);
+        }
+    }
+    out
+}
+
+/// The size of a location item's test image (the last image of the item).
+pub fn test_image_size(item: &Item, root: &Path) -> Option<(usize, usize)> {
+    let (_, p) = item.images.last()?;
+    let bytes = std::fs::read(root.join(p)).ok()?;
+    decode_rgb8(&bytes, p).ok().map(|(_, w, h)| (w, h))
+}
+
+/// The model folder of a checkpoint path: `CKPT/model`, or the path itself when it holds weights.
+pub fn model_dir(p: &Path) -> PathBuf {
+    if p.join("model").is_dir() {
+        p.join("model")
+    } else {
+        p.to_path_buf()
+    }
+}
+
+pub fn device_default() -> Device {
+    crate::runtime::device_for(0)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn matching_keywords() {
+        assert_eq!(matching_choice("Image 3"), Some(3));
+        assert_eq!(matching_choice("The second one."), Some(2));
+        assert_eq!(matching_choice("fourth"), Some(4));
+        // The first rule that matches wins, in the order 1, 2, 3, 4.
+        assert_eq!(matching_choice("Image 4, not the first"), Some(1));
+        assert_eq!(matching_choice("no idea"), None);
+    }
+
+    #[test]
+    fn boxes_and_iou() {
+        assert_eq!(parse_box("<ref>Bob</ref><box>(10,20),(300,400)</box>"), Some([10.0, 20.0, 300.0, 400.0]));
+        assert_eq!(parse_box("<box>(10,20),(300)</box>"), None);
+        assert_eq!(parse_box("(10,20),(30,40)"), None);
+        assert_eq!(parse_pixel_box("[1, 2, 3, 4]"), Some([1.0, 2.0, 3.0, 4.0]));
+        assert_eq!(iou([0.0, 0.0, 10.0, 10.0], [0.0, 0.0, 10.0, 10.0]), 1.0);
+        assert_eq!(iou([0.0, 0.0, 10.0, 10.0], [10.0, 10.0, 20.0, 20.0]), 0.0);
+        assert!((iou([0.0, 0.0, 10.0, 10.0], [5.0, 0.0, 15.0, 10.0]) - 1.0 / 3.0).abs() < 1e-12);
+        let item = Item { id: "l".into(), kind: "location".into(), question: String::new(), answer: "[0, 0, 100, 50]".into(), images: vec![] };
+        // 0..1000 coordinates scale to the test image's pixels (200 x 100).
+        let (s, bad) = score(&item, "<box>(0,0),(500,500)</box>", Some((200, 100)));
+        assert_eq!((s, bad), (Some(1.0), false));
+        let (s, bad) = score(&item, "garbage", Some((200, 100)));
+        assert_eq!((s, bad), (Some(0.0), true));
+    }
+}
