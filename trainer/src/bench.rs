@@ -51,6 +51,49 @@ pub struct W1Result {
     pub tokens_per_s_per_gpu: f64,
     pub mfu: f64,
     pub peak_mem_gib: f64,
+    /// Seconds per phase of one extra step run with synchronisation at every phase boundary.
+    pub split_s: std::collections::BTreeMap<String, f64>,
+    pub split_step_s: f64,
+    /// Bus bandwidth (GB/s) of the collectives inside that step, and of the same collectives alone
+    /// on 1 GiB buffers (the raw figure on this machine).
+    pub in_step_reduce_scatter_busbw: Option<f64>,
+    pub in_step_all_gather_busbw: Option<f64>,
+    pub raw_reduce_scatter_busbw: f64,
+    pub raw_all_gather_busbw: f64,
+    pub raw_all_reduce_busbw: f64,
+}
+
+/// Bus bandwidth in GB/s of `iters` runs of a collective over `bytes` (NCCL's convention).
+fn raw_busbw(comm: &dyn Communicator, device: Device, which: &str, bytes: usize) -> Result<f64> {
+    let w = comm.world();
+    let sync = || {
+        if let Device::Cuda(i) = device {
+            tch::Cuda::synchronize(i as i64);
+        }
+    };
+    let (kind, elt) = if which == "all_gather" { (Kind::BFloat16, 2) } else { (Kind::Float, 4) };
+    let n = (bytes / elt / w * w) as i64;
+    let big = Tensor::ones([n], (kind, device));
+    let small = Tensor::ones([n / w as i64], (kind, device));
+    let run = || -> Result<()> {
+        match which {
+            "reduce_scatter" => comm.reduce_scatter_sum(&big, &small),
+            "all_gather" => comm.all_gather(&small, &big),
+            _ => comm.all_reduce_sum(&big),
+        }
+    };
+    run()?;
+    sync();
+    let iters = 5;
+    let t = Instant::now();
+    for _ in 0..iters {
+        run()?;
+    }
+    sync();
+    let s = t.elapsed().as_secs_f64() / iters as f64;
+    let total = (n as usize * elt) as f64;
+    let factor = if which == "all_reduce" { 2.0 * (w as f64 - 1.0) / w as f64 } else { (w as f64 - 1.0) / w as f64 };
+    Ok(total * factor / s / 1e9)
 }
 
 /// The synthetic micro-batch of W1 (the same for every micro-step, as the peer's).
@@ -130,12 +173,33 @@ pub fn run(w: &W1, comm: &dyn Communicator, device: Device, gpu_name: &str) -> R
             eprintln!("step {step} loss {loss:.4} time {dt:.2}s (optimizer + reduce {:.2}s)", t1.elapsed().as_secs_f64());
         }
     }
+    // Device memory in use after the timed steps (libtorch's pool at its high-water mark, NCCL buffers).
+    let peak = crate::runtime::cuda_max_memory_allocated().unwrap_or(0) as f64 / (1u64 << 30) as f64;
+    // One more step with the time split (synchronised phases).
+    crate::profile::take();
+    crate::profile::enable(true, device);
+    sync();
+    let t0 = Instant::now();
+    for _ in 0..w.accum {
+        forward_backward(&mut st, comm, &cfg, &input, scale, true)?;
+    }
+    st.finish_grads(comm)?;
+    crate::profile::time(crate::profile::OPTIMIZER, 0.0, || st.step(comm, &opt, 5e-6, Some(1.0)))?;
+    sync();
+    let split_step_s = t0.elapsed().as_secs_f64();
+    crate::profile::enable(false, device);
+    let split = crate::profile::take();
+    let wsz = comm.world() as f64;
+    let busbw = |i: usize| (split.secs[i] > 0.0).then(|| split.bytes[i] * (wsz - 1.0) / wsz / split.secs[i] / 1e9);
+    let split_s = crate::profile::PHASES.iter().zip(split.secs).map(|(n, s)| (n.to_string(), s)).collect();
+    let raw_rs = raw_busbw(comm, device, "reduce_scatter", 1 << 30)?;
+    let raw_ag = raw_busbw(comm, device, "all_gather", 1 << 30)?;
+    let raw_ar = raw_busbw(comm, device, "all_reduce", 1 << 30)?;
     let mut measured: Vec<f64> = times[1.min(times.len() - 1)..].to_vec();
     measured.sort_by(f64::total_cmp);
     let median = measured[measured.len() / 2];
     let tokens = (w.micro * w.seq * w.accum) as f64;
     let fl = flops::micro_batch_flops(&cfg, w.micro, w.seq, w.micro * w.images) * w.accum as f64;
-    let peak = crate::runtime::cuda_max_memory_allocated().unwrap_or(0) as f64 / (1u64 << 30) as f64;
     let pk = Tensor::from_slice(&[peak as f32]).to_device(device);
     // The job's peak: the largest over ranks (max through a sum of one-hot contributions is not
     // available; gather every rank's value instead).
@@ -158,7 +222,15 @@ pub fn run(w: &W1, comm: &dyn Communicator, device: Device, gpu_name: &str) -> R
         step_times: times,
         optimizer_s: opt_times[opt_times.len() - 1],
         tokens_per_s_per_gpu: tokens / median,
-        mfu: fl / median / (comm.world() as f64 * flops::H100_PEAK_BF16),
+        // PERF.md: model FLOPs of the step over (seconds x GPUs x peak); `fl` is one rank's share.
+        mfu: fl * comm.world() as f64 / median / (comm.world() as f64 * flops::H100_PEAK_BF16),
         peak_mem_gib: peak_all,
+        split_s,
+        split_step_s,
+        in_step_reduce_scatter_busbw: busbw(crate::profile::REDUCE_SCATTER),
+        in_step_all_gather_busbw: busbw(crate::profile::ALL_GATHER),
+        raw_reduce_scatter_busbw: raw_rs,
+        raw_all_gather_busbw: raw_ag,
+        raw_all_reduce_busbw: raw_ar,
     })
 }

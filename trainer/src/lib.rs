@@ -17,6 +17,7 @@ pub mod flops;
 pub mod infer;
 pub mod model;
 pub mod optim;
+pub mod profile;
 pub mod recipe;
 pub mod report;
 pub mod runtime;

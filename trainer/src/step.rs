@@ -12,6 +12,7 @@ use tch::{Kind, Tensor};
 
 use crate::comm::Communicator;
 use crate::error::Result;
+use crate::profile;
 use crate::model::{Head, ModelConfig, ModelInput, QwenVl, Stem};
 use crate::zero::{Role, Sharded};
 use idavlm_shards::reader::MicroBatch;
@@ -65,11 +66,11 @@ pub fn forward_backward(
         Some(b) => Some(leaf(&st.gather(comm, b)?)),
         None => None,
     };
-    let x0 = {
+    let x0 = profile::time(profile::STEM_FWD, 0.0, || {
         let flats: Vec<(usize, &Tensor)> = stem_b.iter().copied().zip(stem_leaf.iter()).collect();
         let g = st.getter(&flats);
         Stem::new(cfg, &g).forward(input)
-    };
+    });
     let rope = QwenVl::rope(cfg, input.input_ids.size()[1], device);
 
     // Blocks forward. With checkpointing only each block's input is kept; without, each block keeps its
@@ -86,17 +87,17 @@ pub fn forward_backward(
             let flats: Vec<(usize, &Tensor)> = b.iter().copied().zip(flat.iter()).collect();
             let g = st.getter(&flats);
             let blk = QwenVl::block_from(cfg, i, &g);
-            let out = tch::no_grad(|| blk.forward(&x, &rope, None));
+            let out = profile::time(profile::BLOCKS_FWD, 0.0, || tch::no_grad(|| blk.forward(&x, &rope, None)));
             kept.push((x, None));
             x = out;
         } else {
             let pl = flat.as_ref().map(leaf);
             let xin = leaf(&x);
-            let out = {
+            let out = profile::time(profile::BLOCKS_FWD, 0.0, || {
                 let flats: Vec<(usize, &Tensor)> = b.iter().copied().zip(pl.iter()).collect();
                 let g = st.getter(&flats);
                 QwenVl::block_from(cfg, i, &g).forward(&xin, &rope, None)
-            };
+            });
             x = out.detach();
             kept.push((xin, Some((pl, out))));
         }
@@ -109,13 +110,14 @@ pub fn forward_backward(
         None => None,
     };
     let xl = leaf(&x);
-    let loss = {
+    let loss_value = profile::time(profile::HEAD, 0.0, || {
         let flats: Vec<(usize, &Tensor)> = head_b.iter().copied().zip(head_leaf.iter()).collect();
         let g = st.getter(&flats);
-        Head::new(cfg, &g).loss(&xl, &input.labels)
-    };
-    let loss_value = loss.double_value(&[]);
-    (loss * scale).backward();
+        let loss = Head::new(cfg, &g).loss(&xl, &input.labels);
+        let v = loss.double_value(&[]);
+        (loss * scale).backward();
+        v
+    });
     let mut grad = xl.grad();
     if let (Some(b), Some(l)) = (head_b, &head_leaf) {
         st.accumulate_grad(comm, b, l)?;
@@ -126,6 +128,7 @@ pub fn forward_backward(
     for i in (0..layers).rev() {
         let b = st.bucket(&Role::Block(i));
         let (input_i, graph) = kept.pop().expect("one kept entry per block");
+        let t_bwd = profile::enabled().then(std::time::Instant::now);
         let (xin, pl, out) = match graph {
             Some((pl, out)) => (input_i, pl, out),
             None => {
@@ -142,7 +145,8 @@ pub fn forward_backward(
                 (xin, pl, out)
             }
         };
-        (out * &grad).sum(Kind::Float).backward();
+        profile::time(profile::BLOCKS_BWD, 0.0, || (out * &grad).sum(Kind::Float).backward());
+        let _ = t_bwd;
         grad = xin.grad();
         if let (Some(b), Some(l)) = (b, &pl) {
             st.accumulate_grad(comm, b, l)?;
@@ -151,7 +155,7 @@ pub fn forward_backward(
 
     // Stem backward (nothing to do when nothing in the stem is trained).
     if x0.requires_grad() {
-        (x0 * &grad).sum(Kind::Float).backward();
+        profile::time(profile::STEM_BWD, 0.0, || (x0 * &grad).sum(Kind::Float).backward());
     }
     if let (Some(b), Some(l)) = (stem_b, &stem_leaf) {
         st.accumulate_grad(comm, b, l)?;

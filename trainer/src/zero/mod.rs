@@ -22,6 +22,7 @@ use crate::comm::Communicator;
 use crate::error::{Error, Result};
 use crate::model::{ModelConfig, ParamSet, ParamSpec};
 use crate::optim::{clip_coef, AdamW};
+use crate::profile;
 pub use layout::{Bucket, Layout, Role};
 
 /// Outcome of one optimizer step.
@@ -146,7 +147,8 @@ impl Sharded {
             None => {
                 let bk = &self.layout.buckets[b];
                 let out = Tensor::empty([bk.padded as i64], (self.kind, self.device));
-                comm.all_gather(self.shard_params[b].as_ref().expect("stage 3 shard"), &out)?;
+                let bytes = (bk.padded * self.kind.elt_size_in_bytes()) as f64;
+                profile::time(profile::ALL_GATHER, bytes, || comm.all_gather(self.shard_params[b].as_ref().expect("stage 3 shard"), &out))?;
                 Ok(out)
             }
         }
@@ -181,7 +183,7 @@ impl Sharded {
                 let _ = fg.g_add_(&g32);
             } else {
                 let part = Tensor::empty([bk.shard as i64], (Kind::Float, self.device));
-                comm.reduce_scatter_sum(&g32, &part)?;
+                profile::time(profile::REDUCE_SCATTER, (bk.padded * 4) as f64, || comm.reduce_scatter_sum(&g32, &part))?;
                 let _ = self.grad_shard[b].g_add_(&part);
             }
             Ok(())
@@ -193,7 +195,8 @@ impl Sharded {
         for b in 0..self.layout.buckets.len() {
             if let Some(fg) = self.full_grad[b].as_mut() {
                 let part = Tensor::empty([self.layout.buckets[b].shard as i64], (Kind::Float, self.device));
-                comm.reduce_scatter_sum(fg, &part)?;
+                let bytes = (self.layout.buckets[b].padded * 4) as f64;
+                profile::time(profile::REDUCE_SCATTER, bytes, || comm.reduce_scatter_sum(fg, &part))?;
                 tch::no_grad(|| {
                     let _ = self.grad_shard[b].g_add_(&part);
                     let _ = fg.zero_();
