@@ -310,7 +310,10 @@ fn greedy_generation_with_the_kv_cache_equals_recomputing_everything() {
     let size = cfg.visual.image_size as usize;
     let mut px = Vec::new();
     for path in &enc.image_paths {
-        px.extend(idavlm_shards::preprocess::preprocess_image(&std::fs::read(d.path().join("eval").join(path)).unwrap(), size, path).unwrap());
+        px.extend(
+            idavlm_shards::preprocess::preprocess_image(&std::fs::read(d.path().join("eval").join(path)).unwrap(), size, path)
+                .unwrap(),
+        );
     }
     let n = enc.image_paths.len() as i64;
     let mut full = Vec::new();

@@ -187,7 +187,8 @@ fn the_held_out_evaluation_runs_end_to_end() {
     let table = String::from_utf8_lossy(&out.stdout);
     assert!(table.contains("matching") && table.contains("location") && table.contains("caption_singleimage"), "{table}");
     assert_eq!(std::fs::read_to_string(&preds).unwrap().lines().count(), 16);
-    let summary: serde_json::Value = serde_json::from_slice(&std::fs::read(d.path().join("preds.summary.json")).unwrap()).unwrap();
+    let summary: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(d.path().join("preds.summary.json")).unwrap()).unwrap();
     assert_eq!(summary["matching"]["items"], 4);
     assert!(summary["location"]["mean_iou"].is_number());
 }

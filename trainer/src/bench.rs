@@ -117,7 +117,13 @@ pub fn w1_input(w: &W1, vocab: i64, image_size: i64, device: Device, rank: usize
             v[base + st - 2] = if i < refs { IS_TOKEN as i64 } else { 11 };
             rows.push(r);
             starts.push(st);
-            roles.push(if i < refs { ImageRole::Reference } else if refs > 0 { ImageRole::Test } else { ImageRole::General });
+            roles.push(if i < refs {
+                ImageRole::Reference
+            } else if refs > 0 {
+                ImageRole::Test
+            } else {
+                ImageRole::General
+            });
         }
     }
     let ids = Tensor::from_slice(&v).view([b, s]);

@@ -81,7 +81,13 @@ pub struct GenOptions {
 }
 
 /// Generates the assistant's answer for one prompt.
-pub fn generate(model: &QwenVl, tok: &Tokenizer, user: &str, images_root: &Path, opts: &GenOptions) -> Result<(String, Vec<u32>)> {
+pub fn generate(
+    model: &QwenVl,
+    tok: &Tokenizer,
+    user: &str,
+    images_root: &Path,
+    opts: &GenOptions,
+) -> Result<(String, Vec<u32>)> {
     let turns = vec![Turn { from: "user".into(), value: user.to_string() }];
     let enc = encode_conversation(tok, "prompt", &turns, usize::MAX, Overflow::Reject)?;
     let mut ids: Vec<i64> = enc.input_ids.iter().map(|&t| t as i64).collect();
@@ -169,7 +175,14 @@ pub fn parse_box(text: &str) -> Option<[f64; 4]> {
 
 /// "[x1, y1, x2, y2]" in pixels.
 pub fn parse_pixel_box(text: &str) -> Option<[f64; 4]> {
-    let nums: Vec<f64> = text.trim().trim_start_matches('[').trim_end_matches(']').split(',').map(|x| x.trim().parse::<f64>()).collect::<std::result::Result<_, _>>().ok()?;
+    let nums: Vec<f64> = text
+        .trim()
+        .trim_start_matches('[')
+        .trim_end_matches(']')
+        .split(',')
+        .map(|x| x.trim().parse::<f64>())
+        .collect::<std::result::Result<_, _>>()
+        .ok()?;
     (nums.len() == 4).then(|| [nums[0], nums[1], nums[2], nums[3]])
 }
 
@@ -213,7 +226,8 @@ pub fn score(item: &Item, prediction: &str, test_image_size: Option<(usize, usiz
             let gt = parse_pixel_box(&item.answer);
             match (parse_box(prediction), gt, test_image_size) {
                 (Some(b), Some(g), Some((w, h))) => {
-                    let px = [b[0] * w as f64 / 1000.0, b[1] * h as f64 / 1000.0, b[2] * w as f64 / 1000.0, b[3] * h as f64 / 1000.0];
+                    let px =
+                        [b[0] * w as f64 / 1000.0, b[1] * h as f64 / 1000.0, b[2] * w as f64 / 1000.0, b[3] * h as f64 / 1000.0];
                     (Some(iou(px, g)), false)
                 }
                 _ => (Some(0.0), true),
@@ -298,7 +312,13 @@ mod tests {
         assert_eq!(iou([0.0, 0.0, 10.0, 10.0], [0.0, 0.0, 10.0, 10.0]), 1.0);
         assert_eq!(iou([0.0, 0.0, 10.0, 10.0], [10.0, 10.0, 20.0, 20.0]), 0.0);
         assert!((iou([0.0, 0.0, 10.0, 10.0], [5.0, 0.0, 15.0, 10.0]) - 1.0 / 3.0).abs() < 1e-12);
-        let item = Item { id: "l".into(), kind: "location".into(), question: String::new(), answer: "[0, 0, 100, 50]".into(), images: vec![] };
+        let item = Item {
+            id: "l".into(),
+            kind: "location".into(),
+            question: String::new(),
+            answer: "[0, 0, 100, 50]".into(),
+            images: vec![],
+        };
         // 0..1000 coordinates scale to the test image's pixels (200 x 100).
         let (s, bad) = score(&item, "<box>(0,0),(500,500)</box>", Some((200, 100)));
         assert_eq!((s, bad), (Some(1.0), false));

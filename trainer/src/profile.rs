@@ -6,8 +6,16 @@ use std::cell::RefCell;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Instant;
 
-pub const PHASES: [&str; 8] =
-    ["stem_forward", "blocks_forward", "head_fwd_bwd", "blocks_recompute_bwd", "stem_backward", "reduce_scatter", "all_gather", "optimizer"];
+pub const PHASES: [&str; 8] = [
+    "stem_forward",
+    "blocks_forward",
+    "head_fwd_bwd",
+    "blocks_recompute_bwd",
+    "stem_backward",
+    "reduce_scatter",
+    "all_gather",
+    "optimizer",
+];
 pub const STEM_FWD: usize = 0;
 pub const BLOCKS_FWD: usize = 1;
 pub const HEAD: usize = 2;

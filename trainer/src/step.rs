@@ -12,8 +12,8 @@ use tch::{Kind, Tensor};
 
 use crate::comm::Communicator;
 use crate::error::Result;
-use crate::profile;
 use crate::model::{Head, ModelConfig, ModelInput, QwenVl, Stem};
+use crate::profile;
 use crate::zero::{Role, Sharded};
 use idavlm_shards::reader::MicroBatch;
 use idavlm_shards::tokenizer::ENDOFTEXT;
@@ -48,6 +48,26 @@ fn leaf(t: &Tensor) -> Tensor {
     t.detach().set_requires_grad(true)
 }
 
+/// Gathers bucket `b` (when there is one) and returns its parameters as autograd leaves.
+fn leaves_of(st: &Sharded, comm: &dyn Communicator, b: Option<usize>) -> Result<Option<(usize, Vec<Tensor>)>> {
+    Ok(match b {
+        Some(b) => Some((b, st.leaves(b, &st.gather(comm, b)?))),
+        None => None,
+    })
+}
+
+fn as_refs(p: &Option<(usize, Vec<Tensor>)>) -> Vec<(usize, &[Tensor])> {
+    p.iter().map(|(b, v)| (*b, v.as_slice())).collect()
+}
+
+/// Hands a bucket's gradients to the strategy, when the bucket exists.
+fn hand_over(st: &mut Sharded, comm: &dyn Communicator, p: &Option<(usize, Vec<Tensor>)>) -> Result<()> {
+    if let Some((b, leaves)) = p {
+        st.accumulate_grad(comm, *b, leaves)?;
+    }
+    Ok(())
+}
+
 /// Forward + backward of one micro-batch; gradients (scaled by `scale`) go to the strategy. Returns the
 /// unscaled loss (mean over the micro-batch's supervised tokens).
 pub fn forward_backward(
@@ -61,41 +81,38 @@ pub fn forward_backward(
     let layers = cfg.num_hidden_layers as usize;
     let device = st.device;
     // Stem, with a graph through the trainable resampler and embedding.
-    let stem_b = st.bucket(&Role::Stem);
-    let stem_leaf = match stem_b {
-        Some(b) => Some(leaf(&st.gather(comm, b)?)),
-        None => None,
-    };
+    let stem = leaves_of(st, comm, st.bucket(&Role::Stem))?;
     let x0 = profile::time(profile::STEM_FWD, 0.0, || {
-        let flats: Vec<(usize, &Tensor)> = stem_b.iter().copied().zip(stem_leaf.iter()).collect();
-        let g = st.getter(&flats);
+        let refs = as_refs(&stem);
+        let g = st.getter(&refs);
         Stem::new(cfg, &g).forward(input)
     });
     let rope = QwenVl::rope(cfg, input.input_ids.size()[1], device);
 
     // Blocks forward. With checkpointing only each block's input is kept; without, each block keeps its
-    // graph (input leaf, parameter leaf, output).
+    // graph (input leaf, parameter leaves, output).
     let mut x = x0.detach();
-    let mut kept: Vec<(Tensor, Option<(Option<Tensor>, Tensor)>)> = Vec::with_capacity(layers);
+    type Graph = (Option<(usize, Vec<Tensor>)>, Tensor);
+    let mut kept: Vec<(Tensor, Option<Graph>)> = Vec::with_capacity(layers);
     for i in 0..layers {
         let b = st.bucket(&Role::Block(i));
-        let flat = match b {
-            Some(b) => Some(st.gather(comm, b)?),
-            None => None,
-        };
         if checkpointing {
-            let flats: Vec<(usize, &Tensor)> = b.iter().copied().zip(flat.iter()).collect();
-            let g = st.getter(&flats);
+            let views = match b {
+                Some(b) => Some((b, st.views(b, &st.gather(comm, b)?))),
+                None => None,
+            };
+            let refs = as_refs(&views);
+            let g = st.getter(&refs);
             let blk = QwenVl::block_from(cfg, i, &g);
             let out = profile::time(profile::BLOCKS_FWD, 0.0, || tch::no_grad(|| blk.forward(&x, &rope, None)));
             kept.push((x, None));
             x = out;
         } else {
-            let pl = flat.as_ref().map(leaf);
+            let pl = leaves_of(st, comm, b)?;
             let xin = leaf(&x);
             let out = profile::time(profile::BLOCKS_FWD, 0.0, || {
-                let flats: Vec<(usize, &Tensor)> = b.iter().copied().zip(pl.iter()).collect();
-                let g = st.getter(&flats);
+                let refs = as_refs(&pl);
+                let g = st.getter(&refs);
                 QwenVl::block_from(cfg, i, &g).forward(&xin, &rope, None)
             });
             x = out.detach();
@@ -104,61 +121,46 @@ pub fn forward_backward(
     }
 
     // Head: loss and the gradient at the last block's output.
-    let head_b = st.bucket(&Role::Head);
-    let head_leaf = match head_b {
-        Some(b) => Some(leaf(&st.gather(comm, b)?)),
-        None => None,
-    };
+    let head = leaves_of(st, comm, st.bucket(&Role::Head))?;
     let xl = leaf(&x);
     let loss_value = profile::time(profile::HEAD, 0.0, || {
-        let flats: Vec<(usize, &Tensor)> = head_b.iter().copied().zip(head_leaf.iter()).collect();
-        let g = st.getter(&flats);
+        let refs = as_refs(&head);
+        let g = st.getter(&refs);
         let loss = Head::new(cfg, &g).loss(&xl, &input.labels);
         let v = loss.double_value(&[]);
         (loss * scale).backward();
         v
     });
     let mut grad = xl.grad();
-    if let (Some(b), Some(l)) = (head_b, &head_leaf) {
-        st.accumulate_grad(comm, b, l)?;
-    }
-    drop(head_leaf);
+    hand_over(st, comm, &head)?;
+    drop(head);
 
     // Blocks backward, last to first.
     for i in (0..layers).rev() {
         let b = st.bucket(&Role::Block(i));
         let (input_i, graph) = kept.pop().expect("one kept entry per block");
-        let t_bwd = profile::enabled().then(std::time::Instant::now);
         let (xin, pl, out) = match graph {
             Some((pl, out)) => (input_i, pl, out),
             None => {
-                let pl = match b {
-                    Some(b) => Some(leaf(&st.gather(comm, b)?)),
-                    None => None,
-                };
+                let pl = leaves_of(st, comm, b)?;
                 let xin = leaf(&input_i);
                 let out = {
-                    let flats: Vec<(usize, &Tensor)> = b.iter().copied().zip(pl.iter()).collect();
-                    let g = st.getter(&flats);
-                    QwenVl::block_from(cfg, i, &g).forward(&xin, &rope, None)
+                    let refs = as_refs(&pl);
+                    let g = st.getter(&refs);
+                    profile::time(profile::BLOCKS_BWD, 0.0, || QwenVl::block_from(cfg, i, &g).forward(&xin, &rope, None))
                 };
                 (xin, pl, out)
             }
         };
         profile::time(profile::BLOCKS_BWD, 0.0, || (out * &grad).sum(Kind::Float).backward());
-        let _ = t_bwd;
         grad = xin.grad();
-        if let (Some(b), Some(l)) = (b, &pl) {
-            st.accumulate_grad(comm, b, l)?;
-        }
+        hand_over(st, comm, &pl)?;
     }
 
     // Stem backward (nothing to do when nothing in the stem is trained).
     if x0.requires_grad() {
         profile::time(profile::STEM_BWD, 0.0, || (x0 * &grad).sum(Kind::Float).backward());
     }
-    if let (Some(b), Some(l)) = (stem_b, &stem_leaf) {
-        st.accumulate_grad(comm, b, l)?;
-    }
+    hand_over(st, comm, &stem)?;
     Ok(loss_value)
 }

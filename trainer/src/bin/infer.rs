@@ -65,10 +65,13 @@ fn run(cli: Cli) -> Result<()> {
     let opts = GenOptions { max_new_tokens: cli.max_new_tokens, top_p: cli.top_p, seed: cli.seed };
     let mut out = std::fs::File::create(&cli.out).with_context(|| format!("creating {}", cli.out.display()))?;
     let bar = ProgressBar::new(items.len() as u64);
-    bar.set_style(ProgressStyle::with_template("{bar:30} {pos}/{len} [{elapsed_precise}<{eta_precise}] {msg}").expect("template"));
+    bar.set_style(
+        ProgressStyle::with_template("{bar:30} {pos}/{len} [{elapsed_precise}<{eta_precise}] {msg}").expect("template"),
+    );
     let mut preds = Vec::new();
     for item in &items {
-        let (text, _) = generate(&model, &tok, &fill_question(item), &root, &opts).with_context(|| format!("item {}", item.id))?;
+        let (text, _) =
+            generate(&model, &tok, &fill_question(item), &root, &opts).with_context(|| format!("item {}", item.id))?;
         let size = if item.kind == "location" { test_image_size(item, &root) } else { None };
         let (score, unparsable) = score(item, &text, size);
         let p = Prediction {
@@ -89,11 +92,22 @@ fn run(cli: Cli) -> Result<()> {
     println!("{:<22} {:>6} {:>10} {:>9} {:>11}", "type", "items", "accuracy", "mean IoU", "unparsable");
     for (k, s) in &summary {
         let f = |v: Option<f64>| v.map(|x| format!("{x:.3}")).unwrap_or_else(|| "judged".into());
-        println!("{:<22} {:>6} {:>10} {:>9} {:>11}", k, s.items, f(s.accuracy), s.mean_iou.map(|x| format!("{x:.3}")).unwrap_or_else(|| "-".into()), s.unparsable);
+        println!(
+            "{:<22} {:>6} {:>10} {:>9} {:>11}",
+            k,
+            s.items,
+            f(s.accuracy),
+            s.mean_iou.map(|x| format!("{x:.3}")).unwrap_or_else(|| "-".into()),
+            s.unparsable
+        );
     }
     let bad: Vec<&str> = preds.iter().filter(|p| p.unparsable).map(|p| p.id.as_str()).take(10).collect();
     if !bad.is_empty() {
-        println!("unparsable answers (counted wrong): {}{}", bad.join(", "), if preds.iter().filter(|p| p.unparsable).count() > 10 { ", ..." } else { "" });
+        println!(
+            "unparsable answers (counted wrong): {}{}",
+            bad.join(", "),
+            if preds.iter().filter(|p| p.unparsable).count() > 10 { ", ..." } else { "" }
+        );
     }
     let sp = cli.out.with_extension("summary.json");
     std::fs::write(&sp, serde_json::to_vec_pretty(&summary)?)?;

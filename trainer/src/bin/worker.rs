@@ -205,7 +205,17 @@ fn run(cli: Cli) -> Result<i32> {
                 tch::Device::Cuda(i) => train::cuda_name(i),
                 _ => "cpu".into(),
             };
-            let w = idavlm::bench::W1 { layers, vit_layers, micro: micro_batch, accum: grad_accum, seq, images, steps, zero, id_former: !no_id_former };
+            let w = idavlm::bench::W1 {
+                layers,
+                vit_layers,
+                micro: micro_batch,
+                accum: grad_accum,
+                seq,
+                images,
+                steps,
+                zero,
+                id_former: !no_id_former,
+            };
             let r = idavlm::bench::run(&w, comm.as_ref(), device, &name)?;
             if info.rank == 0 {
                 println!("{}", serde_json::to_string(&r)?);

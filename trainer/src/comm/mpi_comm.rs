@@ -8,6 +8,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use mpi::collective::SystemOperation;
+use mpi::traits::Communicator as _;
 use mpi::traits::*;
 use tch::{Device, Kind, Tensor};
 

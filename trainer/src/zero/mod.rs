@@ -148,22 +148,42 @@ impl Sharded {
                 let bk = &self.layout.buckets[b];
                 let out = Tensor::empty([bk.padded as i64], (self.kind, self.device));
                 let bytes = (bk.padded * self.kind.elt_size_in_bytes()) as f64;
-                profile::time(profile::ALL_GATHER, bytes, || comm.all_gather(self.shard_params[b].as_ref().expect("stage 3 shard"), &out))?;
+                profile::time(profile::ALL_GATHER, bytes, || {
+                    comm.all_gather(self.shard_params[b].as_ref().expect("stage 3 shard"), &out)
+                })?;
                 Ok(out)
             }
         }
     }
 
-    /// A name -> tensor getter over frozen parameters and the given gathered buckets (as views).
-    pub fn getter<'a>(&'a self, flats: &'a [(usize, &'a Tensor)]) -> impl Fn(&str) -> Tensor + 'a {
+    /// Bucket `b`'s parameters as views of its flat buffer (for forward passes without a graph).
+    pub fn views(&self, b: usize, flat: &Tensor) -> Vec<Tensor> {
+        self.layout.buckets[b]
+            .entries
+            .iter()
+            .map(|e| flat.narrow(0, e.offset as i64, e.numel as i64).view(e.shape.as_slice()))
+            .collect()
+    }
+
+    /// Bucket `b`'s parameters as separate autograd leaves that share the flat buffer's storage.
+    ///
+    /// Each parameter must be its own leaf: were they views of one flat leaf, autograd would expand
+    /// every parameter's gradient to a zero-filled tensor of the whole bucket before accumulating it
+    /// (measured: ~1.3 s of a 7.3 s W1 step on 4 x H100, and the largest memory peak).
+    pub fn leaves(&self, b: usize, flat: &Tensor) -> Vec<Tensor> {
+        self.views(b, flat).into_iter().map(|v| v.detach().set_requires_grad(true)).collect()
+    }
+
+    /// A name -> tensor getter over frozen parameters and the given buckets' parameters (from
+    /// [`Self::views`] or [`Self::leaves`]).
+    pub fn getter<'a>(&'a self, buckets: &'a [(usize, &'a [Tensor])]) -> impl Fn(&str) -> Tensor + 'a {
         move |name: &str| {
             if let Some(t) = self.frozen.get(name) {
                 return t.shallow_clone();
             }
             let (b, e) = self.where_is.get(name).unwrap_or_else(|| panic!("parameter {name} is neither frozen nor trainable"));
-            let flat = flats.iter().find(|(fb, _)| fb == b).unwrap_or_else(|| panic!("bucket of {name} not gathered")).1;
-            let e = &self.layout.buckets[*b].entries[*e];
-            flat.narrow(0, e.offset as i64, e.numel as i64).view(e.shape.as_slice())
+            let ts = buckets.iter().find(|(fb, _)| fb == b).unwrap_or_else(|| panic!("bucket of {name} not gathered")).1;
+            ts[*e].shallow_clone()
         }
     }
 
@@ -171,13 +191,27 @@ impl Sharded {
         self.where_is.contains_key(name)
     }
 
-    /// Hands bucket `b`'s gradient (the `.grad` of the leaf the bucket's views were taken from) to the
-    /// strategy: accumulated in full (stage 1) or reduce-scattered into the f32 partition now (2/3).
-    pub fn accumulate_grad(&mut self, comm: &dyn Communicator, b: usize, leaf: &Tensor) -> Result<()> {
-        let g = leaf.grad();
+    /// Hands bucket `b`'s gradients (the `.grad` of its parameter leaves, see [`Self::leaves`]) to the
+    /// strategy: packed once into a flat f32 buffer, then accumulated in full (stage 1) or
+    /// reduce-scattered into this rank's f32 partition right away (stages 2/3).
+    pub fn accumulate_grad(&mut self, comm: &dyn Communicator, b: usize, leaves: &[Tensor]) -> Result<()> {
         let bk = &self.layout.buckets[b];
-        let g32 =
-            if g.defined() { g.to_kind(Kind::Float) } else { Tensor::zeros([bk.padded as i64], (Kind::Float, self.device)) };
+        let g32 = Tensor::empty([bk.padded as i64], (Kind::Float, self.device));
+        tch::no_grad(|| {
+            for (e, leaf) in bk.entries.iter().zip(leaves) {
+                let mut dst = g32.narrow(0, e.offset as i64, e.numel as i64);
+                let g = leaf.grad();
+                // A parameter the loss did not reach (e.g. the ID-Former without test images) has no grad.
+                if g.defined() {
+                    dst.copy_(&g.view([-1]));
+                } else {
+                    let _ = dst.zero_();
+                }
+            }
+            if bk.padded > bk.numel {
+                let _ = g32.narrow(0, bk.numel as i64, (bk.padded - bk.numel) as i64).zero_();
+            }
+        });
         tch::no_grad(|| -> Result<()> {
             if let Some(fg) = self.full_grad[b].as_mut() {
                 let _ = fg.g_add_(&g32);
@@ -254,7 +288,8 @@ impl Sharded {
     pub fn full_named(&self, comm: &dyn Communicator) -> Result<Vec<(String, Tensor)>> {
         let flats: Vec<(usize, Tensor)> =
             (0..self.layout.buckets.len()).map(|b| self.gather(comm, b).map(|t| (b, t))).collect::<Result<_>>()?;
-        let refs: Vec<(usize, &Tensor)> = flats.iter().map(|(b, t)| (*b, t)).collect();
+        let views: Vec<(usize, Vec<Tensor>)> = flats.iter().map(|(b, f)| (*b, self.views(*b, f))).collect();
+        let refs: Vec<(usize, &[Tensor])> = views.iter().map(|(b, v)| (*b, v.as_slice())).collect();
         let g = self.getter(&refs);
         Ok(self.specs.iter().map(|s| (s.name.clone(), g(&s.name).copy())).collect())
     }
