@@ -522,3 +522,18 @@ fn write_eval(dir: &Path, cast: &[Character], o: &SynthOptions) -> Result<()> {
     let p = dir.join("mmid.json");
     std::fs::write(&p, serde_json::to_vec_pretty(&items).expect("json")).map_err(|e| Error::io(&p, e))
 }
+
+/// A natural-looking test photo of `w` x `h` (background gradient, noise, characters) as JPEG
+/// (quality 75): the data-path benchmark's input.
+pub fn photo_jpeg(w: usize, h: usize, seed: u64) -> Vec<u8> {
+    let mut rng = ChaCha8Rng::seed_from_u64(seed);
+    let cast = cast(seed, 8);
+    let mut c = Canvas::background(w, h, &mut rng);
+    for ch in cast.iter().take(4) {
+        let s = rng.random_range(h / 6..h / 2);
+        let x = rng.random_range(0..w - s);
+        let y = rng.random_range(0..h - s);
+        c.draw(ch, x, y, x + s, y + s);
+    }
+    c.encode(false)
+}

@@ -60,6 +60,13 @@ fn as_refs(p: &Option<(usize, Vec<Tensor>)>) -> Vec<(usize, &[Tensor])> {
     p.iter().map(|(b, v)| (*b, v.as_slice())).collect()
 }
 
+/// Starts gathering LLM block `i`'s bucket, when there is a block and it is trained.
+fn prefetch(st: &Sharded, comm: &dyn Communicator, i: Option<usize>) -> Result<Option<(usize, Tensor, crate::comm::InFlight)>> {
+    let Some(b) = i.and_then(|i| st.bucket(&Role::Block(i))) else { return Ok(None) };
+    let (flat, f) = st.gather_async(comm, b)?;
+    Ok(Some((b, flat, f)))
+}
+
 /// Hands a bucket's gradients to the strategy, when the bucket exists.
 fn hand_over(st: &mut Sharded, comm: &dyn Communicator, p: &Option<(usize, Vec<Tensor>)>) -> Result<()> {
     if let Some((b, leaves)) = p {
@@ -94,11 +101,18 @@ pub fn forward_backward(
     let mut x = x0.detach();
     type Graph = (Option<(usize, Vec<Tensor>)>, Tensor);
     let mut kept: Vec<(Tensor, Option<Graph>)> = Vec::with_capacity(layers);
+    // ZeRO-3: block i+1's all-gather runs while block i computes (a no-op for stages 1/2).
+    let mut next = prefetch(st, comm, checkpointing.then_some(0))?;
     for i in 0..layers {
         let b = st.bucket(&Role::Block(i));
         if checkpointing {
-            let views = match b {
-                Some(b) => Some((b, st.views(b, &st.gather(comm, b)?))),
+            let cur = next.take();
+            next = prefetch(st, comm, (i + 1 < layers).then_some(i + 1))?;
+            let views = match cur {
+                Some((b, flat, f)) => {
+                    comm.wait(f)?;
+                    Some((b, st.views(b, &flat)))
+                }
                 None => None,
             };
             let refs = as_refs(&views);
@@ -135,14 +149,22 @@ pub fn forward_backward(
     hand_over(st, comm, &head)?;
     drop(head);
 
-    // Blocks backward, last to first.
+    // Blocks backward, last to first; block i-1's gather (ZeRO-3) overlaps block i's backward.
+    let mut next = prefetch(st, comm, checkpointing.then_some(layers - 1))?;
     for i in (0..layers).rev() {
-        let b = st.bucket(&Role::Block(i));
         let (input_i, graph) = kept.pop().expect("one kept entry per block");
         let (xin, pl, out) = match graph {
             Some((pl, out)) => (input_i, pl, out),
             None => {
-                let pl = leaves_of(st, comm, b)?;
+                let cur = next.take();
+                next = prefetch(st, comm, i.checked_sub(1))?;
+                let pl = match cur {
+                    Some((b, flat, f)) => {
+                        comm.wait(f)?;
+                        Some((b, st.leaves(b, &flat)))
+                    }
+                    None => None,
+                };
                 let xin = leaf(&input_i);
                 let out = {
                     let refs = as_refs(&pl);

@@ -73,9 +73,13 @@ enum Cmd {
         #[arg(long, default_value_t = 32)]
         row_group: usize,
     },
-    /// Data-path benchmark: images/s per core (Parquet bytes -> normalised SIZE x SIZE) and reader samples/s.
+    /// Data-path benchmark: images/s per core (Parquet bytes -> normalised SIZE x SIZE) and reader samples/s,
+    /// plus the PIL anchor of PERF.md on the same photos and core when the project's python is there.
     Bench {
         dir: PathBuf,
+        /// Also time decode + resize of generated photos of this size (PERF.md's anchor uses 640x360 JPEG).
+        #[arg(long, default_value = "640x360")]
+        photo: String,
         #[arg(long, default_value_t = 448)]
         image_size: usize,
         #[arg(long, default_value_t = 400)]
@@ -208,8 +212,60 @@ fn run(cli: Cli) -> Result<i32> {
             println!("wrote synthetic dataset to {} (seed {seed})", out.display());
             Ok(0)
         }
-        Cmd::Bench { dir, image_size, images, workers } => bench(&dir, image_size, images, workers),
+        Cmd::Bench { dir, image_size, images, workers, photo } => {
+            photo_bench(&photo, image_size, images)?;
+            bench(&dir, image_size, images, workers)
+        }
     }
+}
+
+/// Decode + resize + normalise of generated JPEG photos on one core, beside PIL on the same files.
+fn photo_bench(photo: &str, size: usize, n: usize) -> Result<()> {
+    let (w, h) = photo
+        .split_once('x')
+        .and_then(|(a, b)| Some((a.parse::<usize>().ok()?, b.parse::<usize>().ok()?)))
+        .context("--photo WxH")?;
+    let dir = std::env::temp_dir().join(format!("idavlm-photo-bench-{}", std::process::id()));
+    std::fs::create_dir_all(&dir)?;
+    let blobs: Vec<Vec<u8>> = (0..n.min(200)).map(|i| idavlm_shards::synth::photo_jpeg(w, h, i as u64)).collect();
+    let mut files = Vec::new();
+    for (i, b) in blobs.iter().enumerate() {
+        let f = dir.join(format!("{i}.jpg"));
+        std::fs::write(&f, b)?;
+        files.push(f);
+    }
+    let t = Instant::now();
+    for (i, b) in blobs.iter().enumerate() {
+        std::hint::black_box(idavlm_shards::preprocess::preprocess_image(b, size, &format!("#{i}"))?);
+    }
+    let ours = blobs.len() as f64 / t.elapsed().as_secs_f64();
+    println!("{w}x{h} JPEG photos -> normalised {size}x{size}, one core:");
+    println!("  idavlm (decode + PIL-exact bicubic + normalise): {ours:.1} images/s");
+    let py = std::env::var("IDAVLM_PYTHON").unwrap_or_else(|_| ".venv/bin/python".into());
+    let script = std::path::Path::new("scripts/pil_anchor.py");
+    if script.is_file() {
+        let out = std::process::Command::new("taskset")
+            .arg("-c")
+            .arg("0")
+            .arg(&py)
+            .arg(script)
+            .arg(size.to_string())
+            .args(&files)
+            .output();
+        let out = match out {
+            Ok(o) if o.status.success() => Ok(o),
+            _ => std::process::Command::new(&py).arg(script).arg(size.to_string()).args(&files).output(),
+        };
+        match out {
+            Ok(o) if o.status.success() => {
+                let pil: f64 = String::from_utf8_lossy(&o.stdout).trim().parse().unwrap_or(f64::NAN);
+                println!("  Python anchor (PIL + numpy, same photos):        {pil:.1} images/s  -> idavlm is {:.2}x", ours / pil);
+            }
+            _ => println!("  Python anchor not run ({py} with PIL and numpy not found)"),
+        }
+    }
+    let _ = std::fs::remove_dir_all(&dir);
+    Ok(())
 }
 
 fn bench(dir: &std::path::Path, size: usize, n_images: usize, workers: usize) -> Result<i32> {

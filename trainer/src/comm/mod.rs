@@ -19,6 +19,21 @@ use tch::Tensor;
 
 use crate::error::Result;
 
+/// A collective in flight on a communication stream. The tensors it touches are kept alive until
+/// [`Communicator::wait`] has ordered the compute stream after it, so libtorch's caching allocator
+/// cannot hand their memory to other kernels while the collective still reads or writes it.
+pub struct InFlight {
+    /// The backend's completion event (0 when the collective already completed).
+    pub event: usize,
+    pub keep: Vec<Tensor>,
+}
+
+impl InFlight {
+    pub fn done() -> Self {
+        Self { event: 0, keep: Vec::new() }
+    }
+}
+
 pub trait Communicator {
     fn rank(&self) -> usize;
     fn world(&self) -> usize;
@@ -30,6 +45,22 @@ pub trait Communicator {
     fn reduce_scatter_sum(&self, input: &Tensor, output: &Tensor) -> Result<()>;
     /// `input` holds n elements; `output` (world * n) gets every rank's input in rank order.
     fn all_gather(&self, input: &Tensor, output: &Tensor) -> Result<()>;
+    /// As [`Self::reduce_scatter_sum`], overlapping later compute where the backend can; the result is
+    /// valid after [`Self::wait`]. Host backends complete before returning.
+    fn reduce_scatter_sum_async(&self, input: &Tensor, output: &Tensor) -> Result<InFlight> {
+        self.reduce_scatter_sum(input, output)?;
+        Ok(InFlight::done())
+    }
+    /// As [`Self::all_gather`], asynchronously; see [`Self::reduce_scatter_sum_async`].
+    fn all_gather_async(&self, input: &Tensor, output: &Tensor) -> Result<InFlight> {
+        self.all_gather(input, output)?;
+        Ok(InFlight::done())
+    }
+    /// Orders the compute stream after an asynchronous collective and releases its tensors.
+    fn wait(&self, f: InFlight) -> Result<()> {
+        drop(f);
+        Ok(())
+    }
     /// In-place broadcast from `root`.
     fn broadcast(&self, t: &Tensor, root: usize) -> Result<()>;
     fn barrier(&self) -> Result<()> {

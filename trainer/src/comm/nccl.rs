@@ -17,7 +17,7 @@ use cudarc::nccl::{result as nccl, sys as ncclsys};
 use tch::{Kind, Tensor};
 
 use super::rendezvous::{local_ip_towards, rendezvous, BLOB};
-use super::{Communicator, RankInfo};
+use super::{Communicator, InFlight, RankInfo};
 use crate::error::{Error, Result};
 
 struct Pending {
@@ -31,6 +31,8 @@ pub struct NcclComm {
     world: usize,
     comm: usize,
     device: usize,
+    /// Non-blocking stream of the asynchronous collectives (the synchronous ones use libtorch's).
+    comm_stream: usize,
     pending: Arc<Mutex<VecDeque<Pending>>>,
 }
 
@@ -114,7 +116,8 @@ impl NcclComm {
                 }
             })
             .map_err(|e| Error::Comm(e.to_string()))?;
-        Ok(Self { rank: info.rank, world: info.world, comm: comm as usize, device, pending })
+        let comm_stream = cu::stream::create(cu::stream::StreamKind::NonBlocking).map_err(ce)? as usize;
+        Ok(Self { rank: info.rank, world: info.world, comm: comm as usize, device, comm_stream, pending })
     }
 
     fn raw(&self) -> ncclsys::ncclComm_t {
@@ -122,10 +125,40 @@ impl NcclComm {
     }
 
     fn watch(&self, what: &'static str) -> Result<()> {
+        self.watch_on(what, std::ptr::null_mut())
+    }
+
+    fn watch_on(&self, what: &'static str, stream: cusys::CUstream) -> Result<()> {
         let ev = cu::event::create(cusys::CUevent_flags::CU_EVENT_DISABLE_TIMING).map_err(ce)?;
-        unsafe { cu::event::record(ev, std::ptr::null_mut()) }.map_err(ce)?;
+        unsafe { cu::event::record(ev, stream) }.map_err(ce)?;
         self.pending.lock().expect("watchdog lock").push_back(Pending { event: ev as usize, started: Instant::now(), what });
         Ok(())
+    }
+}
+
+impl NcclComm {
+    /// Runs `launch` on the communication stream after everything queued so far on libtorch's stream,
+    /// and returns the collective's completion event with the tensors to keep alive.
+    fn on_comm_stream(
+        &self,
+        what: &'static str,
+        keep: Vec<Tensor>,
+        launch: impl FnOnce(ncclsys::cudaStream_t) -> std::result::Result<nccl::NcclStatus, nccl::NcclError>,
+    ) -> Result<InFlight> {
+        let cs = self.comm_stream as cusys::CUstream;
+        // The inputs were produced on libtorch's stream: the communication stream waits for them.
+        let ready = cu::event::create(cusys::CUevent_flags::CU_EVENT_DISABLE_TIMING).map_err(ce)?;
+        unsafe {
+            cu::event::record(ready, std::ptr::null_mut()).map_err(ce)?;
+            cu::stream::wait_event(cs, ready, cusys::CUevent_wait_flags::CU_EVENT_WAIT_DEFAULT).map_err(ce)?;
+            // Destroying an event with a pending wait is allowed: it is released once it completes.
+            cu::event::destroy(ready).map_err(ce)?;
+        }
+        launch(self.comm_stream as ncclsys::cudaStream_t).map_err(|e| ne(what, self.rank, e))?;
+        let done = cu::event::create(cusys::CUevent_flags::CU_EVENT_DISABLE_TIMING).map_err(ce)?;
+        unsafe { cu::event::record(done, cs) }.map_err(ce)?;
+        self.watch_on(what, cs)?;
+        Ok(InFlight { event: done as usize, keep })
     }
 }
 
@@ -192,6 +225,42 @@ impl Communicator for NcclComm {
         }
         .map_err(|e| ne("all_gather", self.rank, e))?;
         self.watch("all_gather")
+    }
+
+    fn reduce_scatter_sum_async(&self, input: &Tensor, output: &Tensor) -> Result<InFlight> {
+        check(input, "reduce_scatter")?;
+        check(output, "reduce_scatter")?;
+        assert_eq!(input.numel(), output.numel() * self.world);
+        let (i, o, n, dt) = (input.data_ptr(), output.data_ptr(), output.numel(), dtype(input.kind())?);
+        let comm = self.raw();
+        self.on_comm_stream("reduce_scatter", vec![input.shallow_clone(), output.shallow_clone()], |s| unsafe {
+            nccl::reduce_scatter(i, o, n, dt, ncclsys::ncclRedOp_t::ncclSum, comm, s)
+        })
+    }
+
+    fn all_gather_async(&self, input: &Tensor, output: &Tensor) -> Result<InFlight> {
+        check(input, "all_gather")?;
+        check(output, "all_gather")?;
+        assert_eq!(input.numel() * self.world, output.numel());
+        let (i, o, n, dt) = (input.data_ptr(), output.data_ptr(), input.numel(), dtype(input.kind())?);
+        let comm = self.raw();
+        self.on_comm_stream("all_gather", vec![input.shallow_clone(), output.shallow_clone()], |s| unsafe {
+            nccl::all_gather(i, o, n, dt, comm, s)
+        })
+    }
+
+    fn wait(&self, f: InFlight) -> Result<()> {
+        if f.event != 0 {
+            let ev = f.event as cusys::CUevent;
+            unsafe {
+                // libtorch's stream continues only after the collective: later kernels see its result,
+                // and the kept tensors' memory is reused only after it (frees are ordered on that stream).
+                cu::stream::wait_event(std::ptr::null_mut(), ev, cusys::CUevent_wait_flags::CU_EVENT_WAIT_DEFAULT).map_err(ce)?;
+                cu::event::destroy(ev).map_err(ce)?;
+            }
+        }
+        drop(f.keep);
+        Ok(())
     }
 
     fn broadcast(&self, t: &Tensor, root: usize) -> Result<()> {

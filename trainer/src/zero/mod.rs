@@ -18,7 +18,7 @@ use std::collections::HashMap;
 
 use tch::{Device, Kind, Tensor};
 
-use crate::comm::Communicator;
+use crate::comm::{Communicator, InFlight};
 use crate::error::{Error, Result};
 use crate::model::{ModelConfig, ParamSet, ParamSpec};
 use crate::optim::{clip_coef, AdamW};
@@ -57,7 +57,13 @@ pub struct Sharded {
     full_grad: Vec<Option<Tensor>>,
     /// AdamW steps taken (bias correction counts these).
     pub adam_step: u64,
+    /// Reduce-scatters in flight: (collective, partition it writes, bucket).
+    in_flight: std::collections::VecDeque<(InFlight, Tensor, usize)>,
 }
+
+/// Gradient reduce-scatters allowed in flight at once: each overlaps the backward of the blocks after
+/// it, and each holds its bucket's f32 gradient until it completes.
+const MAX_IN_FLIGHT: usize = 2;
 
 fn flat_of(b: &Bucket, params: &ParamSet, kind: Kind, device: Device) -> Tensor {
     let flat = Tensor::zeros([b.padded as i64], (kind, device));
@@ -132,6 +138,7 @@ impl Sharded {
             grad_shard,
             full_grad,
             adam_step: 0,
+            in_flight: Default::default(),
         }
     }
 
@@ -196,6 +203,7 @@ impl Sharded {
     /// reduce-scattered into this rank's f32 partition right away (stages 2/3).
     pub fn accumulate_grad(&mut self, comm: &dyn Communicator, b: usize, leaves: &[Tensor]) -> Result<()> {
         let bk = &self.layout.buckets[b];
+        let (padded, shard) = (bk.padded, bk.shard);
         let g32 = Tensor::empty([bk.padded as i64], (Kind::Float, self.device));
         tch::no_grad(|| {
             for (e, leaf) in bk.entries.iter().zip(leaves) {
@@ -216,16 +224,49 @@ impl Sharded {
             if let Some(fg) = self.full_grad[b].as_mut() {
                 let _ = fg.g_add_(&g32);
             } else {
-                let part = Tensor::empty([bk.shard as i64], (Kind::Float, self.device));
-                profile::time(profile::REDUCE_SCATTER, (bk.padded * 4) as f64, || comm.reduce_scatter_sum(&g32, &part))?;
-                let _ = self.grad_shard[b].g_add_(&part);
+                let part = Tensor::empty([shard as i64], (Kind::Float, self.device));
+                let f =
+                    profile::time(profile::REDUCE_SCATTER, (padded * 4) as f64, || comm.reduce_scatter_sum_async(&g32, &part))?;
+                self.in_flight.push_back((f, part, b));
+                while self.in_flight.len() > MAX_IN_FLIGHT {
+                    self.complete_one(comm)?;
+                }
             }
             Ok(())
         })
     }
 
-    /// Stage 1: reduce-scatter the step's accumulated gradients. A no-op for stages 2/3.
+    fn complete_one(&mut self, comm: &dyn Communicator) -> Result<()> {
+        if let Some((f, part, b)) = self.in_flight.pop_front() {
+            comm.wait(f)?;
+            let _ = tch::no_grad(|| self.grad_shard[b].g_add_(&part));
+        }
+        Ok(())
+    }
+
+    /// Starts gathering bucket `b` (stage 3) and returns the buffer with the collective to wait for;
+    /// stages 1/2 return the kept buffer at once.
+    pub fn gather_async(&self, comm: &dyn Communicator, b: usize) -> Result<(Tensor, InFlight)> {
+        match &self.full[b] {
+            Some(f) => Ok((f.shallow_clone(), InFlight::done())),
+            None => {
+                let bk = &self.layout.buckets[b];
+                let out = Tensor::empty([bk.padded as i64], (self.kind, self.device));
+                let bytes = (bk.padded * self.kind.elt_size_in_bytes()) as f64;
+                let f = profile::time(profile::ALL_GATHER, bytes, || {
+                    comm.all_gather_async(self.shard_params[b].as_ref().expect("stage 3 shard"), &out)
+                })?;
+                Ok((out, f))
+            }
+        }
+    }
+
+    /// Completes the step's gradient reduction: waits for the reduce-scatters in flight (stages 2/3)
+    /// or reduce-scatters the accumulated full gradients (stage 1).
     pub fn finish_grads(&mut self, comm: &dyn Communicator) -> Result<()> {
+        while !self.in_flight.is_empty() {
+            self.complete_one(comm)?;
+        }
         for b in 0..self.layout.buckets.len() {
             if let Some(fg) = self.full_grad[b].as_mut() {
                 let part = Tensor::empty([self.layout.buckets[b].shard as i64], (Kind::Float, self.device));
@@ -243,6 +284,9 @@ impl Sharded {
     /// Global gradient norm, clipping, AdamW on the partitions, and the parameters brought up to date.
     /// A non-finite norm skips the update (every rank sees the same norm, so every rank skips).
     pub fn step(&mut self, comm: &dyn Communicator, opt: &AdamW, lr: f64, max_norm: Option<f64>) -> Result<StepStats> {
+        while !self.in_flight.is_empty() {
+            self.complete_one(comm)?;
+        }
         let mut sq = Tensor::zeros([1], (Kind::Float, self.device));
         tch::no_grad(|| {
             for g in &self.grad_shard {
