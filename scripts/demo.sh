@@ -12,7 +12,7 @@ $BIN/idavlm-shards inspect runs/demo/data/id
 echo "== training: 2 ranks on this machine (idavlm-launch --nproc-per-node 2 recipes/demo.yaml)"
 rm -rf runs/demo/ckpt runs/demo/metrics.jsonl
 $BIN/idavlm-launch --nproc-per-node 2 recipes/demo.yaml --resume none
-echo "== done: metrics in runs/demo/metrics.jsonl, loss curve in runs/demo/loss.svg, checkpoints in runs/demo/ckpt"
 last=$(ls -d runs/demo/ckpt/step-* | sort | tail -1)
 echo "== held-out evaluation of $last on the synthetic MM-ID split (matching chance: 0.25)"
-$BIN/idavlm-infer --checkpoint "$last" --bench runs/demo/data/eval/mmid.json --out runs/demo/preds.jsonl --max-new-tokens 32
+$BIN/idavlm-infer --checkpoint "$last" --bench runs/demo/data/eval/mmid.json --out runs/demo/preds.jsonl --max-new-tokens 32 --limit 80  # the matching and location items (scored here)
+echo "== done: metrics in runs/demo/metrics.jsonl, loss curve in runs/demo/loss.svg, checkpoints in runs/demo/ckpt"
