@@ -116,3 +116,12 @@ pub fn read_f32(path: &Path) -> std::collections::BTreeMap<String, Vec<f32>> {
         .map(|(n, v)| (n, v.data().chunks_exact(4).map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]])).collect()))
         .collect()
 }
+
+/// Waits until a run has logged its first optimizer step (its metrics file has a line), at most `secs`.
+pub fn wait_for_first_step(metrics: &Path, secs: u64) {
+    let t = std::time::Instant::now();
+    while losses(metrics).is_empty() {
+        assert!(t.elapsed() < std::time::Duration::from_secs(secs), "no step within {secs} s");
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
+}

@@ -178,11 +178,7 @@ fn a_dead_rank_stops_the_job_and_sigterm_checkpoints_then_resume_is_exact() {
     let r = setup(d.path(), "kill", &data, 4, 2, 3, 500);
     let mut l = launch(&r, 2, &[]).stderr(Stdio::piped()).spawn().unwrap();
     let metrics = r.with_file_name("metrics.jsonl");
-    let t = Instant::now();
-    while losses(&metrics).is_empty() {
-        assert!(t.elapsed() < Duration::from_secs(120), "no step within 120 s");
-        std::thread::sleep(Duration::from_millis(100));
-    }
+    idavlm_tests::wait_for_first_step(&metrics, 120);
     let kids = children(l.id());
     let victim = kids.iter().find(|k| k.1 == "1").expect("rank 1 worker").0;
     unsafe { libc_kill(victim as i32, 9) };
@@ -211,11 +207,7 @@ fn a_dead_rank_stops_the_job_and_sigterm_checkpoints_then_resume_is_exact() {
     let r = setup(d.path(), "term", &data, 4, 2, 2, 5);
     let mut l = launch(&r, 2, &[]).stderr(Stdio::piped()).spawn().unwrap();
     let metrics = r.with_file_name("metrics.jsonl");
-    let t = Instant::now();
-    while losses(&metrics).is_empty() {
-        assert!(t.elapsed() < Duration::from_secs(120), "no step within 120 s");
-        std::thread::sleep(Duration::from_millis(50));
-    }
+    idavlm_tests::wait_for_first_step(&metrics, 120);
     unsafe { libc_kill(l.id() as i32, 15) };
     let status = l.wait().unwrap();
     if status.code() == Some(0) {

@@ -1,6 +1,5 @@
 use std::path::Path;
 use std::process::Command;
-use std::time::{Duration, Instant};
 
 use idavlm_tests::{bin, losses, read_f32, recipe, synth, worker_train};
 
@@ -105,11 +104,7 @@ fn sigterm_writes_a_loadable_checkpoint_and_exits_75() {
         .spawn()
         .unwrap();
     let metrics = d.path().join("metrics.jsonl");
-    let t = Instant::now();
-    while losses(&metrics).is_empty() {
-        assert!(t.elapsed() < Duration::from_secs(120), "no step within 120 s");
-        std::thread::sleep(Duration::from_millis(100));
-    }
+    idavlm_tests::wait_for_first_step(&metrics, 120);
     unsafe { libc_kill(child.id() as i32, 15) };
     let status = child.wait().unwrap();
     assert_eq!(status.code(), Some(75));
