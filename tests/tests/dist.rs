@@ -62,11 +62,8 @@ fn zero_1_2_3_on_2_and_3_ranks_equal_one_process() {
     let data = d.path().join("data");
     synth(&data, 40, 8, 5);
     let single = setup(d.path(), "single", &data, 6, 1, 2, 3);
-    run_ok({
-        let mut c = Command::new(idavlm_tests::bin("idavlm-worker"));
-        c.arg("train").arg(&single).env("IDAVLM_TORCH_THREADS", "1").env_remove("RANK").env_remove("WORLD_SIZE");
-        c
-    });
+    let out = worker_train(&single, &[]);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
     let want_losses = losses(&single.with_file_name("metrics.jsonl"));
     let want = state(&single.with_file_name("ckpt").join("step-00000003"));
     for world in [2, 3] {
@@ -221,7 +218,6 @@ fn a_dead_rank_stops_the_job_and_sigterm_checkpoints_then_resume_is_exact() {
         &losses(&straight.with_file_name("metrics.jsonl")),
         "SIGTERM + resume",
     );
-    let _ = worker_train;
 }
 
 extern "C" {

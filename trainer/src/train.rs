@@ -9,7 +9,7 @@ use std::time::Instant;
 use tch::{Device, Kind};
 
 use crate::checkpoint::{self, TrainerState};
-use crate::comm::{Communicator, RankInfo};
+use crate::comm::Communicator;
 use crate::error::{Error, Result};
 use crate::flops;
 use crate::model::weights::load_hf;
@@ -84,7 +84,7 @@ fn compute_kind(d: Dtype, device: Device) -> Kind {
 }
 
 /// Runs a recipe on this rank to its end (or to a stop signal).
-pub fn run(recipe: &Recipe, resume: Resume, info: &RankInfo, comm: &dyn Communicator, device: Device) -> Result<Summary> {
+pub fn run(recipe: &Recipe, resume: Resume, comm: &dyn Communicator, device: Device) -> Result<Summary> {
     let (rank, world) = (comm.rank(), comm.world());
     let recipe_yaml = recipe.to_yaml();
     let cfg = model_config(recipe)?;
@@ -299,7 +299,6 @@ pub fn run(recipe: &Recipe, resume: Resume, info: &RankInfo, comm: &dyn Communic
         }
     }
     reporter.finish(&summary)?;
-    let _ = info;
     Ok(summary)
 }
 

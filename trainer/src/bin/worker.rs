@@ -141,7 +141,7 @@ fn run(cli: Cli) -> Result<i32> {
                 tracing::debug!("NCCL: {}", lib.display());
             }
             let comm = make_comm(&comm, &info, device, Duration::from_secs(r.comm.timeout_s))?;
-            let s = train::run(&r, train::resolve_resume(&resume), &info, comm.as_ref(), device)?;
+            let s = train::run(&r, train::resolve_resume(&resume), comm.as_ref(), device)?;
             Ok(if s.preempted {
                 EXIT_PREEMPTED
             } else if s.stopped_nonfinite {
