@@ -68,6 +68,11 @@ fn split_images(id: &str, text: &str) -> Result<Vec<Result<String, String>>> {
     Ok(out)
 }
 
+/// The paths of a text's `<img>PATH</img>` spans, in order of appearance.
+pub fn image_paths_in(id: &str, text: &str) -> Result<Vec<String>> {
+    Ok(split_images(id, text)?.into_iter().filter_map(|p| p.err()).collect())
+}
+
 fn clip(s: &str) -> String {
     s.chars().take(120).collect()
 }

@@ -14,8 +14,8 @@ use arrow::array::{
     StringBuilder, StructArray, StructBuilder,
 };
 use arrow::datatypes::{DataType, Field, Fields, Schema, SchemaRef};
-use parquet::arrow::arrow_reader::ParquetRecordBatchReaderBuilder;
-use parquet::arrow::ArrowWriter;
+use parquet::arrow::arrow_reader::{ArrowReaderMetadata, ParquetRecordBatchReaderBuilder};
+use parquet::arrow::{ArrowWriter, ParquetRecordBatchStreamBuilder};
 use parquet::file::properties::WriterProperties;
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
@@ -297,13 +297,33 @@ impl DatasetWriter {
 
 /// Reads row group `rg` of a shard file.
 pub fn read_row_group(file: &Path, rg: usize) -> Result<Vec<Sample>> {
+    let meta = load_footer(file)?;
+    read_row_group_with(file, &meta, rg)
+}
+
+/// A shard's parsed footer, read once and reused for every row group of the shard.
+pub type Footer = ArrowReaderMetadata;
+
+/// Opens a shard and parses its footer; a truncated or non-Parquet file is an error naming it.
+pub fn load_footer(file: &Path) -> Result<Footer> {
     let f = File::open(file).map_err(|e| Error::io(file, e))?;
-    let b = ParquetRecordBatchReaderBuilder::try_new(f).map_err(|e| Error::Parquet { file: file.to_path_buf(), source: e })?;
-    let n = b.metadata().num_row_groups();
+    ArrowReaderMetadata::load(&f, Default::default())
+        .map_err(|e| Error::format(file, format!("unreadable Parquet footer (truncated or not Parquet): {e}")))
+}
+
+fn check_row_group(file: &Path, meta: &Footer, rg: usize) -> Result<()> {
+    let n = meta.metadata().num_row_groups();
     if rg >= n {
         return Err(Error::format(file, format!("row group {rg} requested, the file has {n}")));
     }
-    let reader = b
+    Ok(())
+}
+
+/// Reads row group `rg` with a footer already parsed (blocking I/O).
+pub fn read_row_group_with(file: &Path, meta: &Footer, rg: usize) -> Result<Vec<Sample>> {
+    check_row_group(file, meta, rg)?;
+    let f = File::open(file).map_err(|e| Error::io(file, e))?;
+    let reader = ParquetRecordBatchReaderBuilder::new_with_metadata(f, meta.clone())
         .with_row_groups(vec![rg])
         .with_batch_size(1 << 16)
         .build()
@@ -316,10 +336,27 @@ pub fn read_row_group(file: &Path, rg: usize) -> Result<Vec<Sample>> {
     Ok(out)
 }
 
+/// Reads row group `rg` with asynchronous file I/O (tokio): only the row group's column chunks are
+/// read, and the task yields while the bytes arrive.
+pub async fn read_row_group_async(file: &Path, meta: &Footer, rg: usize) -> Result<Vec<Sample>> {
+    use futures::TryStreamExt;
+    check_row_group(file, meta, rg)?;
+    let f = tokio::fs::File::open(file).await.map_err(|e| Error::io(file, e))?;
+    let stream = ParquetRecordBatchStreamBuilder::new_with_metadata(f, meta.clone())
+        .with_row_groups(vec![rg])
+        .with_batch_size(1 << 16)
+        .build()
+        .map_err(|e| Error::Parquet { file: file.to_path_buf(), source: e })?;
+    let batches: Vec<RecordBatch> =
+        stream.try_collect().await.map_err(|e| Error::format(file, format!("row group {rg}: {e}")))?;
+    let mut out = Vec::new();
+    for batch in &batches {
+        out.extend(from_record_batch(batch, file)?);
+    }
+    Ok(out)
+}
+
 /// Rows per row group of a shard, from its footer.
 pub fn row_group_sizes(file: &Path) -> Result<Vec<usize>> {
-    let f = File::open(file).map_err(|e| Error::io(file, e))?;
-    let b = ParquetRecordBatchReaderBuilder::try_new(f)
-        .map_err(|e| Error::format(file, format!("unreadable Parquet footer (truncated or not Parquet): {e}")))?;
-    Ok(b.metadata().row_groups().iter().map(|g| g.num_rows() as usize).collect())
+    Ok(load_footer(file)?.metadata().row_groups().iter().map(|g| g.num_rows() as usize).collect())
 }

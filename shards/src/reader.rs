@@ -1,5 +1,6 @@
 //! The streaming reader: each rank's micro-batches, in the global order of [`crate::order`], loaded
-//! ahead of use on a background thread and decoded on a bounded pool of workers.
+//! ahead of use on a small tokio runtime (asynchronous row-group reads) and decoded on a bounded pool
+//! of blocking workers.
 //!
 //! Reader state is two numbers (the main stream's and the general stream's global positions) plus the
 //! seed: resuming from them gives exactly the samples an uninterrupted run would have seen next, at
@@ -8,14 +9,13 @@
 use std::collections::{HashMap, VecDeque};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicUsize, Ordering};
-use std::sync::mpsc::{sync_channel, Receiver};
 use std::sync::{Arc, Mutex};
 
 use serde::{Deserialize, Serialize};
 
 use crate::chat::{encode_conversation, ImageRole, Overflow, IGNORE_INDEX};
 use crate::error::{Error, Result};
-use crate::format::{read_row_group, row_group_sizes, Manifest, Sample};
+use crate::format::{row_group_sizes, Manifest, Sample};
 use crate::order::{inject, micro_positions, Locator, Mixture, SourceLayout};
 use crate::preprocess::preprocess_image;
 use crate::tokenizer::{Tokenizer, ENDOFTEXT};
@@ -110,8 +110,12 @@ impl MicroBatch {
     pub fn num_images(&self) -> usize {
         self.image_rows.len()
     }
+    /// Tokens the loss predicts: supervised labels after each row's first position (the loss is shifted).
     pub fn supervised_tokens(&self) -> usize {
-        self.labels.iter().filter(|&&l| l != IGNORE_INDEX).count()
+        if self.seq == 0 {
+            return 0;
+        }
+        self.labels.chunks_exact(self.seq).map(|row| row[1..].iter().filter(|&&l| l != IGNORE_INDEX).count()).sum()
     }
 }
 
@@ -125,70 +129,131 @@ pub struct ReaderState {
     pub general_position: u64,
 }
 
-/// Loads samples by locator with a small cache of decoded row groups.
+type RowGroupKey = (usize, u32, u32);
+type Rows = Arc<Vec<Sample>>;
+
+/// A cached row group: filled once, by whichever request comes first; later requests for the same
+/// row group wait for that read instead of starting another.
+type Slot = Arc<tokio::sync::OnceCell<Rows>>;
+
+/// One sample of a micro-batch, tokenised, with where it came from.
+struct Prepared {
+    rows: Rows,
+    row: usize,
+    src: usize,
+    loc: Locator,
+    enc: crate::chat::Encoded,
+}
+
+impl Prepared {
+    fn sample(&self) -> &Sample {
+        &self.rows[self.row]
+    }
+}
+
+/// Loads samples by locator: parsed footers per shard, a small cache of decoded row groups, the
+/// tokenisation and the image decoding of micro-batches.
 pub struct SampleLoader {
     pub sources: Vec<Source>,
     tok: Arc<Tokenizer>,
     pub opts: LoadOptions,
-    cache: Mutex<(HashMap<(usize, u32, u32), Arc<Vec<Sample>>>, VecDeque<(usize, u32, u32)>)>,
+    footers: Mutex<HashMap<(usize, u32), crate::format::Footer>>,
+    cache: Mutex<(HashMap<RowGroupKey, Slot>, VecDeque<RowGroupKey>)>,
 }
 
-const CACHE_ROW_GROUPS: usize = 16;
+/// Row groups kept decoded; the prefetch of a few steps touches fewer than this.
+const CACHE_ROW_GROUPS: usize = 32;
 
 impl SampleLoader {
     pub fn new(sources: Vec<Source>, tok: Arc<Tokenizer>, opts: LoadOptions) -> Self {
-        Self { sources, tok, opts, cache: Mutex::new((HashMap::new(), VecDeque::new())) }
+        Self { sources, tok, opts, footers: Mutex::new(HashMap::new()), cache: Mutex::new((HashMap::new(), VecDeque::new())) }
+    }
+
+    fn footer(&self, src: usize, shard: u32) -> Result<crate::format::Footer> {
+        if let Some(f) = self.footers.lock().expect("footer lock").get(&(src, shard)) {
+            return Ok(f.clone());
+        }
+        let f = crate::format::load_footer(&self.sources[src].shard_path(shard))?;
+        self.footers.lock().expect("footer lock").insert((src, shard), f.clone());
+        Ok(f)
+    }
+
+    fn slot(&self, key: RowGroupKey) -> Slot {
+        let mut c = self.cache.lock().expect("cache lock");
+        if let Some(s) = c.0.get(&key) {
+            return s.clone();
+        }
+        let s = Slot::default();
+        c.0.insert(key, s.clone());
+        c.1.push_back(key);
+        while c.1.len() > CACHE_ROW_GROUPS {
+            let old = c.1.pop_front().expect("non-empty");
+            c.0.remove(&old);
+        }
+        s
+    }
+
+    /// A row group, read with blocking I/O on a miss.
+    fn rows_blocking(&self, src: usize, loc: Locator) -> Result<Rows> {
+        let slot = self.slot((src, loc.shard, loc.row_group));
+        if let Some(r) = slot.get() {
+            return Ok(r.clone());
+        }
+        let f = self.sources[src].shard_path(loc.shard);
+        let rows = Arc::new(crate::format::read_row_group_with(&f, &self.footer(src, loc.shard)?, loc.row_group as usize)?);
+        let _ = slot.set(rows.clone());
+        Ok(rows)
+    }
+
+    /// A row group, read asynchronously on a miss (one read per row group however many ask).
+    async fn rows_async(self: &Arc<Self>, src: usize, loc: Locator) -> Result<Rows> {
+        let slot = self.slot((src, loc.shard, loc.row_group));
+        let rows = slot
+            .get_or_try_init(|| async {
+                let f = self.sources[src].shard_path(loc.shard);
+                let this = self.clone();
+                // Footers are small and read once per shard: a blocking read off the runtime thread.
+                let meta = tokio::task::spawn_blocking(move || this.footer(src, loc.shard))
+                    .await
+                    .map_err(|e| Error::Invalid(format!("reader task: {e}")))??;
+                Ok::<_, Error>(Arc::new(crate::format::read_row_group_async(&f, &meta, loc.row_group as usize).await?))
+            })
+            .await?;
+        Ok(rows.clone())
     }
 
     pub fn sample(&self, src: usize, loc: Locator) -> Result<Sample> {
-        let key = (src, loc.shard, loc.row_group);
-        let cached = self.cache.lock().expect("cache lock").0.get(&key).cloned();
-        let rows = match cached {
-            Some(r) => r,
-            None => {
-                let f = self.sources[src].shard_path(loc.shard);
-                let rows = Arc::new(read_row_group(&f, loc.row_group as usize)?);
-                let mut c = self.cache.lock().expect("cache lock");
-                c.0.insert(key, rows.clone());
-                c.1.push_back(key);
-                while c.1.len() > CACHE_ROW_GROUPS {
-                    let old = c.1.pop_front().expect("non-empty");
-                    c.0.remove(&old);
-                }
-                rows
-            }
-        };
-        rows.get(loc.row as usize).cloned().ok_or_else(|| {
-            Error::format(
-                &self.sources[src].shard_path(loc.shard),
-                format!("row {} of row group {} does not exist", loc.row, loc.row_group),
-            )
-        })
+        let rows = self.rows_blocking(src, loc)?;
+        self.check_row(&rows, src, loc).map(|r| rows[r].clone())
     }
 
-    /// Tokenises and decodes samples into one padded micro-batch.
-    pub fn build(
-        &self,
-        kind: BatchKind,
-        step: u64,
-        micro: usize,
-        reqs: &[(usize, Locator)],
-        state_after: ReaderState,
-    ) -> Result<MicroBatch> {
-        let size = self.opts.image_size;
-        let mut encoded = Vec::new();
+    fn check_row(&self, rows: &Rows, src: usize, loc: Locator) -> Result<usize> {
+        if (loc.row as usize) < rows.len() {
+            Ok(loc.row as usize)
+        } else {
+            Err(Error::format(
+                &self.sources[src].shard_path(loc.shard),
+                format!("row {} of row group {} does not exist", loc.row, loc.row_group),
+            ))
+        }
+    }
+
+    /// Tokenises the samples of a micro-batch; over-long ones are dropped and counted.
+    fn prepare(&self, fetched: Vec<(usize, Locator, Rows)>) -> Result<(Vec<Prepared>, usize)> {
+        let mut out = Vec::new();
         let mut overlong = 0;
-        for &(src, loc) in reqs {
-            let s = self.sample(src, loc)?;
+        for (src, loc, rows) in fetched {
+            let row = self.check_row(&rows, src, loc)?;
+            let s = &rows[row];
             match encode_conversation(&self.tok, &s.id, &s.conversations, self.opts.max_len, Overflow::TruncateOutsideImages) {
-                Ok(e) => {
-                    if e.image_paths.len() > s.images.len() {
+                Ok(enc) => {
+                    if enc.image_paths.len() > s.images.len() {
                         return Err(Error::sample(
                             &s.id,
-                            format!("{} <img> spans but {} stored images", e.image_paths.len(), s.images.len()),
+                            format!("{} <img> spans but {} stored images", enc.image_paths.len(), s.images.len()),
                         ));
                     }
-                    encoded.push((s, e, src, loc));
+                    out.push(Prepared { rows: rows.clone(), row, src, loc, enc });
                 }
                 Err(e) => {
                     overlong += 1;
@@ -197,9 +262,101 @@ impl SampleLoader {
                 }
             }
         }
-        // Decode every image of the micro-batch on the worker pool.
+        Ok((out, overlong))
+    }
+
+    /// Image `k` of a prepared sample -> normalised pixels.
+    fn decode(&self, p: &Prepared, k: usize) -> Result<Vec<f32>> {
+        let s = p.sample();
+        let blob = &s.images[k];
+        if blob.path != p.enc.image_paths[k] {
+            return Err(Error::sample(
+                &s.id,
+                format!("image {k}: text names {:?}, stored image is {:?}", p.enc.image_paths[k], blob.path),
+            ));
+        }
+        preprocess_image(&blob.bytes, self.opts.image_size, &format!("{} of sample {}", p.enc.image_paths[k], s.id))
+    }
+
+    /// Pads the kept samples into one micro-batch; `pixels[i][k]` is image k of sample i.
+    #[allow(clippy::too_many_arguments)]
+    fn assemble(
+        &self,
+        kind: BatchKind,
+        step: u64,
+        micro: usize,
+        prepared: Vec<Prepared>,
+        pixels: Vec<Vec<Result<Vec<f32>>>>,
+        overlong: usize,
+        state_after: ReaderState,
+    ) -> Result<MicroBatch> {
+        let mut kept = Vec::new();
+        let mut bad = 0;
+        for (p, imgs) in prepared.into_iter().zip(pixels) {
+            match imgs.into_iter().collect::<Result<Vec<_>>>() {
+                Ok(px) => kept.push((p, px)),
+                Err(e) => {
+                    let file = self.sources[p.src].shard_path(p.loc.shard);
+                    if self.opts.bad_image == BadImagePolicy::Fail {
+                        return Err(Error::format(&file, format!("row group {}: {e}", p.loc.row_group)));
+                    }
+                    metrics::counter!("idavlm_samples_dropped_total", "reason" => "bad_image").increment(1);
+                    tracing::warn!("{}: skipped sample: {e}", file.display());
+                    bad += 1;
+                }
+            }
+        }
+        let seq = kept.iter().map(|(p, _)| p.enc.input_ids.len()).max().unwrap_or(0);
+        let n_images: usize = kept.iter().map(|(_, px)| px.len()).sum();
+        let size = self.opts.image_size;
+        let mut mb = MicroBatch {
+            kind,
+            step,
+            micro,
+            sample_ids: Vec::new(),
+            batch: kept.len(),
+            seq,
+            input_ids: Vec::with_capacity(kept.len() * seq),
+            labels: Vec::with_capacity(kept.len() * seq),
+            pixels: Vec::with_capacity(n_images * 3 * size * size),
+            image_rows: Vec::new(),
+            image_starts: Vec::new(),
+            image_roles: Vec::new(),
+            dropped_bad_image: bad,
+            dropped_overlong: overlong,
+            state_after,
+        };
+        for (row, (p, px)) in kept.into_iter().enumerate() {
+            let e = &p.enc;
+            mb.sample_ids.push(p.sample().id.clone());
+            mb.input_ids.extend(e.input_ids.iter().map(|&t| t as i64));
+            mb.input_ids.extend(std::iter::repeat_n(ENDOFTEXT as i64, seq - e.input_ids.len()));
+            mb.labels.extend(&e.labels);
+            mb.labels.extend(std::iter::repeat_n(IGNORE_INDEX, seq - e.labels.len()));
+            for (k, img) in px.into_iter().enumerate() {
+                mb.pixels.extend_from_slice(&img);
+                mb.image_rows.push(row);
+                mb.image_starts.push(e.image_starts[k]);
+                mb.image_roles.push(e.image_roles[k]);
+            }
+        }
+        Ok(mb)
+    }
+
+    /// Builds one micro-batch on the calling thread (blocking reads, images decoded on `workers` scoped
+    /// threads). The training stream uses [`Reader::stream`] instead.
+    pub fn build(
+        &self,
+        kind: BatchKind,
+        step: u64,
+        micro: usize,
+        reqs: &[(usize, Locator)],
+        state_after: ReaderState,
+    ) -> Result<MicroBatch> {
+        let fetched = reqs.iter().map(|&(src, loc)| Ok((src, loc, self.rows_blocking(src, loc)?))).collect::<Result<Vec<_>>>()?;
+        let (prepared, overlong) = self.prepare(fetched)?;
         let jobs: Vec<(usize, usize)> =
-            encoded.iter().enumerate().flat_map(|(i, (_, e, _, _))| (0..e.image_paths.len()).map(move |k| (i, k))).collect();
+            prepared.iter().enumerate().flat_map(|(i, p)| (0..p.enc.image_paths.len()).map(move |k| (i, k))).collect();
         let results: Vec<Mutex<Option<Result<Vec<f32>>>>> = jobs.iter().map(|_| Mutex::new(None)).collect();
         let next = AtomicUsize::new(0);
         std::thread::scope(|sc| {
@@ -210,75 +367,57 @@ impl SampleLoader {
                         break;
                     }
                     let (i, k) = jobs[j];
-                    let (s, e, _, _) = &encoded[i];
-                    let blob = &s.images[k];
-                    let what = format!("{} of sample {}", e.image_paths[k], s.id);
-                    let r = if blob.path != e.image_paths[k] {
-                        Err(Error::sample(
-                            &s.id,
-                            format!("image {k}: text names {:?}, stored image is {:?}", e.image_paths[k], blob.path),
-                        ))
-                    } else {
-                        preprocess_image(&blob.bytes, size, &what)
-                    };
-                    *results[j].lock().expect("result lock") = Some(r);
+                    *results[j].lock().expect("result lock") = Some(self.decode(&prepared[i], k));
                 });
             }
         });
-        let mut pixels_of: Vec<Vec<Vec<f32>>> = encoded.iter().map(|_| Vec::new()).collect();
-        let mut bad = vec![false; encoded.len()];
+        let mut pixels: Vec<Vec<Result<Vec<f32>>>> = prepared.iter().map(|_| Vec::new()).collect();
         for (j, r) in results.into_iter().enumerate() {
-            let (i, _) = jobs[j];
-            match r.into_inner().expect("result lock").expect("every job ran") {
-                Ok(p) => pixels_of[i].push(p),
-                Err(e) => {
-                    let (_, _, src, loc) = &encoded[i];
-                    let file = self.sources[*src].shard_path(loc.shard);
-                    if self.opts.bad_image == BadImagePolicy::Fail {
-                        return Err(Error::format(&file, format!("row group {}: {e}", loc.row_group)));
-                    }
-                    if !bad[i] {
-                        metrics::counter!("idavlm_samples_dropped_total", "reason" => "bad_image").increment(1);
-                        tracing::warn!("{}: skipped sample: {e}", file.display());
-                    }
-                    bad[i] = true;
-                }
+            pixels[jobs[j].0].push(r.into_inner().expect("result lock").expect("every job ran"));
+        }
+        self.assemble(kind, step, micro, prepared, pixels, overlong, state_after)
+    }
+
+    /// As [`Self::build`], on the reader's runtime: row groups read asynchronously, tokenisation and
+    /// each image's decode on the blocking pool, at most `decode` images at a time across the rank.
+    async fn build_async(
+        self: Arc<Self>,
+        kind: BatchKind,
+        step: u64,
+        micro: usize,
+        reqs: Vec<(usize, Locator)>,
+        state_after: ReaderState,
+        decode: Arc<tokio::sync::Semaphore>,
+    ) -> Result<MicroBatch> {
+        let join = |e: tokio::task::JoinError| Error::Invalid(format!("reader task failed: {e}"));
+        let fetched = futures::future::try_join_all(reqs.iter().map(|&(src, loc)| {
+            let this = self.clone();
+            async move { Ok::<_, Error>((src, loc, this.rows_async(src, loc).await?)) }
+        }))
+        .await?;
+        let this = self.clone();
+        let (prepared, overlong) = tokio::task::spawn_blocking(move || this.prepare(fetched)).await.map_err(join)??;
+        let prepared = Arc::new(prepared);
+        let mut tasks = Vec::new();
+        for i in 0..prepared.len() {
+            for k in 0..prepared[i].enc.image_paths.len() {
+                let (this, prepared, decode) = (self.clone(), prepared.clone(), decode.clone());
+                tasks.push(async move {
+                    let _permit = decode.acquire_owned().await.map_err(|e| Error::Invalid(format!("decode pool: {e}")))?;
+                    let r = tokio::task::spawn_blocking(move || this.decode(&prepared[i], k)).await.map_err(join)?;
+                    Ok::<_, Error>((i, r))
+                });
             }
         }
-        let kept: Vec<usize> = (0..encoded.len()).filter(|&i| !bad[i]).collect();
-        let seq = kept.iter().map(|&i| encoded[i].1.input_ids.len()).max().unwrap_or(0);
-        let mut mb = MicroBatch {
-            kind,
-            step,
-            micro,
-            sample_ids: Vec::new(),
-            batch: kept.len(),
-            seq,
-            input_ids: Vec::with_capacity(kept.len() * seq),
-            labels: Vec::with_capacity(kept.len() * seq),
-            pixels: Vec::new(),
-            image_rows: Vec::new(),
-            image_starts: Vec::new(),
-            image_roles: Vec::new(),
-            dropped_bad_image: bad.iter().filter(|&&b| b).count(),
-            dropped_overlong: overlong,
-            state_after,
-        };
-        for (row, &i) in kept.iter().enumerate() {
-            let (s, e, _, _) = &encoded[i];
-            mb.sample_ids.push(s.id.clone());
-            mb.input_ids.extend(e.input_ids.iter().map(|&t| t as i64));
-            mb.input_ids.extend(std::iter::repeat_n(ENDOFTEXT as i64, seq - e.input_ids.len()));
-            mb.labels.extend(&e.labels);
-            mb.labels.extend(std::iter::repeat_n(IGNORE_INDEX, seq - e.labels.len()));
-            for (k, p) in std::mem::take(&mut pixels_of[i]).into_iter().enumerate() {
-                mb.pixels.extend(p);
-                mb.image_rows.push(row);
-                mb.image_starts.push(e.image_starts[k]);
-                mb.image_roles.push(e.image_roles[k]);
-            }
+        let decoded = futures::future::try_join_all(tasks).await?;
+        let prepared = Arc::try_unwrap(prepared).map_err(|_| Error::Invalid("decode tasks outlived the batch".into()))?;
+        let mut pixels: Vec<Vec<Result<Vec<f32>>>> = prepared.iter().map(|_| Vec::new()).collect();
+        for (i, r) in decoded {
+            pixels[i].push(r);
         }
-        Ok(mb)
+        tokio::task::spawn_blocking(move || self.assemble(kind, step, micro, prepared, pixels, overlong, state_after))
+            .await
+            .map_err(join)?
     }
 }
 
@@ -377,30 +516,70 @@ impl Reader {
         (out, after)
     }
 
-    /// Starts loading steps `first_step..` from `state` on a background thread, `prefetch_steps` steps
-    /// ahead. The thread stops when the receiver is dropped or after the first error.
-    pub fn stream(mut self, first_step: u64, state: ReaderState, prefetch_steps: usize) -> Receiver<Result<StepBatches>> {
-        let (tx, rx) = sync_channel(prefetch_steps.max(1));
-        std::thread::Builder::new()
-            .name("idavlm-reader".into())
-            .spawn(move || {
-                let mut state = state;
-                let mut step = first_step;
-                loop {
+    /// Starts loading steps `first_step..` from `state` on the reader's own tokio runtime: up to
+    /// `prefetch_steps` steps are in flight at once (row-group reads, tokenisation, image decodes), and
+    /// finished steps wait in order in a bounded queue. Loading stops when the [`StepStream`] is
+    /// dropped or after the first error, which is delivered in its place.
+    pub fn stream(mut self, first_step: u64, state: ReaderState, prefetch_steps: usize) -> StepStream {
+        use futures::StreamExt;
+        let workers = self.loader.opts.workers.max(1);
+        let rt = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(1)
+            .max_blocking_threads(workers + 2)
+            .thread_name("idavlm-reader")
+            .enable_all()
+            .build()
+            .expect("reader runtime");
+        let (tx, rx) = tokio::sync::mpsc::channel(1);
+        let decode = Arc::new(tokio::sync::Semaphore::new(workers));
+        let loader = self.loader.clone();
+        rt.spawn(async move {
+            let mut state = state;
+            let steps = futures::stream::iter(first_step..)
+                .map(|step| {
                     let (reqs, after) = self.plan_step(step, state);
-                    let built: Result<Vec<MicroBatch>> =
-                        reqs.into_iter().map(|(kind, micro, r)| self.loader.build(kind, step, micro, &r, after)).collect();
-                    let failed = built.is_err();
-                    if tx.send(built.map(|micro_batches| StepBatches { step, micro_batches, state_after: after })).is_err()
-                        || failed
-                    {
-                        return;
-                    }
                     state = after;
-                    step += 1;
+                    let (loader, decode) = (loader.clone(), decode.clone());
+                    async move {
+                        let micro = reqs
+                            .into_iter()
+                            .map(|(kind, micro, r)| loader.clone().build_async(kind, step, micro, r, after, decode.clone()));
+                        let micro_batches = futures::future::try_join_all(micro).await?;
+                        Ok(StepBatches { step, micro_batches, state_after: after })
+                    }
+                })
+                .buffered(prefetch_steps.max(1));
+            futures::pin_mut!(steps);
+            while let Some(r) = steps.next().await {
+                let failed = r.is_err();
+                if tx.send(r).await.is_err() || failed {
+                    return;
                 }
-            })
-            .expect("spawn reader thread");
-        rx
+            }
+        });
+        StepStream { rx, rt: Some(rt) }
+    }
+}
+
+/// The consuming end of [`Reader::stream`]: steps in order, on the training thread.
+pub struct StepStream {
+    rx: tokio::sync::mpsc::Receiver<Result<StepBatches>>,
+    rt: Option<tokio::runtime::Runtime>,
+}
+
+impl StepStream {
+    /// The next step's micro-batches (blocking until loaded), or the error that stopped the reader.
+    pub fn next_step(&mut self) -> Result<StepBatches> {
+        self.rx.blocking_recv().unwrap_or_else(|| Err(Error::Invalid("the data reader stopped".into())))
+    }
+}
+
+impl Drop for StepStream {
+    fn drop(&mut self) {
+        self.rx.close();
+        // Decodes in progress finish on their own; nothing waits for them.
+        if let Some(rt) = self.rt.take() {
+            rt.shutdown_background();
+        }
     }
 }

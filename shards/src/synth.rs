@@ -452,7 +452,7 @@ impl Default for SynthOptions {
 }
 
 /// Writes `out/id` and `out/general` (Parquet datasets, `num_tokens` from `count_tokens`) and `out/eval`
-/// (MM-ID JSON `mmid.json` + `images/`).
+/// (MM-ID JSON `mmid.json` + `images/`, and the same split as Parquet in `shards/`).
 pub fn write_synth(out: &Path, o: &SynthOptions, count_tokens: &dyn Fn(&[Turn]) -> Result<i32>) -> Result<()> {
     let cast = cast(o.seed, o.cast_size);
     let id_kinds = [Kind::Location, Kind::Location, Kind::Matching, Kind::Qa, Kind::Caption];
@@ -475,11 +475,12 @@ pub fn write_synth(out: &Path, o: &SynthOptions, count_tokens: &dyn Fn(&[Turn]) 
         }
         w.finish()?;
     }
-    write_eval(&out.join("eval"), &cast, o)
+    write_eval(&out.join("eval"), &cast, o, count_tokens)
 }
 
-/// The held-out split in the MM-ID layout (scenes from their own random stream).
-fn write_eval(dir: &Path, cast: &[Character], o: &SynthOptions) -> Result<()> {
+/// The held-out split in the MM-ID layout (scenes from their own random stream), as `mmid.json` +
+/// `images/` and as the Parquet dataset `shards/`.
+fn write_eval(dir: &Path, cast: &[Character], o: &SynthOptions, count_tokens: &dyn Fn(&[Turn]) -> Result<i32>) -> Result<()> {
     let img_dir = dir.join("images");
     std::fs::create_dir_all(&img_dir).map_err(|e| Error::io(&img_dir, e))?;
     let mut rng = ChaCha8Rng::seed_from_u64(o.seed.wrapping_mul(7_919).wrapping_add(99));
@@ -520,7 +521,11 @@ fn write_eval(dir: &Path, cast: &[Character], o: &SynthOptions) -> Result<()> {
         }
     }
     let p = dir.join("mmid.json");
-    std::fs::write(&p, serde_json::to_vec_pretty(&items).expect("json")).map_err(|e| Error::io(&p, e))
+    std::fs::write(&p, serde_json::to_vec_pretty(&items).expect("json")).map_err(|e| Error::io(&p, e))?;
+    // The same split as a Parquet eval dataset (images embedded).
+    let items = crate::mmid::read_json(&p)?;
+    crate::mmid::write_parquet(&items, dir, &dir.join("shards"), "synth-eval", count_tokens)?;
+    Ok(())
 }
 
 /// A natural-looking test photo of `w` x `h` (background gradient, noise, characters) as JPEG

@@ -338,3 +338,35 @@ fn greedy_generation_with_the_kv_cache_equals_recomputing_everything() {
     assert_eq!(cached, full);
     assert!(!full.is_empty());
 }
+
+#[test]
+fn batched_generation_equals_one_prompt_at_a_time() {
+    let cfg = tiny_id();
+    let p = random_params(&cfg);
+    let m = QwenVl::new(&cfg, &p);
+    let tok = tokenizer();
+    let d = tempfile::tempdir().unwrap();
+    idavlm_tests::synth(d.path(), 4, 0, 4);
+    let root = d.path().join("eval");
+    let items = idavlm::infer::read_bench(&root.join("mmid.json")).unwrap();
+    // One item of each type: prompts of different lengths and image counts, so rows are left-padded.
+    let mut picked: Vec<&idavlm::infer::Item> = Vec::new();
+    for kind in ["matching", "location", "QA_singleimage", "caption_singleimage"] {
+        picked.push(items.iter().find(|i| i.kind == kind).unwrap());
+    }
+    let opts = idavlm::infer::GenOptions { max_new_tokens: 10, top_p: None, seed: 1 };
+    let batched = idavlm::infer::generate_batch(&m, tok, &picked, &root, &opts).unwrap();
+    let lens: std::collections::BTreeSet<usize> = picked.iter().map(|i| i.filled_question().len()).collect();
+    assert!(lens.len() > 1, "the prompts should differ in length");
+    for (item, (_, got)) in picked.iter().zip(&batched) {
+        let (_, alone) = idavlm::infer::generate_batch(&m, tok, &[*item], &root, &opts).unwrap().pop().unwrap();
+        assert_eq!(got, &alone, "item {}", item.id);
+    }
+    // The Parquet form of the same split answers the same (images from the shard, not the folder).
+    let parquet = idavlm::infer::read_bench(&root.join("shards")).unwrap();
+    let by_id: std::collections::HashMap<&str, &idavlm::infer::Item> = parquet.iter().map(|i| (i.id.as_str(), i)).collect();
+    let pq: Vec<&idavlm::infer::Item> = picked.iter().map(|i| by_id[i.id.as_str()]).collect();
+    let elsewhere = tempfile::tempdir().unwrap();
+    let from_parquet = idavlm::infer::generate_batch(&m, tok, &pq, elsewhere.path(), &opts).unwrap();
+    assert_eq!(from_parquet.iter().map(|x| &x.1).collect::<Vec<_>>(), batched.iter().map(|x| &x.1).collect::<Vec<_>>());
+}

@@ -1,4 +1,5 @@
 use std::collections::{BTreeMap, HashSet};
+use std::path::Path;
 use std::process::Command;
 use std::sync::Arc;
 
@@ -257,8 +258,8 @@ fn a_corrupt_image_at_training_time_is_skipped_or_fatal() {
             StepShape { micro_batch: 4, accum: 1, world: 1, rank: 0, inject_probability: 0.0 },
         )
         .unwrap();
-        let rx = r.stream(0, ReaderState::default(), 1);
-        let got = rx.recv().unwrap();
+        let mut rx = r.stream(0, ReaderState::default(), 1);
+        let got = rx.next_step();
         match (got, ok) {
             (Ok(step), true) => {
                 assert_eq!(step.micro_batches[0].batch, 3);
@@ -269,4 +270,31 @@ fn a_corrupt_image_at_training_time_is_skipped_or_fatal() {
             (r, _) => panic!("policy {policy:?}: unexpected {:?}", r.map(|s| s.micro_batches.len())),
         }
     }
+}
+
+#[test]
+fn the_eval_split_in_parquet_equals_its_mmid_json() {
+    let d = tempfile::tempdir().unwrap();
+    idavlm_tests::synth(d.path(), 4, 0, 4);
+    let root = d.path().join("eval");
+    let json = idavlm_shards::mmid::read_bench(&root.join("mmid.json")).unwrap();
+    let parquet = idavlm_shards::mmid::read_bench(&root.join("shards")).unwrap();
+    assert_eq!(json.len(), 16);
+    assert_eq!(json.len(), parquet.len());
+    for (j, p) in json.iter().zip(&parquet) {
+        assert_eq!((&j.id, &j.kind, &j.answer), (&p.id, &p.kind, &p.answer));
+        assert_eq!(j.filled_question(), p.filled_question());
+        let paths = j.image_paths().unwrap();
+        assert_eq!(paths, p.image_paths().unwrap());
+        assert!(!paths.is_empty());
+        for path in &paths {
+            // Embedded bytes are the files' bytes, read without the image folder.
+            assert_eq!(p.image_bytes(path, Path::new("/nonexistent")).unwrap(), std::fs::read(root.join(path)).unwrap());
+        }
+    }
+    // A JSON item without a field is an error naming the file and the item.
+    let bad = d.path().join("bad.json");
+    std::fs::write(&bad, r#"[{"id": "a", "type": "matching", "question": "q"}]"#).unwrap();
+    let e = idavlm_shards::mmid::read_bench(&bad).unwrap_err().to_string();
+    assert!(e.contains("bad.json") && e.contains("item 0") && e.contains("answer"), "{e}");
 }

@@ -7,69 +7,19 @@
 use std::path::{Path, PathBuf};
 
 use serde::Serialize;
-use serde_json::Value;
 use tch::{Device, Kind, Tensor};
 
-use crate::error::{Error, Result};
+use crate::error::Result;
 use crate::model::{ModelInput, QwenVl};
 use idavlm_shards::chat::{encode_conversation, Overflow, Turn};
 use idavlm_shards::preprocess::{decode_rgb8, preprocess_image};
-use idavlm_shards::tokenizer::{Tokenizer, IM_END, IM_START, NEWLINE};
+use idavlm_shards::tokenizer::{Tokenizer, ENDOFTEXT, IM_END, IM_START, NEWLINE};
 
-/// One benchmark item as read from the MM-ID JSON.
-#[derive(Clone, Debug)]
-pub struct Item {
-    pub id: String,
-    pub kind: String,
-    pub question: String,
-    pub answer: String,
-    /// `image_k` key -> path, in key order.
-    pub images: Vec<(String, String)>,
-}
+pub use idavlm_shards::mmid::{read_bench, Item};
 
-pub fn read_bench(path: &Path) -> Result<Vec<Item>> {
-    let text = std::fs::read_to_string(path).map_err(|e| Error::io(path, e))?;
-    let v: Value = serde_json::from_str(&text).map_err(|e| Error::Other(format!("{}: invalid JSON: {e}", path.display())))?;
-    let list = v.as_array().ok_or_else(|| Error::Other(format!("{}: expected a JSON list of items", path.display())))?;
-    list.iter()
-        .enumerate()
-        .map(|(i, it)| {
-            let s = |k: &str| -> Result<String> {
-                it.get(k)
-                    .map(|x| x.as_str().map(str::to_string).unwrap_or_else(|| x.to_string()))
-                    .ok_or_else(|| Error::Other(format!("{}: item {i}: no {k:?}", path.display())))
-            };
-            let mut images: Vec<(usize, String, String)> = it
-                .as_object()
-                .into_iter()
-                .flatten()
-                .filter_map(|(k, v)| {
-                    let n = k.strip_prefix("image_")?.parse::<usize>().ok()?;
-                    Some((n, k.clone(), v.as_str()?.to_string()))
-                })
-                .collect();
-            images.sort();
-            Ok(Item {
-                id: s("id")?,
-                kind: s("type")?,
-                question: s("question")?,
-                answer: s("answer")?,
-                images: images.into_iter().map(|(_, k, p)| (k, p)).collect(),
-            })
-        })
-        .collect()
-}
-
-/// The question with each `image_k` replaced by `<img>PATH</img>` (longest keys first, so `image_1`
-/// never eats the front of `image_10`).
+/// The question with each `image_k` replaced by `<img>PATH</img>`.
 pub fn fill_question(item: &Item) -> String {
-    let mut keys: Vec<&(String, String)> = item.images.iter().collect();
-    keys.sort_by_key(|(k, _)| std::cmp::Reverse(k.len()));
-    let mut q = item.question.clone();
-    for (k, p) in keys {
-        q = q.replace(k.as_str(), &format!("<img>{p}</img>"));
-    }
-    q
+    item.filled_question()
 }
 
 #[derive(Clone, Debug)]
@@ -80,7 +30,7 @@ pub struct GenOptions {
     pub seed: i64,
 }
 
-/// Generates the assistant's answer for one prompt.
+/// Generates the assistant's answer for one prompt whose images are files under `images_root`.
 pub fn generate(
     model: &QwenVl,
     tok: &Tokenizer,
@@ -88,56 +38,118 @@ pub fn generate(
     images_root: &Path,
     opts: &GenOptions,
 ) -> Result<(String, Vec<u32>)> {
-    let turns = vec![Turn { from: "user".into(), value: user.to_string() }];
-    let enc = encode_conversation(tok, "prompt", &turns, usize::MAX, Overflow::Reject)?;
-    let mut ids: Vec<i64> = enc.input_ids.iter().map(|&t| t as i64).collect();
-    ids.push(IM_START as i64);
-    ids.extend(tok.encode("assistant").iter().map(|&t| t as i64));
-    ids.push(NEWLINE as i64);
+    let item = Item { id: "prompt".into(), question: user.to_string(), ..Default::default() };
+    Ok(generate_batch(model, tok, &[&item], images_root, opts)?.pop().expect("one answer per prompt"))
+}
+
+/// Generates the answers of several items at once: prompts left-padded to the longest, padding masked
+/// out of attention, each row with its own positions and NTK alpha, so each answer is the one the
+/// item gets alone (up to floating-point summation order). Sampling draws the rows in order from one
+/// seeded generator.
+pub fn generate_batch(
+    model: &QwenVl,
+    tok: &Tokenizer,
+    items: &[&Item],
+    images_root: &Path,
+    opts: &GenOptions,
+) -> Result<Vec<(String, Vec<u32>)>> {
     let size = model.cfg.visual.image_size as usize;
     let device = model.device();
+    let mut prompts = Vec::new();
     let mut pixels = Vec::new();
-    for p in &enc.image_paths {
-        let f = images_root.join(p);
-        let bytes = std::fs::read(&f).map_err(|e| Error::io(&f, e))?;
-        pixels.extend(preprocess_image(&bytes, size, &f.display().to_string())?);
+    for item in items {
+        let turns = vec![Turn { from: "user".into(), value: item.filled_question() }];
+        let enc = encode_conversation(tok, &item.id, &turns, usize::MAX, Overflow::Reject)?;
+        let mut ids: Vec<i64> = enc.input_ids.iter().map(|&t| t as i64).collect();
+        ids.push(IM_START as i64);
+        ids.extend(tok.encode("assistant").iter().map(|&t| t as i64));
+        ids.push(NEWLINE as i64);
+        for p in &enc.image_paths {
+            let bytes = item.image_bytes(p, images_root)?;
+            pixels.extend(preprocess_image(&bytes, size, &format!("{p} of item {}", item.id))?);
+        }
+        prompts.push((ids, enc));
     }
-    let n = enc.image_paths.len() as i64;
-    let l = ids.len() as i64;
+    let b = prompts.len();
+    let l = prompts.iter().map(|(ids, _)| ids.len()).max().unwrap_or(0) as i64;
+    let pads: Vec<i64> = prompts.iter().map(|(ids, _)| l - ids.len() as i64).collect();
+    let mut ids = Vec::with_capacity(b * l as usize);
+    let (mut rows, mut starts, mut roles) = (Vec::new(), Vec::new(), Vec::new());
+    for (r, (p, enc)) in prompts.iter().enumerate() {
+        ids.extend(std::iter::repeat_n(ENDOFTEXT as i64, pads[r] as usize));
+        ids.extend(p);
+        rows.extend(std::iter::repeat_n(r, enc.image_starts.len()));
+        starts.extend(enc.image_starts.iter().map(|&s| s + pads[r] as usize));
+        roles.extend(enc.image_roles.iter().copied());
+    }
+    let n = rows.len() as i64;
     let input = ModelInput {
-        input_ids: Tensor::from_slice(&ids).view([1, l]).to_device(device),
-        labels: Tensor::full([1, l], -100, (Kind::Int64, device)),
+        input_ids: Tensor::from_slice(&ids).view([b as i64, l]).to_device(device),
+        labels: Tensor::full([b as i64, l], -100, (Kind::Int64, device)),
         pixels: Tensor::from_slice(&pixels).view([n, 3, size as i64, size as i64]).to_device(device),
-        image_rows: vec![0; n as usize],
-        image_starts: enc.image_starts.clone(),
-        image_roles: enc.image_roles.clone(),
+        image_rows: rows,
+        image_starts: starts,
+        image_roles: roles,
     };
-    let alpha = model.ntk_alpha(l);
+    let alphas: Vec<f64> = pads.iter().map(|&p| model.ntk_alpha(l - p)).collect();
+    // Which key positions are real tokens; None when no row is padded.
+    let mut keys = pads.iter().any(|&p| p > 0).then(|| {
+        let real: Vec<bool> = pads.iter().flat_map(|&p| (0..l).map(move |j| j >= p)).collect();
+        Tensor::from_slice(&real).view([b as i64, l]).to_device(device)
+    });
     tch::manual_seed(opts.seed);
-    let out = tch::no_grad(|| -> Vec<u32> {
+    let out = tch::no_grad(|| -> Vec<Vec<u32>> {
         let mut caches: Vec<_> = (0..model.cfg.num_hidden_layers).map(|_| None).collect();
         let x = model.stem.forward(&input);
-        let mut logits = model.decode_step(x, &model.rope_infer(0, l, alpha), &mut caches);
-        let mut out = Vec::new();
-        let mut pos = l;
+        let first: Vec<i64> = pads.iter().map(|&p| -p).collect();
+        let mut logits = model.decode_step(x, &model.rope_rows(&first, l, &alphas, keys.shallow_clone_opt()), &mut caches);
+        let mut out = vec![Vec::new(); b];
+        let mut done = vec![false; b];
+        let mut pos: Vec<i64> = pads.iter().map(|&p| l - p).collect();
         for _ in 0..opts.max_new_tokens {
-            let last = logits.select(1, logits.size()[1] - 1).squeeze_dim(0).to_kind(Kind::Float);
-            let next = match opts.top_p {
-                None => last.argmax(0, false).int64_value(&[]),
-                Some(p) => sample_top_p(&last, p),
-            } as u32;
-            if next == IM_END || next == IM_START {
+            let last = logits.select(1, logits.size()[1] - 1).to_kind(Kind::Float);
+            let greedy: Vec<i64> = match opts.top_p {
+                None => Vec::try_from(last.argmax(-1, false).to_device(Device::Cpu)).expect("argmax"),
+                Some(_) => Vec::new(),
+            };
+            let mut feed = vec![ENDOFTEXT as i64; b];
+            for r in 0..b {
+                if done[r] {
+                    continue;
+                }
+                let next = match opts.top_p {
+                    None => greedy[r],
+                    Some(p) => sample_top_p(&last.get(r as i64), p),
+                } as u32;
+                if next == IM_END || next == IM_START {
+                    done[r] = true;
+                } else {
+                    out[r].push(next);
+                    feed[r] = next as i64;
+                }
+            }
+            if done.iter().all(|&d| d) {
                 break;
             }
-            out.push(next);
-            let t = Tensor::from_slice(&[next as i64]).view([1, 1]).to_device(device);
+            let t = Tensor::from_slice(&feed).view([b as i64, 1]).to_device(device);
             let x = model.stem.embed(&t, None, &[], &[]);
-            logits = model.decode_step(x, &model.rope_infer(pos, 1, alpha), &mut caches);
-            pos += 1;
+            keys = keys.take().map(|k| Tensor::cat(&[k, Tensor::ones([b as i64, 1], (Kind::Bool, device))], 1));
+            logits = model.decode_step(x, &model.rope_rows(&pos, 1, &alphas, keys.shallow_clone_opt()), &mut caches);
+            pos.iter_mut().for_each(|p| *p += 1);
         }
         out
     });
-    Ok((tok.decode(&out), out))
+    Ok(out.into_iter().map(|ids| (tok.decode(&ids), ids)).collect())
+}
+
+trait ShallowCloneOpt {
+    fn shallow_clone_opt(&self) -> Self;
+}
+
+impl ShallowCloneOpt for Option<Tensor> {
+    fn shallow_clone_opt(&self) -> Self {
+        self.as_ref().map(Tensor::shallow_clone)
+    }
 }
 
 fn sample_top_p(logits: &Tensor, p: f64) -> i64 {
@@ -271,9 +283,9 @@ pub fn summarise(preds: &[Prediction]) -> std::collections::BTreeMap<String, Typ
 
 /// The size of a location item's test image (the last image of the item).
 pub fn test_image_size(item: &Item, root: &Path) -> Option<(usize, usize)> {
-    let (_, p) = item.images.last()?;
-    let bytes = std::fs::read(root.join(p)).ok()?;
-    decode_rgb8(&bytes, p).ok().map(|(_, w, h)| (w, h))
+    let p = item.image_paths().ok()?.pop()?;
+    let bytes = item.image_bytes(&p, root).ok()?;
+    decode_rgb8(&bytes, &p).ok().map(|(_, w, h)| (w, h))
 }
 
 /// The model folder of a checkpoint path: `CKPT/model`, or the path itself when it holds weights.
@@ -317,7 +329,7 @@ mod tests {
             kind: "location".into(),
             question: String::new(),
             answer: "[0, 0, 100, 50]".into(),
-            images: vec![],
+            ..Default::default()
         };
         // 0..1000 coordinates scale to the test image's pixels (200 x 100).
         let (s, bad) = score(&item, "<box>(0,0),(500,500)</box>", Some((200, 100)));

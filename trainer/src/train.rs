@@ -192,12 +192,12 @@ pub fn run(recipe: &Recipe, resume: Resume, comm: &dyn Communicator, device: Dev
 
     let peak = if let Device::Cuda(i) = device { flops::device_peak(&cuda_name(i)) } else { None };
     let mut reporter = Reporter::new(recipe, rank, total_steps, ts.step, n_trainable, st.layout.shard_numel())?;
-    let rx = reader.stream(ts.step, ts.reader, recipe.data.prefetch_steps);
+    let mut rx = reader.stream(ts.step, ts.reader, recipe.data.prefetch_steps);
     let mut summary = Summary::default();
     let scale = 1.0 / (recipe.batch.accum * world) as f64;
     while ts.step < total_steps {
         let t0 = Instant::now();
-        let data = rx.recv().map_err(|_| Error::Other("the data reader stopped".into()))??;
+        let data = rx.next_step()?;
         debug_assert_eq!(data.step, ts.step);
         let mut sums = [0f64; 6]; // id loss, id count, general loss, general count, tokens, flops
         let mut dropped = 0u64;

@@ -17,7 +17,8 @@ struct Cli {
     /// A checkpoint folder (its model/) or a Hugging Face model folder with config.json.
     #[arg(long)]
     checkpoint: PathBuf,
-    /// The benchmark JSON (MM-ID layout).
+    /// The benchmark: an MM-ID-layout JSON file, or a Parquet eval dataset folder (images embedded;
+    /// `idavlm-shards convert-eval` writes one).
     #[arg(long)]
     bench: PathBuf,
     /// Root of the image paths (default: the benchmark file's folder).
@@ -32,6 +33,9 @@ struct Cli {
     top_p: Option<f64>,
     #[arg(long, default_value_t = 1234)]
     seed: i64,
+    /// Prompts generated together (left-padded, one KV cache per batch).
+    #[arg(long, default_value_t = 8)]
+    batch: usize,
     /// Only the first N items.
     #[arg(long)]
     limit: Option<usize>,
@@ -69,23 +73,26 @@ fn run(cli: Cli) -> Result<()> {
         ProgressStyle::with_template("{bar:30} {pos}/{len} [{elapsed_precise}<{eta_precise}] {msg}").expect("template"),
     );
     let mut preds = Vec::new();
-    for item in &items {
-        let (text, _) =
-            generate(&model, &tok, &fill_question(item), &root, &opts).with_context(|| format!("item {}", item.id))?;
-        let size = if item.kind == "location" { test_image_size(item, &root) } else { None };
-        let (score, unparsable) = score(item, &text, size);
-        let p = Prediction {
-            id: item.id.clone(),
-            kind: item.kind.clone(),
-            question: item.question.clone(),
-            answer: item.answer.clone(),
-            prediction: text,
-            score,
-            unparsable,
-        };
-        writeln!(out, "{}", serde_json::to_string(&p)?)?;
-        preds.push(p);
-        bar.inc(1);
+    for chunk in items.chunks(cli.batch.max(1)) {
+        let refs: Vec<&Item> = chunk.iter().collect();
+        let answers = generate_batch(&model, &tok, &refs, &root, &opts)
+            .with_context(|| format!("items {}..{}", chunk[0].id, chunk.last().map(|i| i.id.as_str()).unwrap_or_default()))?;
+        for (item, (text, _)) in chunk.iter().zip(answers) {
+            let size = if item.kind == "location" { test_image_size(item, &root) } else { None };
+            let (score, unparsable) = score(item, &text, size);
+            let p = Prediction {
+                id: item.id.clone(),
+                kind: item.kind.clone(),
+                question: item.question.clone(),
+                answer: item.answer.clone(),
+                prediction: text,
+                score,
+                unparsable,
+            };
+            writeln!(out, "{}", serde_json::to_string(&p)?)?;
+            preds.push(p);
+            bar.inc(1);
+        }
     }
     bar.finish_and_clear();
     let summary = summarise(&preds);

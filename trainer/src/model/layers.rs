@@ -122,13 +122,14 @@ pub fn rope_tables(head_dim: i64, base: f64, start: i64, len: i64, ntk_alpha: f6
     (emb.cos(), emb.sin())
 }
 
-/// Applies rotate-half RoPE in f32 to x (B, S, H, Dh) with tables (S, Dh); returns x's dtype.
+/// Applies rotate-half RoPE in f32 to x (B, S, H, Dh) with tables (S, Dh), or (B, S, Dh) when each row
+/// has its own positions; returns x's dtype.
 pub fn apply_rope(x: &Tensor, cos: &Tensor, sin: &Tensor) -> Tensor {
     let xf = x.to_kind(Kind::Float);
     let half = xf.size()[3] / 2;
     let x1 = xf.narrow(3, 0, half);
     let x2 = xf.narrow(3, half, half);
     let rot = Tensor::cat(&[&x2.neg(), &x1], 3);
-    let (c, s) = (cos.unsqueeze(1), sin.unsqueeze(1)); // (S, 1, Dh) broadcasts over heads
+    let (c, s) = (cos.unsqueeze(-2), sin.unsqueeze(-2)); // (.., S, 1, Dh) broadcasts over heads
     (xf * c + rot * s).to_kind(x.kind())
 }

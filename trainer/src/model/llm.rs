@@ -29,8 +29,11 @@ pub struct Rope {
     /// (S, Dh) f32 each, for the positions of this call.
     pub cos: Tensor,
     pub sin: Tensor,
-    /// (S,) f32 factors for the queries (Qwen's logn attention); None in training.
+    /// (S,) or (B, S) f32 factors for the queries (Qwen's logn attention); None in training.
     pub logn: Option<Tensor>,
+    /// (B, T) bool: which of all keys up to this call are real tokens (a left-padded generation batch);
+    /// None when every key is.
+    pub keys: Option<Tensor>,
 }
 
 impl QwenBlock {
@@ -46,7 +49,10 @@ impl QwenBlock {
         let v = parts[2].view([b, s, self.heads, hd]);
         let q = match &rope.logn {
             // logn scaling in f32 then back, as Qwen's `query * logn_tensor`.
-            Some(f) => (q.to_kind(Kind::Float) * f.view([1, s, 1, 1])).to_kind(q.kind()),
+            Some(f) => {
+                let f = if f.dim() == 1 { f.view([1, s, 1, 1]) } else { f.view([b, s, 1, 1]) };
+                (q.to_kind(Kind::Float) * f).to_kind(q.kind())
+            }
             None => q,
         };
         let (q, mut k, mut v) = (q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2));
@@ -59,15 +65,23 @@ impl QwenBlock {
             }
             *cache = Some(KvCache { k: k.shallow_clone(), v: v.shallow_clone() });
         }
-        let a = if past == 0 {
-            Tensor::scaled_dot_product_attention::<Tensor>(&q, &k, &v, None, 0.0, true, None, false)
-        } else {
-            // New position i (absolute past+i) sees keys 0..=past+i.
-            let t = past + s;
-            let qi = Tensor::arange_start(past, t, (Kind::Int64, x.device())).unsqueeze(1);
-            let kj = Tensor::arange(t, (Kind::Int64, x.device())).unsqueeze(0);
-            let mask = kj.le_tensor(&qi);
-            Tensor::scaled_dot_product_attention(&q, &k, &v, Some(&mask), 0.0, false, None, false)
+        let a = match &rope.keys {
+            None if past == 0 => Tensor::scaled_dot_product_attention::<Tensor>(&q, &k, &v, None, 0.0, true, None, false),
+            keys => {
+                // New position i (absolute past+i) sees keys 0..=past+i that are real tokens; a padding
+                // query also sees itself, so that its (unused) row stays finite.
+                let t = past + s;
+                let qi = Tensor::arange_start(past, t, (Kind::Int64, x.device())).unsqueeze(1);
+                let kj = Tensor::arange(t, (Kind::Int64, x.device())).unsqueeze(0);
+                let causal = kj.le_tensor(&qi);
+                let mask = match keys {
+                    None => causal,
+                    Some(real) => {
+                        causal.unsqueeze(0).logical_and(&real.view([b, 1, t])).logical_or(&kj.eq_tensor(&qi)).unsqueeze(1)
+                    }
+                };
+                Tensor::scaled_dot_product_attention(&q, &k, &v, Some(&mask), 0.0, false, None, false)
+            }
         };
         let x = x + self.c_proj.forward(&a.transpose(1, 2).reshape([b, s, d]));
         let h = self.ln_2.forward(&x);

@@ -292,7 +292,7 @@ impl QwenVl {
     /// Training RoPE for positions 0..seq_len.
     pub fn rope(cfg: &ModelConfig, seq_len: i64, device: Device) -> Rope {
         let (cos, sin) = layers::rope_tables(cfg.kv_channels, cfg.rotary_emb_base, 0, seq_len, 1.0, device);
-        Rope { cos, sin, logn: None }
+        Rope { cos, sin, logn: None, keys: None }
     }
 
     /// Inference RoPE for positions `start..start+len` with Qwen's dynamic NTK (alpha fixed from the
@@ -307,7 +307,25 @@ impl QwenVl {
                 .collect();
             Tensor::from_slice(&f).to_device(self.device())
         });
-        Rope { cos, sin, logn }
+        Rope { cos, sin, logn, keys: None }
+    }
+
+    /// Inference RoPE for a left-padded batch: row r's columns hold its positions `starts[r]..` (negative
+    /// on padding, whose values nothing reads), each row with its own NTK alpha; `keys` (B, T) marks the
+    /// real positions among all keys up to this call. One row without padding is exactly
+    /// [`Self::rope_infer`].
+    pub fn rope_rows(&self, starts: &[i64], len: i64, alphas: &[f64], keys: Option<Tensor>) -> Rope {
+        if starts.len() == 1 {
+            return Rope { keys, ..self.rope_infer(starts[0], len, alphas[0]) };
+        }
+        let rows: Vec<Rope> = starts.iter().zip(alphas).map(|(&s, &a)| self.rope_infer(s, len, a)).collect();
+        let cos = Tensor::stack(&rows.iter().map(|r| &r.cos).collect::<Vec<_>>(), 0);
+        let sin = Tensor::stack(&rows.iter().map(|r| &r.sin).collect::<Vec<_>>(), 0);
+        let logn = rows.iter().any(|r| r.logn.is_some()).then(|| {
+            let ones = Tensor::ones([len], (Kind::Float, self.device()));
+            Tensor::stack(&rows.iter().map(|r| r.logn.as_ref().unwrap_or(&ones)).collect::<Vec<_>>(), 0)
+        });
+        Rope { cos, sin, logn, keys }
     }
 
     /// Qwen's dynamic NTK alpha for a prompt of `len` tokens: 2^ceil(log2(len/seq_length)+1) - 1, at least 1.
