@@ -197,6 +197,22 @@ pub struct BatchSection {
     pub micro: usize,
     /// Micro-batches per optimizer step per rank.
     pub accum: usize,
+    /// How token losses are averaged into the step's loss.
+    #[serde(default)]
+    pub loss_mean: LossMean,
+}
+
+/// How the loss of a step averages its tokens.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum LossMean {
+    /// Each micro-batch's loss is the mean over its supervised tokens; the step averages those means over
+    /// micro-batches and ranks (Hugging Face Trainer + DeepSpeed, as the original IDA-VLM training).
+    #[default]
+    MicroBatch,
+    /// The mean over every supervised token of the global step (one extra all-reduce of a count per
+    /// step): the same gradient however samples are grouped into micro-batches and ranks.
+    Tokens,
 }
 
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]

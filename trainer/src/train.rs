@@ -15,7 +15,7 @@ use crate::flops;
 use crate::model::weights::load_hf;
 use crate::model::{ModelConfig, ParamSet, ParamSpec};
 use crate::optim::{AdamW, Schedule};
-use crate::recipe::{glob_match, Dtype, Recipe};
+use crate::recipe::{glob_match, Dtype, LossMean, Recipe};
 use crate::report::{Reporter, StepRecord};
 use crate::step::{forward_backward, model_input};
 use crate::zero::Sharded;
@@ -199,15 +199,29 @@ pub fn run(recipe: &Recipe, resume: Resume, comm: &dyn Communicator, device: Dev
         let t0 = Instant::now();
         let data = rx.next_step()?;
         debug_assert_eq!(data.step, ts.step);
-        let mut sums = [0f64; 6]; // id loss, id count, general loss, general count, tokens, flops
+        let mut sums = [0f64; 6]; // id loss, id weight, general loss, general weight, tokens, flops
         let mut dropped = 0u64;
+        // Token-mean loss: every rank needs the step's supervised-token count before its first backward.
+        let global_tokens = match recipe.batch.loss_mean {
+            LossMean::MicroBatch => None,
+            LossMean::Tokens => {
+                let local: usize = data.micro_batches.iter().map(|mb| mb.supervised_tokens()).sum();
+                let t = tch::Tensor::from_slice(&[local as f32]).to_device(if device.is_cuda() { device } else { Device::Cpu });
+                comm.all_reduce_sum(&t)?;
+                Some(t.double_value(&[0]).max(1.0))
+            }
+        };
         for mb in &data.micro_batches {
             let input = model_input(mb, image_size, device);
-            let loss = forward_backward(&mut st, comm, &cfg, &input, scale, recipe.activation_checkpointing)?;
+            let (mb_scale, weight) = match global_tokens {
+                None => (scale, 1.0),
+                Some(n) => (mb.supervised_tokens() as f64 / n, mb.supervised_tokens() as f64),
+            };
+            let loss = forward_backward(&mut st, comm, &cfg, &input, mb_scale, recipe.activation_checkpointing)?;
             let slot = if mb.kind == BatchKind::Id { 0 } else { 2 };
-            if mb.batch > 0 {
-                sums[slot] += loss;
-                sums[slot + 1] += 1.0;
+            if mb.batch > 0 && weight > 0.0 {
+                sums[slot] += loss * weight;
+                sums[slot + 1] += weight;
             }
             sums[4] += (mb.batch * mb.seq) as f64;
             sums[5] += flops::micro_batch_flops(&cfg, mb.batch, mb.seq, mb.num_images());
