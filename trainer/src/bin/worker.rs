@@ -105,6 +105,20 @@ fn make_comm(kind: &str, info: &RankInfo, device: tch::Device, timeout: Duration
         "tcp" => Box::new(TcpComm::connect(info, timeout)?),
         "nccl" => {
             let tch::Device::Cuda(i) = device else { anyhow::bail!("--comm nccl needs a GPU") };
+            // Under mpirun with MPI built in, MPI carries the NCCL id; otherwise the TCP rendezvous.
+            #[cfg(feature = "mpi")]
+            if under_mpirun {
+                let mut universe = None;
+                let c = idavlm::comm::nccl::NcclComm::connect_with(info, i, timeout, &mut |blob| {
+                    let (b, u) = idavlm::comm::mpi_comm::broadcast_blob(blob, info.rank, info.world)?;
+                    universe = Some(u);
+                    Ok(b)
+                })?;
+                tracing::info!(rank = info.rank, "NCCL id broadcast with MPI");
+                // MPI stays initialised as long as the communicator (finalised when it is dropped).
+                let universe = universe.expect("the exchange ran");
+                return Ok(Box::new(c.keep_alive(Box::new(universe))));
+            }
             Box::new(idavlm::comm::nccl::NcclComm::connect(info, i, timeout)?)
         }
         #[cfg(feature = "mpi")]

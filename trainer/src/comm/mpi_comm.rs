@@ -79,6 +79,20 @@ impl MpiComm {
     }
 }
 
+/// MPI used only to start another communicator: broadcasts rank 0's 128-byte blob (the NCCL unique
+/// id) to every rank. The returned universe keeps MPI initialised for the life of the process, so
+/// `mpirun` keeps treating the ranks as one job.
+pub fn broadcast_blob(blob: Option<[u8; 128]>, rank: usize, world: usize) -> Result<([u8; 128], mpi::environment::Universe)> {
+    let universe = mpi::initialize().ok_or_else(|| Error::Comm("MPI was already initialised".into()))?;
+    let w = universe.world();
+    if w.rank() as usize != rank || w.size() as usize != world {
+        return Err(Error::Comm(format!("MPI says rank {} of {}, the environment says {rank} of {world}", w.rank(), w.size())));
+    }
+    let mut buf = blob.unwrap_or([0u8; 128]);
+    w.process_at_rank(0).broadcast_into(&mut buf[..]);
+    Ok((buf, universe))
+}
+
 impl Communicator for MpiComm {
     fn rank(&self) -> usize {
         self.rank

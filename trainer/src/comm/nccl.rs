@@ -34,6 +34,8 @@ pub struct NcclComm {
     /// Non-blocking stream of the asynchronous collectives (the synchronous ones use libtorch's).
     comm_stream: usize,
     pending: Arc<Mutex<VecDeque<Pending>>>,
+    /// What must live as long as the communicator (the MPI environment that carried the id).
+    _keep: Option<Box<dyn std::any::Any>>,
 }
 
 // The raw handles are plain pointers owned by this struct; NCCL and the driver are thread-safe for the
@@ -60,6 +62,31 @@ fn dtype(k: Kind) -> Result<ncclsys::ncclDataType_t> {
 impl NcclComm {
     /// Joins the job on CUDA device `device` (the local rank's GPU), exchanging the NCCL id over TCP.
     pub fn connect(info: &RankInfo, device: usize, timeout: Duration) -> Result<Self> {
+        let ip = local_ip_towards(&info.master_addr);
+        let master = if info.rank == 0 {
+            format!("0.0.0.0:{}", info.master_port)
+        } else {
+            format!("{}:{}", info.master_addr, info.master_port)
+        };
+        Self::connect_with(info, device, timeout, &mut |blob| {
+            Ok(rendezvous(info.rank, info.world, &master, std::net::SocketAddr::new(ip, 0), blob, timeout)?.blob)
+        })
+    }
+
+    /// Keeps `x` alive until the communicator is dropped.
+    pub fn keep_alive(mut self, x: Box<dyn std::any::Any>) -> Self {
+        self._keep = Some(x);
+        self
+    }
+
+    /// Joins the job with the NCCL unique id carried by `exchange`: it gets rank 0's id (None on other
+    /// ranks) and returns rank 0's id on every rank (a TCP rendezvous, or an MPI broadcast).
+    pub fn connect_with(
+        info: &RankInfo,
+        device: usize,
+        timeout: Duration,
+        exchange: &mut dyn FnMut(Option<[u8; BLOB]>) -> Result<[u8; BLOB]>,
+    ) -> Result<Self> {
         cu::init().map_err(ce)?;
         let ctx = unsafe { cu::primary_ctx::retain(cu::device::get(device as i32).map_err(ce)?) }.map_err(ce)?;
         unsafe { cu::ctx::set_current(ctx) }.map_err(ce)?;
@@ -71,15 +98,9 @@ impl NcclComm {
             }
             b
         });
-        let ip = local_ip_towards(&info.master_addr);
-        let master = if info.rank == 0 {
-            format!("0.0.0.0:{}", info.master_port)
-        } else {
-            format!("{}:{}", info.master_addr, info.master_port)
-        };
-        let table = rendezvous(info.rank, info.world, &master, std::net::SocketAddr::new(ip, 0), blob, timeout)?;
+        let blob = exchange(blob)?;
         let mut uid = ncclsys::ncclUniqueId { internal: [0; 128] };
-        for (d, s) in uid.internal.iter_mut().zip(table.blob.iter()) {
+        for (d, s) in uid.internal.iter_mut().zip(blob.iter()) {
             *d = *s as _;
         }
         let mut comm: ncclsys::ncclComm_t = std::ptr::null_mut();
@@ -117,7 +138,7 @@ impl NcclComm {
             })
             .map_err(|e| Error::Comm(e.to_string()))?;
         let comm_stream = cu::stream::create(cu::stream::StreamKind::NonBlocking).map_err(ce)? as usize;
-        Ok(Self { rank: info.rank, world: info.world, comm: comm as usize, device, comm_stream, pending })
+        Ok(Self { rank: info.rank, world: info.world, comm: comm as usize, device, comm_stream, pending, _keep: None })
     }
 
     fn raw(&self) -> ncclsys::ncclComm_t {
