@@ -87,6 +87,12 @@ fn resume_is_bit_exact_and_a_truncated_checkpoint_is_skipped() {
     let out = worker_train(&rb, &["--resume", b.join("ckpt/step-00000004").to_str().unwrap()]);
     assert!(!out.status.success());
     assert!(String::from_utf8_lossy(&out.stderr).contains("truncated"));
+    // A fresh run (--resume none) into a folder holding this run's checkpoints is refused, naming it:
+    // otherwise the next --resume auto (a requeue) would continue the older run.
+    let out = worker_train(&rb, &["--resume", "none"]);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "{err}");
+    assert!(err.contains("--resume none") && err.contains(&b.join("ckpt").display().to_string()) && err.contains("step-0000000"), "{err}");
 }
 
 #[test]

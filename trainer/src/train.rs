@@ -156,7 +156,22 @@ pub fn run(recipe: &Recipe, resume: Resume, comm: &dyn Communicator, device: Dev
     };
     let ckpt_root = recipe.checkpoint.dir.clone();
     let resume_dir = match resume {
-        Resume::None => None,
+        Resume::None => {
+            // A fresh run into a folder that holds another run's checkpoints would mix with them at the
+            // next `--resume auto` (a requeue would continue the other run). Rank 0 looks; all agree.
+            let stale = if rank == 0 { checkpoint::find_latest(&ckpt_root).0 } else { None };
+            if comm.any(stale.is_some(), device)? {
+                let what = stale.map(|d| format!("{} already holds {}", ckpt_root.display(), d.display()));
+                return Err(Error::checkpoint(
+                    &ckpt_root,
+                    format!(
+                        "--resume none, but {}: continue it with --resume auto, or set checkpoint.dir to a new folder",
+                        what.unwrap_or_else(|| "rank 0 found checkpoints of an earlier run there".into())
+                    ),
+                ));
+            }
+            None
+        }
         Resume::Path(p) => {
             checkpoint::verify(&p)?;
             Some(p)
@@ -329,7 +344,7 @@ pub fn cuda_name(i: usize) -> String {
 fn memory_gib(device: Device) -> f64 {
     match device {
         Device::Cuda(_) => {
-            // Peak bytes held by libtorch's caching allocator on this device.
+            // Peak device memory in use (driver: total - free), sampled at each step.
             crate::runtime::cuda_max_memory_allocated().unwrap_or(0) as f64 / (1u64 << 30) as f64
         }
         _ => crate::runtime::rss_bytes() as f64 / (1u64 << 30) as f64,
