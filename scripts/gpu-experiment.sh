@@ -13,42 +13,61 @@ ngpu=$(nvidia-smi -L | wc -l)
 gpu=$(nvidia-smi --query-gpu=name --format=csv,noheader | head -1)
 echo "machine: $ngpu x $gpu" | tee "$OUT/machine.txt"
 
-bench_ours() { # world layers zero
-  local w=$1 layers=$2 zero=$3 port=$((29600 + RANDOM % 1000)) pids=()
+# Driver-level memory of every GPU, sampled every 200 ms while a run lasts (the same measure for both
+# trainers: total - free, i.e. allocator pools, NCCL buffers and the CUDA context included).
+mem_start() { nvidia-smi --query-gpu=index,memory.used --format=csv,noheader,nounits -lms 200 >"$1" 2>/dev/null & MEM_PID=$!; }
+mem_stop() { # file label
+  kill "$MEM_PID" 2>/dev/null; wait "$MEM_PID" 2>/dev/null
+  awk -F', *' -v label="$2" '$2+0 > m {m = $2+0} END {printf "%-34s peak driver memory per GPU: %.1f GiB\n", label, m/1024}' "$1" | tee -a "$OUT/memory.txt"
+}
+
+bench_ours() { # world layers zero [alloc-conf]
+  local w=$1 layers=$2 zero=$3 alloc=${4:-} port=$((29600 + RANDOM % 1000)) pids=() tag="ours-w$1-l$2-z$3${4:+-fixed}"
+  mem_start "$OUT/$tag.mem"
   for ((r = 0; r < w; r++)); do
-    RANK=$r WORLD_SIZE=$w LOCAL_RANK=$r MASTER_ADDR=127.0.0.1 MASTER_PORT=$port \
-      idavlm-worker bench --layers "$layers" --zero "$zero" --steps 3 >"$OUT/ours-w$w-l$layers-z$zero.r$r.json" 2>"$OUT/ours-w$w-l$layers-z$zero.r$r.log" &
+    env ${alloc:+PYTORCH_CUDA_ALLOC_CONF=$alloc} RANK=$r WORLD_SIZE=$w LOCAL_RANK=$r MASTER_ADDR=127.0.0.1 MASTER_PORT=$port \
+      idavlm-worker bench --layers "$layers" --zero "$zero" --steps 3 >"$OUT/$tag.r$r.json" 2>"$OUT/$tag.r$r.log" &
     pids+=($!)
   done
   local rc=0
   for p in "${pids[@]}"; do wait "$p" || rc=$?; done
-  tail -3 "$OUT/ours-w$w-l$layers-z$zero.r0.log"
-  cat "$OUT/ours-w$w-l$layers-z$zero.r0.json"
+  mem_stop "$OUT/$tag.mem" "idavlm ZeRO-$zero ${alloc:-expandable segments}"
+  tail -3 "$OUT/$tag.r0.log"
+  cat "$OUT/$tag.r0.json"
   return $rc
 }
 
 bench_peer() { # world layers zero
   local w=$1 layers=$2 zero=$3 flag=""
   [ "$zero" = 2 ] && flag=--zero2
+  mem_start "$OUT/peer-w$w-l$layers-z$zero.mem"
   torchrun --nproc-per-node "$w" --master-port $((30600 + RANDOM % 1000)) .carry/fsdp2_qwenvl.py --layers "$layers" $flag --steps 3 \
     >"$OUT/peer-w$w-l$layers-z$zero.json" 2>"$OUT/peer-w$w-l$layers-z$zero.log"
   local rc=$?
+  mem_stop "$OUT/peer-w$w-l$layers-z$zero.mem" "peer FSDP2 ZeRO-$zero-like"
   tail -1 "$OUT/peer-w$w-l$layers-z$zero.json"
   return $rc
 }
 
+# check: PARTS (default "tiny medium all mpi") picks the experiments. Outputs are also packed into
+# $OUT/check.tar.gz (the device tool returns a few files only).
 case "${1:-check}" in
 check)
+  parts=" ${PARTS:-tiny medium all mpi} "
+  has() { [[ "$parts" == *" $1 "* ]]; }
   idavlm-worker info --size 8192 2>&1 | tee "$OUT/info.txt"
   data=/tmp/idavlm-data
   idavlm-shards synth $data --id-samples 240 --general-samples 40 --eval-per-type 2 >/dev/null 2>&1
-  mk() { # name stage accum steps
+  mk() { # name stage accum steps [model-config-json]; a fresh checkpoint folder each time
+    rm -rf "/tmp/ck-$1"
     sed -e "s|runs/demo/data|$data|g" -e "s|runs/demo/ckpt|/tmp/ck-$1|" -e "s|runs/demo/metrics.jsonl|$OUT/m-$1.jsonl|" \
       -e "s|  stage: 2|  stage: $2|" -e "s|  accum: 2|  accum: $3|" -e "s|  steps: 100|  steps: $4|" \
       -e "s|  every_steps: 50|  every_steps: 3|" -e "s|  inject_probability: 0.1|  inject_probability: 0.0|" \
-      -e "s|plot: .*|plot: null|" recipes/demo.yaml >/tmp/r-$1.yaml
+      -e "s|plot: .*|plot: null|" ${5:+-e "s|  preset: tiny|  config: $PWD/$5|"} ${5:+-e "s|  lr: 1.0e-3|  lr: 1.0e-5|"} \
+      recipes/demo.yaml >/tmp/r-$1.yaml
     echo /tmp/r-$1.yaml
   }
+  if has tiny; then
   idavlm-launch --nproc-per-node 1 "$(mk g1 2 4 6)" --resume none >"$OUT/g1.log" 2>&1; echo "1 GPU rc=$?"
   for z in 1 2 3; do
     idavlm-launch --nproc-per-node 2 "$(mk g2z$z $z 2 6)" --resume none >"$OUT/g2z$z.log" 2>&1; echo "2 GPUs ZeRO-$z rc=$?"
@@ -56,26 +75,63 @@ check)
   # Resume on 2 GPUs: stop at step 3 (checkpoint), continue to 6, compare with the straight run.
   r=$(mk res 3 2 3); idavlm-launch --nproc-per-node 2 "$r" --resume none >"$OUT/res-a.log" 2>&1
   sed -i "s|  steps: 3|  steps: 6|" "$r"; idavlm-launch --nproc-per-node 2 "$r" --resume auto >"$OUT/res-b.log" 2>&1; echo "resume rc=$?"
+  fi
+  # Medium: 4 LLM layers at full width (recipes/models/qwen-vl-4layers.json), 1 GPU vs 2 GPUs x ZeRO-1/2/3.
+  # No checkpoints here: each would write ~28 GB of optimizer state.
+  med=recipes/models/qwen-vl-4layers.json nock=(--set checkpoint.every_steps=0 --set checkpoint.at_end=false)
+  if has medium; then
+  for z in ${MEDIUM_ZEROS:-1 2 3}; do
+    [ -s "$OUT/m-m1.jsonl" ] || { idavlm-launch --nproc-per-node 1 "$(mk m1 2 4 4 $med)" --resume none "${nock[@]}" >"$OUT/m1.log" 2>&1; echo "medium 1 GPU rc=$?"; }
+    idavlm-launch --nproc-per-node 2 "$(mk m2z$z $z 2 4 $med)" --resume none "${nock[@]}" >"$OUT/m2z$z.log" 2>&1; echo "medium 2 GPUs ZeRO-$z rc=$?"
+  done
+  fi
+  # Every GPU of the machine: stop at step 3 with a checkpoint, resume to 6 (tiny model, accum 1).
+  if has all && [ "$ngpu" -ge 4 ]; then
+    r=$(mk all 2 1 3); idavlm-launch --nproc-per-node "$ngpu" "$r" --resume none >"$OUT/all-a.log" 2>&1
+    sed -i "s|  steps: 3|  steps: 6|" "$r"; idavlm-launch --nproc-per-node "$ngpu" "$r" --resume auto >"$OUT/all-b.log" 2>&1
+    echo "$ngpu GPUs resume rc=$?"; grep -h "resumed from" "$OUT/all-b.log" | tail -1
+    # The same 6 steps straight through, for comparison.
+    r=$(mk allref 2 1 6); idavlm-launch --nproc-per-node "$ngpu" "$r" --resume none >"$OUT/allref.log" 2>&1
+  fi
+  # Under mpirun (MPI carries the NCCL unique id when the build has MPI).
+  if has mpi; then
+  r=$(mk mpi 2 2 3)
+  mpirun --allow-run-as-root -np 2 -x PATH -x LD_LIBRARY_PATH -x IDAVLM_TOKENIZER -x NCCL_NVLS_ENABLE \
+    -x TORCH_SYMM_MEM_DISABLE_MULTICAST -x NVSHMEM_DISABLE_NVLS idavlm-launch "$r" --resume none >"$OUT/mpi.log" 2>&1
+  echo "mpirun 2 GPUs rc=$?"; grep -h "NCCL id broadcast with MPI\|backend=" "$OUT/mpi.log" | head -3
+  fi
   python3 - "$OUT" <<'PY'
 import json, sys, os
 out = sys.argv[1]
 def losses(n):
     p = os.path.join(out, f"m-{n}.jsonl")
     return [json.loads(l)["loss"] for l in open(p)] if os.path.exists(p) else []
-ref = losses("g1")
-print("1 GPU (accum 4):      ", " ".join(f"{x:.5f}" for x in ref))
-for n in ["g2z1", "g2z2", "g2z3", "res"]:
-    l = losses(n)
-    rel = max((abs(a - b) / abs(b) for a, b in zip(l, ref)), default=float("nan"))
-    print(f"{n:22s}", " ".join(f"{x:.5f}" for x in l), f"  max rel diff vs 1 GPU {rel:.2e}")
+def table(ref_name, names, title):
+    ref = losses(ref_name)
+    print(f"{title:22s}", " ".join(f"{x:.5f}" for x in ref))
+    for n in names:
+        l = losses(n)
+        rel = max((abs(a - b) / abs(b) for a, b in zip(l, ref)), default=float("nan"))
+        print(f"{n:22s}", " ".join(f"{x:.5f}" for x in l), f"  max rel diff {rel:.2e} over {min(len(l), len(ref))} steps")
+table("g1", ["g2z1", "g2z2", "g2z3", "res", "mpi"], "tiny, 1 GPU (accum 4):")
+table("m1", ["m2z1", "m2z2", "m2z3"], "medium, 1 GPU:")
+if losses("allref"):
+    table("allref", ["all"], "all GPUs, straight:")
 PY
+  tar -czf "$OUT/check.tar.gz" -C "$OUT" --exclude check.tar.gz . 2>/dev/null
   ;;
 w1)
   layers=${2:-32}; shift 2 || true
   zs=${*:-"2 3"}
   for z in $zs; do
     echo "== idavlm ZeRO-$z, $ngpu GPUs, $layers layers"; bench_ours "$ngpu" "$layers" "$z"
+    # FIXED_TOO=1: also ours with libtorch's default (fixed-size) allocator segments, same call.
+    if [ "${FIXED_TOO:-0}" = 1 ]; then
+      echo "== idavlm ZeRO-$z, fixed segments"; bench_ours "$ngpu" "$layers" "$z" expandable_segments:False
+    fi
     echo "== peer FSDP2 (ZeRO-$z-like)"; bench_peer "$ngpu" "$layers" "$z"
   done
+  cat "$OUT/memory.txt"
+  tar -czf "$OUT/w1.tar.gz" -C "$OUT" --exclude w1.tar.gz --exclude '*.mem' . 2>/dev/null
   ;;
 esac

@@ -43,9 +43,17 @@ pub fn tune_cpu(local_world: usize) {
 }
 
 /// Loads `libtorch_cuda.so` when present; returns its path. Safe to call more than once.
+///
+/// Before CUDA starts it also sets libtorch's allocator to expandable segments unless the user set
+/// `PYTORCH_CUDA_ALLOC_CONF`: the trainer frees and reallocates buffers of many sizes every step
+/// (gathered buckets, gradient staging), which fragments fixed-size segments.
 pub fn init() -> Option<PathBuf> {
     CUDA_LOADED
         .get_or_init(|| {
+            if std::env::var_os("PYTORCH_CUDA_ALLOC_CONF").is_none() {
+                // Called once, before the allocator reads the environment (when CUDA first allocates).
+                std::env::set_var("PYTORCH_CUDA_ALLOC_CONF", "expandable_segments:True");
+            }
             for dir in torch_lib_dirs() {
                 let lib = dir.join("libtorch_cuda.so");
                 if !lib.is_file() {
