@@ -92,7 +92,10 @@ fn resume_is_bit_exact_and_a_truncated_checkpoint_is_skipped() {
     let out = worker_train(&rb, &["--resume", "none"]);
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(!out.status.success(), "{err}");
-    assert!(err.contains("--resume none") && err.contains(&b.join("ckpt").display().to_string()) && err.contains("step-0000000"), "{err}");
+    assert!(
+        err.contains("--resume none") && err.contains(&b.join("ckpt").display().to_string()) && err.contains("step-0000000"),
+        "{err}"
+    );
 }
 
 #[test]

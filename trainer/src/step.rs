@@ -60,11 +60,29 @@ fn as_refs(p: &Option<(usize, Vec<Tensor>)>) -> Vec<(usize, &[Tensor])> {
     p.iter().map(|(b, v)| (*b, v.as_slice())).collect()
 }
 
+type Pending = Option<(usize, Tensor, crate::comm::InFlight)>;
+
 /// Starts gathering LLM block `i`'s bucket, when there is a block and it is trained.
-fn prefetch(st: &Sharded, comm: &dyn Communicator, i: Option<usize>) -> Result<Option<(usize, Tensor, crate::comm::InFlight)>> {
-    let Some(b) = i.and_then(|i| st.bucket(&Role::Block(i))) else { return Ok(None) };
+fn prefetch(st: &Sharded, comm: &dyn Communicator, i: Option<usize>) -> Result<Pending> {
+    prefetch_role(st, comm, i.map(Role::Block))
+}
+
+/// Starts gathering the bucket of `role`, when it exists (ZeRO-3; stages 1/2 hand back the kept buffer).
+fn prefetch_role(st: &Sharded, comm: &dyn Communicator, role: Option<Role>) -> Result<Pending> {
+    let Some(b) = role.and_then(|r| st.bucket(&r)) else { return Ok(None) };
     let (flat, f) = st.gather_async(comm, b)?;
     Ok(Some((b, flat, f)))
+}
+
+/// Waits for a prefetched bucket and returns its parameters as autograd leaves.
+fn leaves_after(st: &Sharded, comm: &dyn Communicator, p: Pending) -> Result<Option<(usize, Vec<Tensor>)>> {
+    Ok(match p {
+        Some((b, flat, f)) => {
+            comm.wait(f)?;
+            Some((b, st.leaves(b, &flat)))
+        }
+        None => None,
+    })
 }
 
 /// Hands a bucket's gradients to the strategy, when the bucket exists.
@@ -87,6 +105,8 @@ pub fn forward_backward(
 ) -> Result<f64> {
     let layers = cfg.num_hidden_layers as usize;
     let device = st.device;
+    // ZeRO-3: block 0's all-gather runs during the stem (a no-op for stages 1/2).
+    let mut next = prefetch(st, comm, checkpointing.then_some(0))?;
     // Stem, with a graph through the trainable resampler and embedding.
     let stem = leaves_of(st, comm, st.bucket(&Role::Stem))?;
     let x0 = profile::time(profile::STEM_FWD, 0.0, || {
@@ -101,13 +121,12 @@ pub fn forward_backward(
     let mut x = x0.detach();
     type Graph = (Option<(usize, Vec<Tensor>)>, Tensor);
     let mut kept: Vec<(Tensor, Option<Graph>)> = Vec::with_capacity(layers);
-    // ZeRO-3: block i+1's all-gather runs while block i computes (a no-op for stages 1/2).
-    let mut next = prefetch(st, comm, checkpointing.then_some(0))?;
+    // ZeRO-3: block i+1's all-gather runs while block i computes, and the head's during the last block.
     for i in 0..layers {
         let b = st.bucket(&Role::Block(i));
         if checkpointing {
             let cur = next.take();
-            next = prefetch(st, comm, (i + 1 < layers).then_some(i + 1))?;
+            next = prefetch_role(st, comm, Some(if i + 1 < layers { Role::Block(i + 1) } else { Role::Head }))?;
             let views = match cur {
                 Some((b, flat, f)) => {
                     comm.wait(f)?;
@@ -134,8 +153,10 @@ pub fn forward_backward(
         }
     }
 
-    // Head: loss and the gradient at the last block's output.
-    let head = leaves_of(st, comm, st.bucket(&Role::Head))?;
+    // Head: loss and the gradient at the last block's output. The last block's gather for its
+    // recompute (ZeRO-3) runs meanwhile.
+    let head = if checkpointing { leaves_after(st, comm, next.take())? } else { leaves_of(st, comm, st.bucket(&Role::Head))? };
+    let mut next = prefetch(st, comm, checkpointing.then_some(layers - 1))?;
     let xl = leaf(&x);
     let loss_value = profile::time(profile::HEAD, 0.0, || {
         let refs = as_refs(&head);
@@ -150,7 +171,6 @@ pub fn forward_backward(
     drop(head);
 
     // Blocks backward, last to first; block i-1's gather (ZeRO-3) overlaps block i's backward.
-    let mut next = prefetch(st, comm, checkpointing.then_some(layers - 1))?;
     for i in (0..layers).rev() {
         let (input_i, graph) = kept.pop().expect("one kept entry per block");
         let (xin, pl, out) = match graph {
@@ -158,13 +178,7 @@ pub fn forward_backward(
             None => {
                 let cur = next.take();
                 next = prefetch(st, comm, i.checked_sub(1))?;
-                let pl = match cur {
-                    Some((b, flat, f)) => {
-                        comm.wait(f)?;
-                        Some((b, st.leaves(b, &flat)))
-                    }
-                    None => None,
-                };
+                let pl = leaves_after(st, comm, cur)?;
                 let xin = leaf(&input_i);
                 let out = {
                     let refs = as_refs(&pl);
