@@ -388,6 +388,20 @@ mod tests {
     }
 
     #[test]
+    fn webp_decodes_to_its_pixels() {
+        let (w, h) = (23u32, 17u32);
+        let px: Vec<u8> = (0..w * h * 3).map(|i| (i * 37 % 251) as u8).collect();
+        let mut bytes = Vec::new();
+        image::codecs::webp::WebPEncoder::new_lossless(&mut bytes).encode(&px, w, h, image::ExtendedColorType::Rgb8).unwrap();
+        assert_eq!(&bytes[8..12], b"WEBP");
+        let (rgb, dw, dh) = decode_rgb8(&bytes, "t.webp").unwrap();
+        assert_eq!((dw, dh), (w as usize, h as usize));
+        assert_eq!(rgb, px);
+        let e = decode_rgb8(&bytes[..bytes.len() / 2], "cut.webp").unwrap_err().to_string();
+        assert!(e.contains("cut.webp"), "{e}");
+    }
+
+    #[test]
     fn coefficients_sum_to_one_in_fixed_point() {
         for (i, o) in [(640, 448), (360, 448), (100, 7), (7, 100)] {
             for (_, k) in coefficients(i, o) {

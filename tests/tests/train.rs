@@ -196,3 +196,37 @@ fn the_held_out_evaluation_runs_end_to_end() {
     assert_eq!(summary["matching"]["items"], 4);
     assert!(summary["location"]["mean_iou"].is_number());
 }
+
+#[test]
+fn non_finite_steps_are_skipped_then_the_run_stops_with_exit_4() {
+    let d = tempfile::tempdir().unwrap();
+    let data = data(d.path());
+    // Initial weights whose final norm is NaN: every loss and gradient norm is non-finite.
+    let cfg = idavlm::model::ModelConfig::from_file(&idavlm_tests::root().join("tests/data/micro.json")).unwrap();
+    let p = idavlm::model::ParamSet::init(&cfg, tch::Device::Cpu, tch::Kind::Float, 3);
+    let named: Vec<(String, tch::Tensor)> = p
+        .specs
+        .iter()
+        .zip(&p.tensors)
+        .map(|(s, t)| {
+            (s.name.clone(), if s.name == "transformer.ln_f.weight" { t.full_like(f64::NAN) } else { t.shallow_clone() })
+        })
+        .collect();
+    let init = d.path().join("nan-model");
+    idavlm::model::weights::save_hf(&named, &init, tch::Kind::Float, 1 << 30).unwrap();
+    let r = recipe(d.path(), &data, "");
+    let text = std::fs::read_to_string(&r).unwrap().replace("  dtype: f32", &format!("  dtype: f32\n  init: {}", init.display()));
+    std::fs::write(&r, text).unwrap();
+    let out = worker_train(&r, &["--set", "max_nonfinite_in_row=3", "--set", "length.steps=10"]);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(4), "{err}");
+    assert!(err.contains("non-finite") && err.contains("3 non-finite steps in a row"), "{err}");
+    // Three steps ran, each logged as skipped; none updated the optimizer (adam_step stays 0).
+    let lines: Vec<serde_json::Value> = std::fs::read_to_string(d.path().join("metrics.jsonl"))
+        .unwrap()
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    assert_eq!(lines.len(), 3);
+    assert!(lines.iter().all(|v| v["skipped"] == serde_json::Value::Bool(true)), "{lines:?}");
+}
