@@ -287,14 +287,20 @@ fn preprocessing_matches_pil() {
     }
 }
 
-#[test]
-fn greedy_generation_with_the_kv_cache_equals_recomputing_everything() {
+/// A random tiny ID model's config and weights, and a synthetic dataset with its held-out split.
+fn generation_fixture() -> (ModelConfig, ParamSet, tempfile::TempDir) {
     let cfg = tiny_id();
     let p = random_params(&cfg);
-    let m = QwenVl::new(&cfg, &p);
-    let tok = tokenizer();
     let d = tempfile::tempdir().unwrap();
     idavlm_tests::synth(d.path(), 4, 0, 4);
+    (cfg, p, d)
+}
+
+#[test]
+fn greedy_generation_with_the_kv_cache_equals_recomputing_everything() {
+    let (cfg, p, d) = generation_fixture();
+    let m = QwenVl::new(&cfg, &p);
+    let tok = tokenizer();
     let items = idavlm::infer::read_bench(&d.path().join("eval/mmid.json")).unwrap();
     let item = items.iter().find(|i| i.kind == "location").unwrap();
     let prompt = idavlm::infer::fill_question(item);
@@ -341,12 +347,9 @@ fn greedy_generation_with_the_kv_cache_equals_recomputing_everything() {
 
 #[test]
 fn batched_generation_equals_one_prompt_at_a_time() {
-    let cfg = tiny_id();
-    let p = random_params(&cfg);
+    let (cfg, p, d) = generation_fixture();
     let m = QwenVl::new(&cfg, &p);
     let tok = tokenizer();
-    let d = tempfile::tempdir().unwrap();
-    idavlm_tests::synth(d.path(), 4, 0, 4);
     let root = d.path().join("eval");
     let items = idavlm::infer::read_bench(&root.join("mmid.json")).unwrap();
     // One item of each type: prompts of different lengths and image counts, so rows are left-padded.
