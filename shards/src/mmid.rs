@@ -14,6 +14,7 @@ use serde_json::Value;
 use crate::chat::{image_paths_in, Turn};
 use crate::error::{Error, Result};
 use crate::format::{DatasetWriter, ImageBlob, Manifest, Sample, MANIFEST};
+use crate::reader::Source;
 
 /// One benchmark item.
 #[derive(Clone, Debug, Default)]
@@ -101,30 +102,26 @@ pub fn read_json(path: &Path) -> Result<Vec<Item>> {
         .collect()
 }
 
-/// Reads the Parquet form, in storage order.
+/// Reads the Parquet form, in storage order (the manifest checked against the footers first).
 pub fn read_parquet(dir: &Path) -> Result<Vec<Item>> {
-    let m = Manifest::load(dir)?;
-    let mut out = Vec::new();
-    for sh in &m.shards {
-        let f = dir.join(&sh.file);
-        for rg in 0..crate::format::row_group_sizes(&f)?.len() {
-            for s in crate::format::read_row_group(&f, rg)? {
-                let turn = |role: &str| s.conversations.iter().find(|t| t.from == role).map(|t| t.value.clone());
-                let (Some(question), Some(answer)) = (turn("user"), turn("assistant")) else {
-                    return Err(Error::format(&f, format!("sample {}: an eval row needs a user and an assistant turn", s.id)));
-                };
-                out.push(Item {
-                    id: s.id,
-                    kind: s.source,
-                    question,
-                    answer,
-                    images: Vec::new(),
-                    embedded: s.images.into_iter().map(|b| (b.path, b.bytes)).collect(),
-                });
-            }
-        }
-    }
-    Ok(out)
+    let src = Source::open("eval", dir)?;
+    src.read_all()?
+        .into_iter()
+        .map(|s| {
+            let turn = |role: &str| s.conversations.iter().find(|t| t.from == role).map(|t| t.value.clone());
+            let (Some(question), Some(answer)) = (turn("user"), turn("assistant")) else {
+                return Err(Error::format(dir, format!("sample {}: an eval row needs a user and an assistant turn", s.id)));
+            };
+            Ok(Item {
+                id: s.id,
+                kind: s.source,
+                question,
+                answer,
+                images: Vec::new(),
+                embedded: s.images.into_iter().map(|b| (b.path, b.bytes)).collect(),
+            })
+        })
+        .collect()
 }
 
 /// Writes MM-ID items (images read from `root`) as a Parquet eval dataset in `out`; `count_tokens` gives

@@ -15,30 +15,36 @@ use serde::{Deserialize, Serialize};
 
 use crate::chat::{encode_conversation, ImageRole, Overflow, IGNORE_INDEX};
 use crate::error::{Error, Result};
-use crate::format::{row_group_sizes, Manifest, Sample};
+use crate::format::{load_footer, read_row_group_with, Footer, Manifest, Sample};
 use crate::order::{inject, micro_positions, Locator, Mixture, SourceLayout};
 use crate::preprocess::preprocess_image;
 use crate::tokenizer::{Tokenizer, ENDOFTEXT};
 
-/// An opened dataset folder: manifest checked against the shard footers.
+/// An opened dataset folder: manifest checked against the shard footers, which are kept (parsed once)
+/// for every later read of the shards' row groups.
 #[derive(Clone, Debug)]
 pub struct Source {
     pub name: String,
     pub dir: PathBuf,
     pub manifest: Manifest,
     pub layout: SourceLayout,
+    /// Parsed footer of each shard, in manifest order.
+    pub footers: Vec<Footer>,
 }
 
 impl Source {
     pub fn open(name: &str, dir: &Path) -> Result<Self> {
         let manifest = Manifest::load(dir)?;
         let mut blocks = Vec::new();
+        let mut footers = Vec::new();
         for (i, sh) in manifest.shards.iter().enumerate() {
             let f = dir.join(&sh.file);
             if !f.is_file() {
                 return Err(Error::format(&f, "shard listed in index.json is missing"));
             }
-            let sizes = row_group_sizes(&f)?;
+            let footer = load_footer(&f)?;
+            let sizes: Vec<usize> = footer.metadata().row_groups().iter().map(|g| g.num_rows() as usize).collect();
+            footers.push(footer);
             let rows: u64 = sizes.iter().map(|&r| r as u64).sum();
             if rows != sh.rows {
                 return Err(Error::format(&f, format!("{rows} rows in the footer, index.json says {}", sh.rows)));
@@ -49,7 +55,16 @@ impl Source {
         if layout.is_empty() {
             return Err(Error::format(&dir.join(crate::format::MANIFEST), "dataset has no samples"));
         }
-        Ok(Self { name: name.to_string(), dir: dir.to_path_buf(), manifest, layout })
+        Ok(Self { name: name.to_string(), dir: dir.to_path_buf(), manifest, layout, footers })
+    }
+
+    /// Every row of the dataset in storage order (shard by shard, row group by row group).
+    pub fn read_all(&self) -> Result<Vec<Sample>> {
+        let mut out = Vec::new();
+        for &(shard, rg, _) in &self.layout.blocks {
+            out.extend(read_row_group_with(&self.shard_path(shard), &self.footers[shard as usize], rg as usize)?);
+        }
+        Ok(out)
     }
 
     pub fn shard_path(&self, shard: u32) -> PathBuf {
@@ -151,13 +166,12 @@ impl Prepared {
     }
 }
 
-/// Loads samples by locator: parsed footers per shard, a small cache of decoded row groups, the
+/// Loads samples by locator: a small cache of decoded row groups, the
 /// tokenisation and the image decoding of micro-batches.
 pub struct SampleLoader {
     pub sources: Vec<Source>,
     tok: Arc<Tokenizer>,
     pub opts: LoadOptions,
-    footers: Mutex<HashMap<(usize, u32), crate::format::Footer>>,
     cache: Mutex<(HashMap<RowGroupKey, Slot>, VecDeque<RowGroupKey>)>,
 }
 
@@ -166,16 +180,7 @@ const CACHE_ROW_GROUPS: usize = 32;
 
 impl SampleLoader {
     pub fn new(sources: Vec<Source>, tok: Arc<Tokenizer>, opts: LoadOptions) -> Self {
-        Self { sources, tok, opts, footers: Mutex::new(HashMap::new()), cache: Mutex::new((HashMap::new(), VecDeque::new())) }
-    }
-
-    fn footer(&self, src: usize, shard: u32) -> Result<crate::format::Footer> {
-        if let Some(f) = self.footers.lock().expect("footer lock").get(&(src, shard)) {
-            return Ok(f.clone());
-        }
-        let f = crate::format::load_footer(&self.sources[src].shard_path(shard))?;
-        self.footers.lock().expect("footer lock").insert((src, shard), f.clone());
-        Ok(f)
+        Self { sources, tok, opts, cache: Mutex::new((HashMap::new(), VecDeque::new())) }
     }
 
     fn slot(&self, key: RowGroupKey) -> Slot {
@@ -200,23 +205,20 @@ impl SampleLoader {
             return Ok(r.clone());
         }
         let f = self.sources[src].shard_path(loc.shard);
-        let rows = Arc::new(crate::format::read_row_group_with(&f, &self.footer(src, loc.shard)?, loc.row_group as usize)?);
+        let footer = &self.sources[src].footers[loc.shard as usize];
+        let rows = Arc::new(read_row_group_with(&f, footer, loc.row_group as usize)?);
         let _ = slot.set(rows.clone());
         Ok(rows)
     }
 
     /// A row group, read asynchronously on a miss (one read per row group however many ask).
-    async fn rows_async(self: &Arc<Self>, src: usize, loc: Locator) -> Result<Rows> {
+    async fn rows_async(&self, src: usize, loc: Locator) -> Result<Rows> {
         let slot = self.slot((src, loc.shard, loc.row_group));
         let rows = slot
             .get_or_try_init(|| async {
                 let f = self.sources[src].shard_path(loc.shard);
-                let this = self.clone();
-                // Footers are small and read once per shard: a blocking read off the runtime thread.
-                let meta = tokio::task::spawn_blocking(move || this.footer(src, loc.shard))
-                    .await
-                    .map_err(|e| Error::Invalid(format!("reader task: {e}")))??;
-                Ok::<_, Error>(Arc::new(crate::format::read_row_group_async(&f, &meta, loc.row_group as usize).await?))
+                let footer = &self.sources[src].footers[loc.shard as usize];
+                Ok::<_, Error>(Arc::new(crate::format::read_row_group_async(&f, footer, loc.row_group as usize).await?))
             })
             .await?;
         Ok(rows.clone())

@@ -303,7 +303,7 @@ fn greedy_generation_with_the_kv_cache_equals_recomputing_everything() {
     let tok = tokenizer();
     let items = idavlm::infer::read_bench(&d.path().join("eval/mmid.json")).unwrap();
     let item = items.iter().find(|i| i.kind == "location").unwrap();
-    let prompt = idavlm::infer::fill_question(item);
+    let prompt = item.filled_question();
     let opts = idavlm::infer::GenOptions { max_new_tokens: 12, top_p: None, seed: 1 };
     let (_, cached) = idavlm::infer::generate(&m, tok, &prompt, &d.path().join("eval"), &opts).unwrap();
     // Without a cache: the whole sequence through the model for every new token.

@@ -17,11 +17,6 @@ use idavlm_shards::tokenizer::{Tokenizer, ENDOFTEXT, IM_END, IM_START, NEWLINE};
 
 pub use idavlm_shards::mmid::{read_bench, Item};
 
-/// The question with each `image_k` replaced by `<img>PATH</img>`.
-pub fn fill_question(item: &Item) -> String {
-    item.filled_question()
-}
-
 #[derive(Clone, Debug)]
 pub struct GenOptions {
     pub max_new_tokens: usize,
@@ -102,7 +97,8 @@ pub fn generate_batch(
         let mut caches: Vec<_> = (0..model.cfg.num_hidden_layers).map(|_| None).collect();
         let x = model.stem.forward(&input);
         let first: Vec<i64> = pads.iter().map(|&p| -p).collect();
-        let mut logits = model.decode_step(x, &model.rope_rows(&first, l, &alphas, keys.shallow_clone_opt()), &mut caches);
+        let mut logits =
+            model.decode_step(x, &model.rope_rows(&first, l, &alphas, keys.as_ref().map(Tensor::shallow_clone)), &mut caches);
         let mut out = vec![Vec::new(); b];
         let mut done = vec![false; b];
         let mut pos: Vec<i64> = pads.iter().map(|&p| l - p).collect();
@@ -134,22 +130,13 @@ pub fn generate_batch(
             let t = Tensor::from_slice(&feed).view([b as i64, 1]).to_device(device);
             let x = model.stem.embed(&t, None, &[], &[]);
             keys = keys.take().map(|k| Tensor::cat(&[k, Tensor::ones([b as i64, 1], (Kind::Bool, device))], 1));
-            logits = model.decode_step(x, &model.rope_rows(&pos, 1, &alphas, keys.shallow_clone_opt()), &mut caches);
+            logits =
+                model.decode_step(x, &model.rope_rows(&pos, 1, &alphas, keys.as_ref().map(Tensor::shallow_clone)), &mut caches);
             pos.iter_mut().for_each(|p| *p += 1);
         }
         out
     });
     Ok(out.into_iter().map(|ids| (tok.decode(&ids), ids)).collect())
-}
-
-trait ShallowCloneOpt {
-    fn shallow_clone_opt(&self) -> Self;
-}
-
-impl ShallowCloneOpt for Option<Tensor> {
-    fn shallow_clone_opt(&self) -> Self {
-        self.as_ref().map(Tensor::shallow_clone)
-    }
 }
 
 fn sample_top_p(logits: &Tensor, p: f64) -> i64 {

@@ -13,7 +13,7 @@ use anyhow::{Context, Result};
 use clap::{Parser, Subcommand};
 use idavlm_shards::chat::{encode_conversation, Overflow};
 use idavlm_shards::convert::{convert, ConvertOptions, OnBad};
-use idavlm_shards::format::{read_row_group, row_group_sizes, sha256_file, Manifest};
+use idavlm_shards::format::{load_footer, read_row_group_with, row_group_sizes, sha256_file, Manifest};
 use idavlm_shards::reader::{BadImagePolicy, LoadOptions, Reader, ReaderState, Source, StepShape};
 use idavlm_shards::synth::{write_synth, SynthOptions};
 use idavlm_shards::tokenizer::Tokenizer;
@@ -116,9 +116,9 @@ fn main() {
     }
 }
 
-/// A dataset's source name from its input file's stem.
-fn m_source(json: &std::path::Path) -> String {
-    json.file_stem().map(|s| s.to_string_lossy().into_owned()).unwrap_or_else(|| "eval".into())
+/// A dataset's source name from its input file's stem (`default` when it has none).
+fn stem_name(json: &std::path::Path, default: &str) -> String {
+    json.file_stem().map(|s| s.to_string_lossy().into_owned()).unwrap_or_else(|| default.into())
 }
 
 fn cores() -> usize {
@@ -129,8 +129,7 @@ fn run(cli: Cli) -> Result<i32> {
     match cli.cmd {
         Cmd::Convert { json, out, images, source, max_len, shard_mib, row_group, on_bad_sample, workers } => {
             let tok = Tokenizer::load_default()?;
-            let source = source
-                .unwrap_or_else(|| json.file_stem().map(|s| s.to_string_lossy().into_owned()).unwrap_or_else(|| "data".into()));
+            let source = source.unwrap_or_else(|| stem_name(&json, "data"));
             let o = ConvertOptions {
                 source,
                 max_len,
@@ -172,8 +171,9 @@ fn run(cli: Cli) -> Result<i32> {
             let mut per_source: BTreeMap<String, (u64, BTreeMap<u32, u64>, BTreeMap<usize, u64>)> = BTreeMap::new();
             for sh in &m.shards {
                 let f = dir.join(&sh.file);
-                for rg in 0..row_group_sizes(&f)?.len() {
-                    for s in read_row_group(&f, rg)? {
+                let footer = load_footer(&f)?;
+                for rg in 0..footer.metadata().num_row_groups() {
+                    for s in read_row_group_with(&f, &footer, rg)? {
                         let e = per_source.entry(s.source.clone()).or_default();
                         e.0 += 1;
                         *e.1.entry((s.num_tokens as u32 / 256) * 256).or_default() += 1;
@@ -216,7 +216,7 @@ fn run(cli: Cli) -> Result<i32> {
             let tok = Tokenizer::load_default()?;
             let root = images.unwrap_or_else(|| json.parent().map(|p| p.to_path_buf()).unwrap_or_default());
             let items = idavlm_shards::mmid::read_json(&json)?;
-            let m = idavlm_shards::mmid::write_parquet(&items, &root, &out, &m_source(&json), &|turns| {
+            let m = idavlm_shards::mmid::write_parquet(&items, &root, &out, &stem_name(&json, "eval"), &|turns| {
                 Ok(encode_conversation(&tok, "eval", turns, usize::MAX, Overflow::Reject)?.input_ids.len() as i32)
             })?;
             println!("{}: {} items in {} shard(s) -> {}", json.display(), m.total_samples, m.shards.len(), out.display());
@@ -308,17 +308,15 @@ fn photo_bench(photo: &str, size: usize, n: usize) -> Result<()> {
 }
 
 fn bench(dir: &std::path::Path, size: usize, n_images: usize, workers: usize) -> Result<i32> {
-    let m = Manifest::load(dir)?;
+    let src = Source::open("bench", dir)?;
     let mut blobs = Vec::new();
-    'outer: for sh in &m.shards {
-        let f = dir.join(&sh.file);
-        for rg in 0..row_group_sizes(&f)?.len() {
-            for s in read_row_group(&f, rg)? {
-                blobs.extend(s.images.into_iter().map(|b| b.bytes));
-                if blobs.len() >= n_images {
-                    break 'outer;
-                }
-            }
+    for &(shard, rg, _) in &src.layout.blocks {
+        for s in read_row_group_with(&src.shard_path(shard), &src.footers[shard as usize], rg as usize)? {
+            blobs.extend(s.images.into_iter().map(|b| b.bytes));
+        }
+        if blobs.len() >= n_images {
+            blobs.truncate(n_images);
+            break;
         }
     }
     anyhow::ensure!(!blobs.is_empty(), "{}: no images", dir.display());
@@ -330,7 +328,6 @@ fn bench(dir: &std::path::Path, size: usize, n_images: usize, workers: usize) ->
     let per_core = blobs.len() as f64 / t.elapsed().as_secs_f64();
     // The whole reader on one rank: Parquet row groups -> padded micro-batches with pixels.
     let tok = Arc::new(Tokenizer::load_default()?);
-    let src = Source::open("bench", dir)?;
     let total = src.layout.len();
     let reader = Reader::new(
         vec![src],
