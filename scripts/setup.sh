@@ -25,9 +25,10 @@ if [ ! -x .venv/bin/python ]; then
   log "creating .venv"
   $py -m venv .venv
 fi
-if ! .venv/bin/python -c 'import torch, numpy, PIL, safetensors; assert torch.__version__.startswith("2.11.0")' 2>/dev/null; then
-  log "installing torch==2.11.0 numpy pillow safetensors into .venv (a few minutes, ~4.6 GB)"
-  .venv/bin/pip install -q --disable-pip-version-check torch==2.11.0 numpy pillow safetensors >&2
+# Pillow is pinned: the resize reproduces its pass order (13.0 changed it; shards/src/preprocess.rs).
+if ! .venv/bin/python -c 'import torch, numpy, PIL, safetensors; assert torch.__version__.startswith("2.11.0"); assert PIL.__version__ == "13.0.0"' 2>/dev/null; then
+  log "installing torch==2.11.0 numpy pillow==13.0.0 safetensors into .venv (a few minutes, ~4.6 GB)"
+  .venv/bin/pip install -q --disable-pip-version-check torch==2.11.0 numpy pillow==13.0.0 safetensors >&2
 fi
 
 if [ ! -s .deps/qwen.tiktoken ]; then

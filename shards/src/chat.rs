@@ -73,6 +73,39 @@ pub fn image_paths_in(id: &str, text: &str) -> Result<Vec<String>> {
     Ok(split_images(id, text)?.into_iter().filter_map(|p| p.err()).collect())
 }
 
+/// The file an image path of the text names, confined to `root`: the path is joined to `root` (an
+/// absolute path stays as it is) and normalised lexically; a path that leaves `root` (`../x.png`, or an
+/// absolute path elsewhere) is refused with a message naming it.
+pub fn confined(root: &std::path::Path, path: &str) -> std::result::Result<std::path::PathBuf, String> {
+    use std::path::{Component, PathBuf};
+    fn normal(p: &std::path::Path) -> Option<PathBuf> {
+        let mut out = PathBuf::new();
+        for c in p.components() {
+            match c {
+                Component::CurDir => {}
+                Component::ParentDir => {
+                    if !out.pop() || out.as_os_str().is_empty() {
+                        return None;
+                    }
+                }
+                c => out.push(c),
+            }
+        }
+        Some(out)
+    }
+    let base = if root.is_absolute() {
+        root.to_path_buf()
+    } else {
+        std::env::current_dir().map_err(|e| format!("current folder: {e}"))?.join(root)
+    };
+    let base = normal(&base).ok_or_else(|| format!("image root {} is not a folder path", root.display()))?;
+    let joined = normal(&base.join(path));
+    match joined {
+        Some(f) if f.starts_with(&base) && f != base => Ok(f),
+        _ => Err(format!("image path {path:?} leaves the image root {} (set the root with --images)", root.display())),
+    }
+}
+
 fn clip(s: &str) -> String {
     s.chars().take(120).collect()
 }
@@ -124,6 +157,7 @@ pub fn encode_conversation(tok: &Tokenizer, id: &str, turns: &[Turn], max_len: u
     let mut labels: Vec<i64> = Vec::new();
     let mut starts = Vec::new();
     let mut paths = Vec::new();
+    let mut first_answer: Option<usize> = None;
 
     // System: <|im_start|> system \n MESSAGE <|im_end|> \n ; supervised: only <|im_start|>, <|im_end|>, \n.
     let mut sys = vec![IM_START];
@@ -163,6 +197,7 @@ pub fn encode_conversation(tok: &Tokenizer, id: &str, turns: &[Turn], max_len: u
         if role == "user" {
             labels.extend(std::iter::repeat_n(IGNORE_INDEX, turn_len - 3));
         } else {
+            first_answer.get_or_insert(content_start);
             labels.extend(std::iter::repeat_n(IGNORE_INDEX, rid.len() + nl.len()));
             labels.extend(ids[content_start..content_end].iter().map(|&t| t as i64));
         }
@@ -185,6 +220,13 @@ pub fn encode_conversation(tok: &Tokenizer, id: &str, turns: &[Turn], max_len: u
                     ids.len(),
                     if cut_inside_image { " and the cut would fall inside an image span" } else { "" }
                 ),
+            ));
+        }
+        // A sample whose every answer token is cut away would train on nothing but the template.
+        if let Some(first) = first_answer.filter(|&a| a >= max_len) {
+            return Err(Error::sample(
+                id,
+                format!("{} tokens cut to max length {max_len} leave no answer token (the first answer starts at token {first})", ids.len()),
             ));
         }
         ids.truncate(max_len);

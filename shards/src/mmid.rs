@@ -31,16 +31,45 @@ pub struct Item {
 }
 
 impl Item {
-    /// The question with each `image_k` replaced by `<img>PATH</img>` (longest keys first, so `image_1`
-    /// never eats the front of `image_10`).
+    /// The question as the model sees it, each image placeholder replaced by its path as the original
+    /// `inference_test.py` does. The published benchmark already tags its placeholders
+    /// (`<img>image_1</img>`): the key is replaced by the path as plain text, inside the existing tags.
+    /// A bare key (`image_1`, an older form) is wrapped in `<img>..</img>`. One left-to-right scan,
+    /// longest key first at each position, so `image_1` never eats the front of `image_10` and a path
+    /// that happens to contain a key's text is never substituted again.
     pub fn filled_question(&self) -> String {
         let mut keys: Vec<&(String, String)> = self.images.iter().collect();
         keys.sort_by_key(|(k, _)| std::cmp::Reverse(k.len()));
-        let mut q = self.question.clone();
-        for (k, p) in keys {
-            q = q.replace(k.as_str(), &format!("<img>{p}</img>"));
+        let q = self.question.as_str();
+        let mut out = String::with_capacity(q.len() + 64);
+        let mut i = 0;
+        'scan: while i < q.len() {
+            let rest = &q[i..];
+            for (k, p) in &keys {
+                if let Some(after) = rest.strip_prefix("<img>").and_then(|r| r.strip_prefix(k.as_str())) {
+                    if after.starts_with("</img>") {
+                        out.push_str("<img>");
+                        out.push_str(p);
+                        out.push_str("</img>");
+                        i += 5 + k.len() + 6;
+                        continue 'scan;
+                    }
+                }
+            }
+            for (k, p) in &keys {
+                if rest.starts_with(k.as_str()) {
+                    out.push_str("<img>");
+                    out.push_str(p);
+                    out.push_str("</img>");
+                    i += k.len();
+                    continue 'scan;
+                }
+            }
+            let c = rest.chars().next().expect("non-empty");
+            out.push(c);
+            i += c.len_utf8();
         }
-        q
+        out
     }
 
     /// Paths of the item's images in order of appearance in the filled question.
@@ -48,14 +77,63 @@ impl Item {
         image_paths_in(&self.id, &self.filled_question())
     }
 
-    /// The bytes of one of the item's images: embedded, or read from `root`.
+    /// The bytes of one of the item's images: embedded, or read from `root` (confined to it).
     pub fn image_bytes(&self, path: &str, root: &Path) -> Result<Vec<u8>> {
         if let Some(b) = self.embedded.get(path) {
             return Ok(b.clone());
         }
-        let f = root.join(path);
-        std::fs::read(&f).map_err(|e| Error::io(&f, e))
+        let f = crate::chat::confined(root, path).map_err(|e| Error::Invalid(format!("item {}: {e}", self.id)))?;
+        std::fs::read(&f).map_err(|e| Error::Invalid(format!("item {}: image {path:?}: {}: {e}", self.id, f.display())))
     }
+
+    /// Why the item cannot be scored (an empty or missing reference answer), if it cannot.
+    pub fn unscorable(&self) -> Option<String> {
+        match self.kind.as_str() {
+            "matching" | "location" if self.answer.trim().is_empty() || self.answer.trim() == "[]" => {
+                Some(format!("item {}: empty reference answer {:?}", self.id, self.answer))
+            }
+            _ => None,
+        }
+    }
+}
+
+/// Checks every item's inputs before any work: the question's image spans parse, each image exists
+/// (embedded, or a file under `root`, never outside it) and decodes. The error names the item and the
+/// image; every bad item is listed (up to 20), not only the first.
+pub fn check_items(items: &[Item], root: &Path) -> Result<()> {
+    let mut bad = Vec::new();
+    let mut seen = std::collections::HashSet::new();
+    for it in items {
+        if !seen.insert(it.id.as_str()) {
+            bad.push(format!("item {}: the id appears twice", it.id));
+        }
+        let paths = match it.image_paths() {
+            Ok(p) => p,
+            Err(e) => {
+                bad.push(e.to_string());
+                continue;
+            }
+        };
+        for p in paths {
+            match it.image_bytes(&p, root) {
+                Ok(bytes) => {
+                    if let Err(e) = crate::preprocess::decode_rgb8(&bytes, &p) {
+                        bad.push(format!("item {}: {e}", it.id));
+                    }
+                }
+                Err(e) => bad.push(e.to_string()),
+            }
+        }
+    }
+    if bad.is_empty() {
+        return Ok(());
+    }
+    let n = bad.len();
+    let mut msg = bad.into_iter().take(20).collect::<Vec<_>>().join("\n  ");
+    if n > 20 {
+        msg.push_str(&format!("\n  ... and {} more", n - 20));
+    }
+    Err(Error::Invalid(format!("{n} problem(s) in the benchmark's items (nothing was generated):\n  {msg}")))
 }
 
 /// Reads a benchmark: an MM-ID JSON file, or a Parquet dataset folder (with `index.json`).
@@ -136,19 +214,29 @@ pub fn write_parquet(
     if out.join(MANIFEST).exists() {
         return Err(Error::format(&out.join(MANIFEST), "the output folder already holds a dataset"));
     }
-    let mut w = DatasetWriter::create(out, source_name, 256 << 20, 64)?;
-    for it in items {
-        let question = it.filled_question();
-        let mut images = Vec::new();
-        for p in image_paths_in(&it.id, &question)? {
-            let bytes = it.image_bytes(&p, root)?;
-            crate::preprocess::decode_rgb8(&bytes, &root.join(&p).display().to_string())?;
-            images.push(ImageBlob { bytes, path: p });
+    // Everything is checked before the output folder exists, and a failure while writing removes
+    // what this call created: no empty or partial dataset folder is left behind.
+    check_items(items, root)?;
+    let created = !out.exists();
+    let r = (|| {
+        let mut w = DatasetWriter::create(out, source_name, 256 << 20, 64)?;
+        for it in items {
+            let question = it.filled_question();
+            let mut images = Vec::new();
+            for p in image_paths_in(&it.id, &question)? {
+                images.push(ImageBlob { bytes: it.image_bytes(&p, root)?, path: p });
+            }
+            let conversations = vec![
+                Turn { from: "user".into(), value: question },
+                Turn { from: "assistant".into(), value: it.answer.clone() },
+            ];
+            let num_tokens = count_tokens(&conversations)?;
+            w.push(Sample { id: it.id.clone(), source: it.kind.clone(), conversations, images, num_tokens })?;
         }
-        let conversations =
-            vec![Turn { from: "user".into(), value: question }, Turn { from: "assistant".into(), value: it.answer.clone() }];
-        let num_tokens = count_tokens(&conversations)?;
-        w.push(Sample { id: it.id.clone(), source: it.kind.clone(), conversations, images, num_tokens })?;
+        w.finish()
+    })();
+    if r.is_err() && created {
+        let _ = std::fs::remove_dir_all(out);
     }
-    w.finish()
+    r
 }

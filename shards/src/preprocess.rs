@@ -3,8 +3,15 @@
 //!
 //! The resize is PIL's own algorithm (`Resample.c`): separable convolution, the bicubic kernel
 //! (a = -0.5) widened by the scale factor when shrinking (antialiasing), 8-bit fixed-point coefficients
-//! with 22 fractional bits, horizontal pass first, each pass rounded and clipped to u8. On identical
-//! decoded pixels it is bit-exact with PIL.
+//! with 22 fractional bits, each pass rounded and clipped to u8. On identical decoded pixels it is
+//! bit-exact with PIL.
+//!
+//! The order of the two passes matters (the intermediate image is rounded to u8) and changed in Pillow
+//! 13.0 (python-pillow/Pillow PR #9549, `ImagingResampleInner`): the vertical pass runs first when the
+//! height shrinks by more than twice as many pixels as the width does (`H - h > 0 && H - h > 2 (W - w)`);
+//! Pillow 12.2 and every earlier release (the original Qwen-VL environment used 10.x) always run the
+//! horizontal pass first. [`ResizeOrder`] picks the rule; the default follows the Pillow the project pins
+//! (13.0.0, `scripts/setup.sh`).
 
 use crate::error::{Error, Result};
 
@@ -12,6 +19,31 @@ pub const CLIP_MEAN: [f32; 3] = [0.481_454_66, 0.457_827_5, 0.408_210_73];
 pub const CLIP_STD: [f32; 3] = [0.268_629_54, 0.261_302_58, 0.275_777_11];
 
 const PRECISION_BITS: u32 = 32 - 8 - 2;
+
+/// Which Pillow's pass order the resize reproduces.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize, clap::ValueEnum)]
+#[serde(rename_all = "snake_case")]
+pub enum ResizeOrder {
+    /// Pillow >= 13.0: vertical pass first when the height shrinks by more than twice the width's shrink.
+    #[default]
+    Pillow13,
+    /// Pillow <= 12.2 (and 10.x, the original Qwen-VL environment): always the horizontal pass first.
+    Pillow12,
+}
+
+impl ResizeOrder {
+    /// True when the horizontal pass runs first for a `w` x `h` -> `out_w` x `out_h` resize.
+    pub fn horizontal_first(self, w: usize, h: usize, out_w: usize, out_h: usize) -> bool {
+        match self {
+            ResizeOrder::Pillow12 => true,
+            ResizeOrder::Pillow13 => {
+                let dy = h as i64 - out_h as i64;
+                let dx = w as i64 - out_w as i64;
+                !(dy > 0 && dy > dx * 2)
+            }
+        }
+    }
+}
 
 fn bicubic(x: f64) -> f64 {
     let a = -0.5;
@@ -201,56 +233,81 @@ fn vertical<S: RowSink>(src: &[u8], stride: usize, t: &Taps, out_h: usize, sink:
     }
 }
 
-/// Both passes; the height-unchanged case still goes through the sink (as u8 rows).
+/// Feeds finished u8 rows to the sink unchanged (as a pass that is not needed: PIL skips it).
 #[inline(always)]
-fn resize_into<S: RowSink>(src: &[u8], w: usize, h: usize, out_w: usize, out_h: usize, sink: &mut S) {
-    let horiz: std::borrow::Cow<[u8]> = if w == out_w {
-        std::borrow::Cow::Borrowed(src)
-    } else {
-        let mut tmp = vec![0u8; out_w * h * 3];
-        horizontal(src, w, h, &Taps::new(w, out_w), out_w, &mut tmp);
-        std::borrow::Cow::Owned(tmp)
-    };
-    let stride = out_w * 3;
-    if h == out_h {
-        // No vertical pass (as PIL): the rows pass through unchanged.
-        let mut acc = vec![0i32; stride];
-        for y in 0..h {
-            for (a, &p) in acc.iter_mut().zip(&horiz[y * stride..(y + 1) * stride]) {
-                *a = ((p as i32) << PRECISION_BITS) + HALF;
-            }
-            sink.row(y, &acc);
+fn pass_through<S: RowSink>(rows: &[u8], stride: usize, n: usize, sink: &mut S) {
+    let mut acc = vec![0i32; stride];
+    for y in 0..n {
+        for (a, &p) in acc.iter_mut().zip(&rows[y * stride..(y + 1) * stride]) {
+            *a = ((p as i32) << PRECISION_BITS) + HALF;
         }
-        return;
+        sink.row(y, &acc);
     }
-    vertical(&horiz, stride, &Taps::new(h, out_h), out_h, sink);
+}
+
+/// Both passes in `order`'s sequence; a pass whose size does not change is skipped (as PIL), and the
+/// last finished rows always go through the sink.
+#[inline(always)]
+fn resize_into<S: RowSink>(src: &[u8], w: usize, h: usize, out_w: usize, out_h: usize, order: ResizeOrder, sink: &mut S) {
+    if order.horizontal_first(w, h, out_w, out_h) {
+        let horiz: std::borrow::Cow<[u8]> = if w == out_w {
+            std::borrow::Cow::Borrowed(src)
+        } else {
+            let mut tmp = vec![0u8; out_w * h * 3];
+            horizontal(src, w, h, &Taps::new(w, out_w), out_w, &mut tmp);
+            std::borrow::Cow::Owned(tmp)
+        };
+        if h == out_h {
+            return pass_through(&horiz, out_w * 3, h, sink);
+        }
+        vertical(&horiz, out_w * 3, &Taps::new(h, out_h), out_h, sink);
+    } else {
+        // Vertical first (the height shrinks, so h != out_h): u8 rows of the full input width, then the
+        // horizontal pass, whose u8 output rows go to the sink.
+        let mut vert = vec![0u8; w * out_h * 3];
+        vertical(src, w * 3, &Taps::new(h, out_h), out_h, &mut U8Rows(&mut vert));
+        if w == out_w {
+            return pass_through(&vert, w * 3, out_h, sink);
+        }
+        let mut out = vec![0u8; out_w * out_h * 3];
+        horizontal(&vert, w, out_h, &Taps::new(w, out_w), out_w, &mut out);
+        pass_through(&out, out_w * 3, out_h, sink);
+    }
 }
 
 /// Runs `f` compiled for AVX2 when the CPU has it (the vertical pass then multiplies 8 lanes at a time),
 /// else for the baseline target. Same integer arithmetic, same result.
-fn dispatch<S: RowSink>(src: &[u8], w: usize, h: usize, out_w: usize, out_h: usize, sink: &mut S) {
+fn dispatch<S: RowSink>(src: &[u8], w: usize, h: usize, out_w: usize, out_h: usize, order: ResizeOrder, sink: &mut S) {
     #[cfg(target_arch = "x86_64")]
     {
         #[target_feature(enable = "avx2")]
-        unsafe fn avx2<S: RowSink>(src: &[u8], w: usize, h: usize, out_w: usize, out_h: usize, sink: &mut S) {
-            resize_into(src, w, h, out_w, out_h, sink)
+        unsafe fn avx2<S: RowSink>(
+            src: &[u8],
+            w: usize,
+            h: usize,
+            out_w: usize,
+            out_h: usize,
+            order: ResizeOrder,
+            sink: &mut S,
+        ) {
+            resize_into(src, w, h, out_w, out_h, order, sink)
         }
         if std::arch::is_x86_feature_detected!("avx2") {
             // SAFETY: the CPU supports AVX2 (checked above); the function is safe Rust otherwise.
-            return unsafe { avx2(src, w, h, out_w, out_h, sink) };
+            return unsafe { avx2(src, w, h, out_w, out_h, order, sink) };
         }
     }
-    resize_into(src, w, h, out_w, out_h, sink)
+    resize_into(src, w, h, out_w, out_h, order, sink)
 }
 
-/// PIL-exact bicubic resize of an RGB8 image (row-major, 3 bytes per pixel).
-pub fn resize_rgb8(src: &[u8], w: usize, h: usize, out_w: usize, out_h: usize) -> Vec<u8> {
+/// PIL-exact bicubic resize of an RGB8 image (row-major, 3 bytes per pixel), passes in `order`.
+pub fn resize_rgb8(src: &[u8], w: usize, h: usize, out_w: usize, out_h: usize, order: ResizeOrder) -> Vec<u8> {
     assert_eq!(src.len(), w * h * 3);
     if w == out_w && h == out_h {
         return src.to_vec();
     }
     let mut out = vec![0u8; out_w * out_h * 3];
-    dispatch(src, w, h, out_w, out_h, &mut U8Rows(&mut out));
+    dispatch(src, w, h, out_w, out_h, order, &mut U8Rows(&mut out));
     out
 }
 
@@ -263,14 +320,19 @@ fn normalise_lut() -> [[f32; 256]; 3] {
 
 /// PIL-exact resize to `size` x `size` straight into normalised CHW f32 (`out`: 3 * size * size values),
 /// without the intermediate u8 image.
-pub fn resize_normalise_into(src: &[u8], w: usize, h: usize, size: usize, out: &mut [f32]) {
+pub fn resize_normalise_into(src: &[u8], w: usize, h: usize, size: usize, order: ResizeOrder, out: &mut [f32]) {
     assert_eq!(src.len(), w * h * 3);
     assert_eq!(out.len(), 3 * size * size);
-    dispatch(src, w, h, size, size, &mut NormalisedRows { out, width: size, lut: normalise_lut() });
+    dispatch(src, w, h, size, size, order, &mut NormalisedRows { out, width: size, lut: normalise_lut() });
 }
 
 /// Decodes JPEG/PNG/WebP bytes to RGB8 (alpha dropped, greyscale expanded, as PIL's `convert("RGB")`).
 pub fn decode_rgb8(bytes: &[u8], what: &str) -> Result<(Vec<u8>, usize, usize)> {
+    if bytes.starts_with(&[0xFF, 0xD8]) && !jpeg_is_complete(bytes) {
+        // PIL refuses these ("image file is truncated"); a decoder that fills the missing rows would
+        // train on grey blocks.
+        return Err(Error::Image { what: what.to_string(), detail: "image file is truncated (JPEG without its end marker)".into() });
+    }
     let img = image::load_from_memory(bytes).map_err(|e| Error::Image { what: what.to_string(), detail: e.to_string() })?;
     let rgb = img.into_rgb8();
     let (w, h) = (rgb.width() as usize, rgb.height() as usize);
@@ -278,6 +340,35 @@ pub fn decode_rgb8(bytes: &[u8], what: &str) -> Result<(Vec<u8>, usize, usize)> 
         return Err(Error::Image { what: what.to_string(), detail: "empty image".into() });
     }
     Ok((rgb.into_raw(), w, h))
+}
+
+/// A JPEG is complete when its end-of-image marker (FF D9) follows the start of its first scan
+/// (FF DA). Entropy-coded data never holds FF D9 (FF bytes are stuffed), and a thumbnail's own EOI sits
+/// in an APP segment before the first scan; bytes after the EOI are allowed (as libjpeg does).
+fn jpeg_is_complete(b: &[u8]) -> bool {
+    // Walk the marker segments up to the first SOS.
+    let mut i = 2;
+    while i + 4 <= b.len() {
+        if b[i] != 0xFF {
+            return false;
+        }
+        let m = b[i + 1];
+        if m == 0xFF {
+            i += 1;
+            continue;
+        }
+        if (0xD0..=0xD7).contains(&m) || m == 0x01 {
+            i += 2;
+            continue;
+        }
+        let len = u16::from_be_bytes([b[i + 2], b[i + 3]]) as usize;
+        if m == 0xDA {
+            let scan = i + 2 + len;
+            return scan <= b.len() && b[scan..].windows(2).any(|w| w == [0xFF, 0xD9]);
+        }
+        i += 2 + len;
+    }
+    false
 }
 
 /// RGB8 (HWC) -> normalised CHW f32, written into `out` (3 * size * size values).
@@ -293,38 +384,44 @@ pub fn normalise_into(rgb: &[u8], size: usize, out: &mut [f32]) {
 }
 
 /// The loader's one call: image bytes -> normalised (3, size, size) f32 pixels.
-pub fn preprocess_image(bytes: &[u8], size: usize, what: &str) -> Result<Vec<f32>> {
+pub fn preprocess_image(bytes: &[u8], size: usize, order: ResizeOrder, what: &str) -> Result<Vec<f32>> {
     let (rgb, w, h) = decode_rgb8(bytes, what)?;
     let mut out = vec![0f32; 3 * size * size];
-    resize_normalise_into(&rgb, w, h, size, &mut out);
+    resize_normalise_into(&rgb, w, h, size, order, &mut out);
     Ok(out)
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use image::ImageEncoder;
 
     #[test]
     fn identity_size_is_a_copy() {
         let src: Vec<u8> = (0..4 * 5 * 3).map(|i| (i * 7 % 256) as u8).collect();
-        assert_eq!(resize_rgb8(&src, 4, 5, 4, 5), src);
+        assert_eq!(resize_rgb8(&src, 4, 5, 4, 5, ResizeOrder::Pillow13), src);
     }
 
     #[test]
     fn constant_image_stays_constant() {
         let src = vec![77u8; 37 * 23 * 3];
-        assert!(resize_rgb8(&src, 37, 23, 14, 14).iter().all(|&v| v == 77));
-        assert!(resize_rgb8(&src, 37, 23, 100, 90).iter().all(|&v| v == 77));
+        for order in [ResizeOrder::Pillow13, ResizeOrder::Pillow12] {
+            assert!(resize_rgb8(&src, 37, 23, 14, 14, order).iter().all(|&v| v == 77));
+            assert!(resize_rgb8(&src, 37, 23, 100, 90, order).iter().all(|&v| v == 77));
+            assert!(resize_rgb8(&src, 23, 37, 14, 14, order).iter().all(|&v| v == 77));
+        }
     }
 
     /// The straightforward transcription of PIL's `ImagingResampleHorizontal_8bpc` / `Vertical_8bpc`
-    /// (per-output windows, i64 sums): the oracle for the flat, vectorised passes.
-    fn reference_resize(src: &[u8], w: usize, h: usize, out_w: usize, out_h: usize) -> Vec<u8> {
+    /// (per-output windows, i64 sums) and of `ImagingResampleInner`'s pass order: the oracle for the
+    /// flat, vectorised passes.
+    fn reference_resize(src: &[u8], w: usize, h: usize, out_w: usize, out_h: usize, order: ResizeOrder) -> Vec<u8> {
         let half = 1i64 << (PRECISION_BITS - 1);
         let clip = |a: i64| (a >> PRECISION_BITS).clamp(0, 255) as u8;
-        let horiz = if w == out_w {
-            src.to_vec()
-        } else {
+        let horizontal = |src: &[u8], w: usize, h: usize| -> Vec<u8> {
+            if w == out_w {
+                return src.to_vec();
+            }
             let mut tmp = vec![0u8; out_w * h * 3];
             for y in 0..h {
                 for (xx, (xmin, k)) in coefficients(w, out_w).iter().enumerate() {
@@ -337,17 +434,39 @@ mod tests {
             }
             tmp
         };
-        if h == out_h {
-            return horiz;
-        }
-        let mut out = vec![0u8; out_w * out_h * 3];
-        for (yy, (ymin, k)) in coefficients(h, out_h).iter().enumerate() {
-            for x in 0..out_w * 3 {
-                let acc = k.iter().enumerate().fold(half, |a, (i, &kw)| a + horiz[(ymin + i) * out_w * 3 + x] as i64 * kw as i64);
-                out[yy * out_w * 3 + x] = clip(acc);
+        let vertical = |src: &[u8], w: usize, h: usize| -> Vec<u8> {
+            if h == out_h {
+                return src.to_vec();
             }
+            let mut out = vec![0u8; w * out_h * 3];
+            for (yy, (ymin, k)) in coefficients(h, out_h).iter().enumerate() {
+                for x in 0..w * 3 {
+                    let acc = k.iter().enumerate().fold(half, |a, (i, &kw)| a + src[(ymin + i) * w * 3 + x] as i64 * kw as i64);
+                    out[yy * w * 3 + x] = clip(acc);
+                }
+            }
+            out
+        };
+        if order.horizontal_first(w, h, out_w, out_h) {
+            vertical(&horizontal(src, w, h), out_w, h)
+        } else {
+            horizontal(&vertical(src, w, h), w, out_h)
         }
-        out
+    }
+
+    #[test]
+    fn pass_order_rule_is_pillow_13s() {
+        let o = ResizeOrder::Pillow13;
+        // Narrower and taller than the output: the height shrinks, the width grows -> vertical first.
+        assert!(!o.horizontal_first(400, 600, 448, 448));
+        assert!(!o.horizontal_first(440, 460, 448, 448));
+        // Wider and shorter, both growing, equal shrink, and a shrink of exactly twice: horizontal first.
+        assert!(o.horizontal_first(600, 400, 448, 448));
+        assert!(o.horizontal_first(40, 64, 448, 448));
+        assert!(o.horizontal_first(1000, 1000, 448, 448));
+        assert!(o.horizontal_first(548, 648, 448, 448));
+        assert!(!o.horizontal_first(548, 649, 448, 448));
+        assert!(ResizeOrder::Pillow12.horizontal_first(400, 600, 448, 448));
     }
 
     #[test]
@@ -370,16 +489,21 @@ mod tests {
             (37, 23, 14, 14),
             (1, 1, 5, 5),
             (448, 448, 448, 448),
+            (400, 600, 448, 448),
+            (440, 460, 448, 448),
+            (448, 900, 448, 448),
+            (1, 900, 448, 448),
+            (40, 64, 56, 56),
         ];
-        for (w, h, ow, oh) in sizes {
+        for ((w, h, ow, oh), order) in sizes.into_iter().flat_map(|s| [(s, ResizeOrder::Pillow13), (s, ResizeOrder::Pillow12)]) {
             // Noise with hard edges: exercises clipping at 0 and 255 in both passes.
             let src: Vec<u8> =
                 (0..w * h * 3).map(|_| if next() % 5 == 0 { 255 * (next() % 2) as u8 } else { next() as u8 }).collect();
-            let want = reference_resize(&src, w, h, ow, oh);
-            assert_eq!(resize_rgb8(&src, w, h, ow, oh), want, "{w}x{h} -> {ow}x{oh}");
+            let want = reference_resize(&src, w, h, ow, oh, order);
+            assert_eq!(resize_rgb8(&src, w, h, ow, oh, order), want, "{w}x{h} -> {ow}x{oh} {order:?}");
             if ow == oh {
                 let mut fused = vec![0f32; 3 * ow * oh];
-                resize_normalise_into(&src, w, h, ow, &mut fused);
+                resize_normalise_into(&src, w, h, ow, order, &mut fused);
                 let mut two_step = vec![0f32; 3 * ow * oh];
                 normalise_into(&want, ow, &mut two_step);
                 assert!(fused.iter().zip(&two_step).all(|(a, b)| a.to_bits() == b.to_bits()), "{w}x{h} fused");
@@ -399,6 +523,28 @@ mod tests {
         assert_eq!(rgb, px);
         let e = decode_rgb8(&bytes[..bytes.len() / 2], "cut.webp").unwrap_err().to_string();
         assert!(e.contains("cut.webp"), "{e}");
+    }
+
+    #[test]
+    fn truncated_images_are_refused_as_pil_does() {
+        let px: Vec<u8> = (0..64 * 48 * 3).map(|i| (i * 31 % 253) as u8).collect();
+        let mut jpeg = Vec::new();
+        image::codecs::jpeg::JpegEncoder::new_with_quality(&mut jpeg, 90).encode(&px, 64, 48, image::ExtendedColorType::Rgb8).unwrap();
+        assert!(decode_rgb8(&jpeg, "whole.jpg").is_ok());
+        // Trailing bytes after the end marker are fine (PIL and libjpeg ignore them).
+        let mut padded = jpeg.clone();
+        padded.extend_from_slice(&[0, 0, 0, 0]);
+        assert!(decode_rgb8(&padded, "padded.jpg").is_ok());
+        for cut in [jpeg.len() - 2, jpeg.len() * 3 / 4, jpeg.len() / 2] {
+            let e = decode_rgb8(&jpeg[..cut], "cut.jpg").unwrap_err().to_string();
+            assert!(e.contains("cut.jpg") && e.contains("truncated"), "{cut}: {e}");
+        }
+        let mut png = Vec::new();
+        image::codecs::png::PngEncoder::new(&mut png).write_image(&px, 64, 48, image::ExtendedColorType::Rgb8).unwrap();
+        assert!(decode_rgb8(&png, "whole.png").is_ok());
+        for cut in [png.len() - 12, png.len() / 2] {
+            assert!(decode_rgb8(&png[..cut], "cut.png").is_err(), "png cut at {cut} accepted");
+        }
     }
 
     #[test]

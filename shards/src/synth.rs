@@ -503,8 +503,10 @@ fn write_eval(dir: &Path, cast: &[Character], o: &SynthOptions, count_tokens: &d
                 let p = img_dir.join(&file);
                 std::fs::write(&p, bytes).map_err(|e| Error::io(&p, e))?;
                 let key = format!("image_{}", k + first);
-                q = q.replace(&placeholder(k), &key);
-                obj.insert(key, json!(format!("images/{file}")));
+                // The published benchmark's form: tagged placeholders, paths relative to the JSON's
+                // folder with a leading "./".
+                q = q.replace(&placeholder(k), &format!("<img>{key}</img>"));
+                obj.insert(key, json!(format!("./images/{file}")));
             }
             obj.insert("id".into(), json!(id));
             obj.insert("type".into(), json!(tname));

@@ -261,9 +261,46 @@ fn kv_cache_decoding_matches_the_full_forward() {
 
 #[test]
 fn preprocessing_matches_pil() {
+    use idavlm_shards::preprocess::{decode_rgb8, resize_rgb8, ResizeOrder};
     let dir = tempfile::tempdir().unwrap();
     idavlm_tests::synth(dir.path(), 10, 0, 8);
-    let imgs: Vec<_> = std::fs::read_dir(dir.path().join("eval/images")).unwrap().map(|e| e.unwrap().path()).take(12).collect();
+    let mut imgs: Vec<_> = std::fs::read_dir(dir.path().join("eval/images")).unwrap().map(|e| e.unwrap().path()).take(12).collect();
+    // Random-noise PNGs at the boundary shapes of both pass orders (448 output): narrower and taller
+    // (vertical first under Pillow 13), wider and shorter, equal sides, upscaling both ways, one-pixel
+    // sides, and the rule's edge (height shrinking by exactly / just over twice the width's shrink).
+    let shapes = [
+        (400, 600),
+        (440, 460),
+        (300, 900),
+        (600, 400),
+        (448, 900),
+        (900, 448),
+        (448, 448),
+        (600, 600),
+        (300, 300),
+        (40, 64),
+        (100, 50),
+        (1, 900),
+        (900, 1),
+        (1, 1),
+        (1, 448),
+        (548, 648),
+        (548, 649),
+    ];
+    let mut state = 0x2545_f491_4f6c_dd1du64;
+    for (w, h) in shapes {
+        let px: Vec<u8> = (0..w * h * 3)
+            .map(|_| {
+                state ^= state << 13;
+                state ^= state >> 7;
+                state ^= state << 17;
+                state as u8
+            })
+            .collect();
+        let f = dir.path().join(format!("noise-{w}x{h}.png"));
+        image::save_buffer(&f, &px, w as u32, h as u32, image::ExtendedColorType::Rgb8).unwrap();
+        imgs.push(f);
+    }
     let out = Command::new(python())
         .arg(root().join("tests/python/pil_resize.py"))
         .arg("448")
@@ -272,19 +309,29 @@ fn preprocessing_matches_pil() {
         .output()
         .unwrap();
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert_eq!(String::from_utf8_lossy(&out.stdout).trim(), "13.0.0", "the venv's Pillow is the pinned one");
+    let mut orders_seen = std::collections::BTreeSet::new();
     for f in &imgs {
-        let pil = std::fs::read(dir.path().join(format!("{}.rgb", f.file_name().unwrap().to_string_lossy()))).unwrap();
-        let (rgb, w, h) = idavlm_shards::preprocess::decode_rgb8(&std::fs::read(f).unwrap(), "t").unwrap();
-        let ours = idavlm_shards::preprocess::resize_rgb8(&rgb, w, h, 448, 448);
-        let mad = ours.iter().zip(&pil).map(|(&a, &b)| (a as f64 - b as f64).abs()).sum::<f64>() / ours.len() as f64;
-        let png = f.extension().is_some_and(|e| e == "png");
+        let name = f.file_name().unwrap().to_string_lossy().into_owned();
+        let (rgb, w, h) = decode_rgb8(&std::fs::read(f).unwrap(), "t").unwrap();
         // PNG decodes identically, so the resize must be bit-exact; JPEG decoders may differ by rounding.
-        if png {
-            assert_eq!(ours, pil, "{}", f.display());
-        } else {
-            assert!(mad < 1.0, "{}: mean abs difference {mad} (of 255)", f.display());
+        let png = f.extension().is_some_and(|e| e == "png");
+        for (order, suffix) in [(ResizeOrder::Pillow13, "rgb"), (ResizeOrder::Pillow12, "h1.rgb")] {
+            let pil = std::fs::read(dir.path().join(format!("{name}.{suffix}"))).unwrap();
+            let ours = resize_rgb8(&rgb, w, h, 448, 448, order);
+            if png {
+                assert_eq!(ours, pil, "{name} {order:?}");
+                orders_seen.insert(order.horizontal_first(w, h, 448, 448));
+            } else {
+                let mad = ours.iter().zip(&pil).map(|(&a, &b)| (a as f64 - b as f64).abs()).sum::<f64>() / ours.len() as f64;
+                assert!(mad < 1.0, "{name} {order:?}: mean abs difference {mad} (of 255)");
+            }
         }
     }
+    assert_eq!(orders_seen.len(), 2, "both pass orders covered");
+    // The two orders do differ where Pillow 13 goes vertical first (the 400x600 case).
+    let (rgb, w, h) = decode_rgb8(&std::fs::read(dir.path().join("noise-400x600.png")).unwrap(), "t").unwrap();
+    assert_ne!(resize_rgb8(&rgb, w, h, 448, 448, ResizeOrder::Pillow13), resize_rgb8(&rgb, w, h, 448, 448, ResizeOrder::Pillow12));
 }
 
 /// A random tiny ID model's config and weights, and a synthetic dataset with its held-out split.
@@ -304,7 +351,7 @@ fn greedy_generation_with_the_kv_cache_equals_recomputing_everything() {
     let items = idavlm::infer::read_bench(&d.path().join("eval/mmid.json")).unwrap();
     let item = items.iter().find(|i| i.kind == "location").unwrap();
     let prompt = item.filled_question();
-    let opts = idavlm::infer::GenOptions { max_new_tokens: 12, top_p: None, seed: 1 };
+    let opts = idavlm::infer::GenOptions { max_new_tokens: 12, top_p: None, seed: 1, resize: Default::default() };
     let (_, cached) = idavlm::infer::generate(&m, tok, &prompt, &d.path().join("eval"), &opts).unwrap();
     // Without a cache: the whole sequence through the model for every new token.
     let turns = vec![Turn { from: "user".into(), value: prompt.clone() }];
@@ -317,7 +364,7 @@ fn greedy_generation_with_the_kv_cache_equals_recomputing_everything() {
     let mut px = Vec::new();
     for path in &enc.image_paths {
         px.extend(
-            idavlm_shards::preprocess::preprocess_image(&std::fs::read(d.path().join("eval").join(path)).unwrap(), size, path)
+            idavlm_shards::preprocess::preprocess_image(&std::fs::read(d.path().join("eval").join(path)).unwrap(), size, Default::default(), path)
                 .unwrap(),
         );
     }
@@ -357,7 +404,7 @@ fn batched_generation_equals_one_prompt_at_a_time() {
     for kind in ["matching", "location", "QA_singleimage", "caption_singleimage"] {
         picked.push(items.iter().find(|i| i.kind == kind).unwrap());
     }
-    let opts = idavlm::infer::GenOptions { max_new_tokens: 10, top_p: None, seed: 1 };
+    let opts = idavlm::infer::GenOptions { max_new_tokens: 10, top_p: None, seed: 1, resize: Default::default() };
     let batched = idavlm::infer::generate_batch(&m, tok, &picked, &root, &opts).unwrap();
     let lens: std::collections::BTreeSet<usize> = picked.iter().map(|i| i.filled_question().len()).collect();
     assert!(lens.len() > 1, "the prompts should differ in length");
