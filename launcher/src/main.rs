@@ -9,7 +9,8 @@
 //! `python3` that has torch.
 //!
 //! Exit codes: 0 all workers succeeded; 75 workers stopped by a signal after checkpointing; otherwise
-//! the failing worker's code (1 when it was killed by a signal).
+//! the failing worker's code (128 + the signal's number when it was killed by one, as a shell reports
+//! it: 137 for SIGKILL).
 
 mod env;
 

@@ -5,11 +5,11 @@
 //! length within max) on a worker pool and collects the bad ones; the second writes the good samples.
 //! With `--on-bad-sample fail` (the default) nothing is written when any sample is bad.
 
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Mutex;
 
-use crate::chat::{encode_conversation, Overflow, Turn};
+use crate::chat::{confined, encode_conversation, Overflow, Turn};
 use crate::error::{Error, Result};
 use crate::format::{DatasetWriter, ImageBlob, Manifest, Sample};
 use crate::preprocess::decode_rgb8;
@@ -83,20 +83,12 @@ fn parse_json(json: &Path) -> Result<Vec<std::result::Result<Raw, BadSample>>> {
         .collect())
 }
 
-fn image_file(root: &Path, path: &str) -> PathBuf {
-    let p = Path::new(path);
-    if p.is_absolute() {
-        p.to_path_buf()
-    } else {
-        root.join(p)
-    }
-}
 
 /// Checks one sample; returns its token count and image paths.
 fn check(tok: &Tokenizer, root: &Path, raw: &Raw, max_len: usize) -> std::result::Result<(i32, Vec<String>), String> {
     let enc = encode_conversation(tok, &raw.id, &raw.turns, max_len, Overflow::Reject).map_err(|e| e.to_string())?;
     for p in &enc.image_paths {
-        let f = image_file(root, p);
+        let f = confined(root, p)?;
         let bytes = std::fs::read(&f).map_err(|e| format!("image {}: {e}", f.display()))?;
         decode_rgb8(&bytes, &f.display().to_string()).map_err(|e| e.to_string())?;
     }
@@ -139,7 +131,7 @@ pub fn convert(json: &Path, image_root: &Path, out: &Path, tok: &Tokenizer, o: &
     for (raw, ntok, paths) in good {
         let mut images = Vec::new();
         for p in paths {
-            let f = image_file(image_root, &p);
+            let f = confined(image_root, &p).map_err(|e| Error::sample(&raw.id, e))?;
             images.push(ImageBlob { bytes: std::fs::read(&f).map_err(|e| Error::io(&f, e))?, path: p });
         }
         w.push(Sample { id: raw.id, source: o.source.clone(), conversations: raw.turns, images, num_tokens: ntok })?;

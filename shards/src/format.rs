@@ -245,15 +245,15 @@ impl DatasetWriter {
                 .set_compression(parquet::basic::Compression::SNAPPY)
                 .build();
             let w =
-                ArrowWriter::try_new(f, schema(), Some(props)).map_err(|e| Error::Parquet { file: tmp.clone(), source: e })?;
+                ArrowWriter::try_new(f, schema(), Some(props)).map_err(|e| Error::Parquet { file: tmp.clone(), cause: e })?;
             self.writer = Some((w, tmp, fin, 0));
         }
         let batch = to_record_batch(&self.pending);
         let n = self.pending.len() as u64;
         self.pending.clear();
         let (w, tmp, _, rows) = self.writer.as_mut().expect("writer open");
-        w.write(&batch).map_err(|e| Error::Parquet { file: tmp.clone(), source: e })?;
-        w.flush().map_err(|e| Error::Parquet { file: tmp.clone(), source: e })?;
+        w.write(&batch).map_err(|e| Error::Parquet { file: tmp.clone(), cause: e })?;
+        w.flush().map_err(|e| Error::Parquet { file: tmp.clone(), cause: e })?;
         *rows += n;
         self.total += n;
         if w.bytes_written() as u64 >= self.target_shard_bytes {
@@ -264,7 +264,7 @@ impl DatasetWriter {
 
     fn close_shard(&mut self) -> Result<()> {
         let Some((w, tmp, fin, rows)) = self.writer.take() else { return Ok(()) };
-        let meta = w.close().map_err(|e| Error::Parquet { file: tmp.clone(), source: e })?;
+        let meta = w.close().map_err(|e| Error::Parquet { file: tmp.clone(), cause: e })?;
         std::fs::rename(&tmp, &fin).map_err(|e| Error::io(&tmp, e))?;
         let bytes = std::fs::metadata(&fin).map_err(|e| Error::io(&fin, e))?.len();
         self.shards.push(ShardInfo {
@@ -304,11 +304,53 @@ pub fn read_row_group(file: &Path, rg: usize) -> Result<Vec<Sample>> {
 /// A shard's parsed footer, read once and reused for every row group of the shard.
 pub type Footer = ArrowReaderMetadata;
 
-/// Opens a shard and parses its footer; a truncated or non-Parquet file is an error naming it.
+/// Opens a shard and parses its footer; a truncated or non-Parquet file, or one whose schema is not
+/// [`schema`], is an error naming it.
 pub fn load_footer(file: &Path) -> Result<Footer> {
-    let f = File::open(file).map_err(|e| Error::io(file, e))?;
-    ArrowReaderMetadata::load(&f, Default::default())
-        .map_err(|e| Error::format(file, format!("unreadable Parquet footer (truncated or not Parquet): {e}")))
+    let mut f = File::open(file).map_err(|e| Error::io(file, e))?;
+    check_magic(&mut f, file)?;
+    let meta = ArrowReaderMetadata::load(&f, Default::default())
+        .map_err(|e| Error::format(file, format!("unreadable Parquet footer (truncated or not Parquet): {e}")))?;
+    check_schema(meta.schema(), file)?;
+    Ok(meta)
+}
+
+/// Parquet's magic `PAR1` at both ends of the file.
+fn check_magic(f: &mut File, file: &Path) -> Result<()> {
+    use std::io::{Seek, SeekFrom};
+    let len = f.metadata().map_err(|e| Error::io(file, e))?.len();
+    if len < 12 {
+        return Err(Error::format(file, format!("{len} bytes: too short for a Parquet file")));
+    }
+    let mut head = [0u8; 4];
+    let mut tail = [0u8; 4];
+    f.read_exact(&mut head).map_err(|e| Error::io(file, e))?;
+    f.seek(SeekFrom::End(-4)).map_err(|e| Error::io(file, e))?;
+    f.read_exact(&mut tail).map_err(|e| Error::io(file, e))?;
+    f.seek(SeekFrom::Start(0)).map_err(|e| Error::io(file, e))?;
+    if &head != b"PAR1" || &tail != b"PAR1" {
+        return Err(Error::format(
+            file,
+            format!("not a Parquet file: magic bytes {:?} / {:?}, expected \"PAR1\" at both ends", head, tail),
+        ));
+    }
+    Ok(())
+}
+
+/// The shard's Arrow schema must be the dataset schema (names, types, nesting; nullability of list
+/// items aside, which writers differ on).
+pub fn check_schema(found: &SchemaRef, file: &Path) -> Result<()> {
+    let want = schema();
+    let describe = |s: &Schema| s.fields().iter().map(|f| format!("{}: {}", f.name(), f.data_type())).collect::<Vec<_>>().join(", ");
+    let same = found.fields().len() == want.fields().len()
+        && found.fields().iter().zip(want.fields()).all(|(a, b)| a.name() == b.name() && a.data_type().equals_datatype(b.data_type()));
+    if !same {
+        return Err(Error::format(
+            file,
+            format!("schema differs from the dataset schema (version {SCHEMA_VERSION}):\n  found:    {}\n  expected: {}", describe(found), describe(&want)),
+        ));
+    }
+    Ok(())
 }
 
 fn check_row_group(file: &Path, meta: &Footer, rg: usize) -> Result<()> {
@@ -327,7 +369,7 @@ pub fn read_row_group_with(file: &Path, meta: &Footer, rg: usize) -> Result<Vec<
         .with_row_groups(vec![rg])
         .with_batch_size(1 << 16)
         .build()
-        .map_err(|e| Error::Parquet { file: file.to_path_buf(), source: e })?;
+        .map_err(|e| Error::Parquet { file: file.to_path_buf(), cause: e })?;
     let mut out = Vec::new();
     for batch in reader {
         let batch = batch.map_err(|e| Error::format(file, format!("row group {rg}: {e}")))?;
@@ -346,7 +388,7 @@ pub async fn read_row_group_async(file: &Path, meta: &Footer, rg: usize) -> Resu
         .with_row_groups(vec![rg])
         .with_batch_size(1 << 16)
         .build()
-        .map_err(|e| Error::Parquet { file: file.to_path_buf(), source: e })?;
+        .map_err(|e| Error::Parquet { file: file.to_path_buf(), cause: e })?;
     let batches: Vec<RecordBatch> =
         stream.try_collect().await.map_err(|e| Error::format(file, format!("row group {rg}: {e}")))?;
     let mut out = Vec::new();

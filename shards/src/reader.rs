@@ -17,7 +17,7 @@ use crate::chat::{encode_conversation, ImageRole, Overflow, IGNORE_INDEX};
 use crate::error::{Error, Result};
 use crate::format::{load_footer, read_row_group_with, Footer, Manifest, Sample};
 use crate::order::{inject, micro_positions, Locator, Mixture, SourceLayout};
-use crate::preprocess::preprocess_image;
+use crate::preprocess::{preprocess_image, ResizeOrder};
 use crate::tokenizer::{Tokenizer, ENDOFTEXT};
 
 /// An opened dataset folder: manifest checked against the shard footers, which are kept (parsed once)
@@ -30,10 +30,20 @@ pub struct Source {
     pub layout: SourceLayout,
     /// Parsed footer of each shard, in manifest order.
     pub footers: Vec<Footer>,
+    /// Each shard's sha256 is checked against index.json the first time one of its row groups is read
+    /// (once per process); off for trusted storage (`data.verify_checksums: false`).
+    verify: bool,
+    verified: Arc<Vec<std::sync::OnceLock<std::result::Result<(), String>>>>,
 }
 
 impl Source {
+    /// Opens a dataset folder whose shards are checksum-verified on first use.
     pub fn open(name: &str, dir: &Path) -> Result<Self> {
+        Self::open_with(name, dir, true)
+    }
+
+    /// As [`Self::open`]; `verify_checksums: false` skips the sha256 of each shard (trusted storage).
+    pub fn open_with(name: &str, dir: &Path, verify_checksums: bool) -> Result<Self> {
         let manifest = Manifest::load(dir)?;
         let mut blocks = Vec::new();
         let mut footers = Vec::new();
@@ -55,13 +65,37 @@ impl Source {
         if layout.is_empty() {
             return Err(Error::format(&dir.join(crate::format::MANIFEST), "dataset has no samples"));
         }
-        Ok(Self { name: name.to_string(), dir: dir.to_path_buf(), manifest, layout, footers })
+        let verified = Arc::new((0..manifest.shards.len()).map(|_| std::sync::OnceLock::new()).collect());
+        Ok(Self { name: name.to_string(), dir: dir.to_path_buf(), manifest, layout, footers, verify: verify_checksums, verified })
+    }
+
+    /// Checks shard `shard`'s sha256 against index.json, once per process (blocking: hashes the file).
+    pub fn ensure_verified(&self, shard: u32) -> Result<()> {
+        if !self.verify {
+            return Ok(());
+        }
+        let f = self.shard_path(shard);
+        let r = self.verified[shard as usize].get_or_init(|| {
+            let want = &self.manifest.shards[shard as usize].sha256;
+            match crate::format::sha256_file(&f) {
+                Ok(sum) if &sum == want => Ok(()),
+                Ok(sum) => Err(format!(
+                    "sha256 {sum}, index.json says {want}: the shard is corrupt or was changed after conversion \
+                     (copy it again; `data.verify_checksums: false` skips this check for trusted storage)"
+                )),
+                // The shard's path is added once, below.
+                Err(Error::Io { cause, .. }) => Err(cause.to_string()),
+                Err(e) => Err(e.to_string()),
+            }
+        });
+        r.clone().map_err(|e| Error::format(&f, e))
     }
 
     /// Every row of the dataset in storage order (shard by shard, row group by row group).
     pub fn read_all(&self) -> Result<Vec<Sample>> {
         let mut out = Vec::new();
         for &(shard, rg, _) in &self.layout.blocks {
+            self.ensure_verified(shard)?;
             out.extend(read_row_group_with(&self.shard_path(shard), &self.footers[shard as usize], rg as usize)?);
         }
         Ok(out)
@@ -87,6 +121,8 @@ pub struct LoadOptions {
     pub bad_image: BadImagePolicy,
     /// Image decode workers per rank.
     pub workers: usize,
+    /// Which Pillow's resize pass order the pixels follow.
+    pub resize: ResizeOrder,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -204,6 +240,7 @@ impl SampleLoader {
         if let Some(r) = slot.get() {
             return Ok(r.clone());
         }
+        self.sources[src].ensure_verified(loc.shard)?;
         let f = self.sources[src].shard_path(loc.shard);
         let footer = &self.sources[src].footers[loc.shard as usize];
         let rows = Arc::new(read_row_group_with(&f, footer, loc.row_group as usize)?);
@@ -216,6 +253,11 @@ impl SampleLoader {
         let slot = self.slot((src, loc.shard, loc.row_group));
         let rows = slot
             .get_or_try_init(|| async {
+                // The first read of a shard hashes it on the blocking pool (the runtime keeps reading).
+                let source = self.sources[src].clone();
+                tokio::task::spawn_blocking(move || source.ensure_verified(loc.shard))
+                    .await
+                    .map_err(|e| Error::Invalid(format!("checksum task failed: {e}")))??;
                 let f = self.sources[src].shard_path(loc.shard);
                 let footer = &self.sources[src].footers[loc.shard as usize];
                 Ok::<_, Error>(Arc::new(crate::format::read_row_group_async(&f, footer, loc.row_group as usize).await?))
@@ -277,7 +319,7 @@ impl SampleLoader {
                 format!("image {k}: text names {:?}, stored image is {:?}", p.enc.image_paths[k], blob.path),
             ));
         }
-        preprocess_image(&blob.bytes, self.opts.image_size, &format!("{} of sample {}", p.enc.image_paths[k], s.id))
+        preprocess_image(&blob.bytes, self.opts.image_size, self.opts.resize, &format!("{} of sample {}", p.enc.image_paths[k], s.id))
     }
 
     /// Pads the kept samples into one micro-batch; `pixels[i][k]` is image k of sample i.

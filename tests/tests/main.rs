@@ -1,5 +1,7 @@
 //! One integration-test binary: cross-crate and multi-process tests of idavlm.
 mod dist;
+mod integrity;
+mod mmid;
 mod model;
 mod shards;
 mod tokenizer;

@@ -15,7 +15,7 @@ fn reader(dir: &std::path::Path, world: usize, rank: usize, micro: usize, accum:
     Reader::new(
         vec![id, gen],
         Arc::new(idavlm_shards::tokenizer::Tokenizer::load_default().unwrap()),
-        LoadOptions { image_size: 28, max_len: 4096, bad_image: BadImagePolicy::Fail, workers: 1 },
+        LoadOptions { image_size: 28, max_len: 4096, bad_image: BadImagePolicy::Fail, workers: 1, resize: Default::default() },
         5,
         &[(0, n)],
         Some(1),
@@ -251,7 +251,7 @@ fn a_corrupt_image_at_training_time_is_skipped_or_fatal() {
         let r = Reader::new(
             vec![src],
             Arc::new(idavlm_shards::tokenizer::Tokenizer::load_default().unwrap()),
-            LoadOptions { image_size: 28, max_len: 4096, bad_image: policy, workers: 1 },
+            LoadOptions { image_size: 28, max_len: 4096, bad_image: policy, workers: 1, resize: Default::default() },
             0,
             &[(0, 4)],
             None,

@@ -291,3 +291,128 @@ pub fn load_optimizer(dir: &Path, m: &Manifest, comm: &dyn Communicator, state: 
     };
     state.load_state(comm, adam_step, &get)
 }
+
+/// The lock file that makes a checkpoint folder one run's at a time.
+pub const LOCK_FILE: &str = "idavlm.lock";
+
+/// Who holds a checkpoint folder.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct LockOwner {
+    pub host: String,
+    pub pid: u32,
+    /// Unix seconds.
+    pub started: u64,
+    /// `SLURM_JOB_ID` of the owner, when it ran under Slurm (a requeued job keeps its id).
+    #[serde(default)]
+    pub slurm_job: Option<String>,
+}
+
+impl LockOwner {
+    fn me() -> Self {
+        Self {
+            host: hostname(),
+            pid: std::process::id(),
+            started: std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0),
+            slurm_job: std::env::var("SLURM_JOB_ID").ok().filter(|s| !s.is_empty()),
+        }
+    }
+    fn describe(&self) -> String {
+        let job = self.slurm_job.as_ref().map(|j| format!(", Slurm job {j}")).unwrap_or_default();
+        format!("host {}, pid {}, started {} (unix s){job}", self.host, self.pid, self.started)
+    }
+}
+
+fn hostname() -> String {
+    std::fs::read_to_string("/proc/sys/kernel/hostname")
+        .map(|s| s.trim().to_string())
+        .ok()
+        .filter(|s| !s.is_empty())
+        .or_else(|| std::env::var("HOSTNAME").ok())
+        .unwrap_or_else(|| "unknown-host".into())
+}
+
+fn pid_alive(pid: u32) -> bool {
+    // SAFETY: kill(pid, 0) only checks for existence and permission; it sends nothing.
+    let r = unsafe { libc::kill(pid as libc::pid_t, 0) };
+    r == 0 || std::io::Error::last_os_error().raw_os_error() != Some(libc::ESRCH)
+}
+
+/// An exclusive hold on a checkpoint folder for the life of the run (rank 0 takes it). The kernel's
+/// `flock` on `idavlm.lock` is released however the process ends, SIGKILL included, so a dead run's lock
+/// is simply taken over (with a message naming it). Where the filesystem has no `flock`, the owner
+/// recorded in the file decides: a live pid on this host, or another host's run not of this Slurm job,
+/// keeps the folder.
+pub struct FolderLock {
+    file: std::fs::File,
+}
+
+impl FolderLock {
+    /// Takes the folder or fails naming the run that holds it. Returns the lock and, when a dead run's
+    /// lock was taken over, a line saying whose.
+    pub fn acquire(root: &Path) -> Result<(Self, Option<String>)> {
+        use std::io::{Read, Seek, Write};
+        use std::os::unix::io::AsRawFd;
+        std::fs::create_dir_all(root).map_err(|e| Error::io(root, e))?;
+        let path = root.join(LOCK_FILE);
+        let mut file = std::fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create(true)
+            .truncate(false)
+            .open(&path)
+            .map_err(|e| Error::io(&path, e))?;
+        let mut text = String::new();
+        let _ = file.read_to_string(&mut text);
+        let previous: Option<LockOwner> = serde_json::from_str(&text).ok();
+        // SAFETY: flock on a file descriptor this function owns.
+        let r = unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) };
+        let me = LockOwner::me();
+        let in_use = |o: &LockOwner, how: &str| {
+            Error::checkpoint(
+                root,
+                format!(
+                    "the folder is in use by another run ({}; {how}). Two runs writing one checkpoint folder \
+                     destroy each other's checkpoints: wait for that run to end, or set checkpoint.dir to another \
+                     folder. If that run is gone, remove {}",
+                    o.describe(),
+                    path.display()
+                ),
+            )
+        };
+        if r != 0 {
+            let err = std::io::Error::last_os_error();
+            match err.raw_os_error() {
+                Some(libc::EWOULDBLOCK) => {
+                    let o = previous.unwrap_or(LockOwner { host: "?".into(), pid: 0, started: 0, slurm_job: None });
+                    return Err(in_use(&o, "it holds the lock"));
+                }
+                // No flock on this filesystem: judge by the recorded owner.
+                _ => {
+                    if let Some(o) = previous.as_ref().filter(|o| o.pid != me.pid || o.host != me.host) {
+                        let same_job = o.slurm_job.is_some() && o.slurm_job == me.slurm_job;
+                        let alive_here = o.host == me.host && pid_alive(o.pid);
+                        if !same_job && (alive_here || o.host != me.host) {
+                            return Err(in_use(o, &format!("this filesystem has no flock ({err})")));
+                        }
+                    }
+                }
+            }
+        }
+        let took_over = previous
+            .filter(|o| o.pid != me.pid || o.host != me.host)
+            .map(|o| format!("{}: took over the lock of a run that has ended ({})", path.display(), o.describe()));
+        file.set_len(0).map_err(|e| Error::io(&path, e))?;
+        file.rewind().map_err(|e| Error::io(&path, e))?;
+        file.write_all(&serde_json::to_vec(&me).expect("json")).map_err(|e| Error::io(&path, e))?;
+        file.sync_all().map_err(|e| Error::io(&path, e))?;
+        Ok((Self { file }, took_over))
+    }
+}
+
+impl Drop for FolderLock {
+    fn drop(&mut self) {
+        // A clean end leaves an empty lock file (no owner to report); the flock goes with the descriptor.
+        let _ = self.file.set_len(0);
+    }
+}
+

@@ -6,13 +6,13 @@
 
 use std::path::{Path, PathBuf};
 
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 use tch::{Device, Kind, Tensor};
 
 use crate::error::Result;
 use crate::model::{ModelInput, QwenVl};
 use idavlm_shards::chat::{encode_conversation, Overflow, Turn};
-use idavlm_shards::preprocess::{decode_rgb8, preprocess_image};
+use idavlm_shards::preprocess::{decode_rgb8, preprocess_image, ResizeOrder};
 use idavlm_shards::tokenizer::{Tokenizer, ENDOFTEXT, IM_END, IM_START, NEWLINE};
 
 pub use idavlm_shards::mmid::{read_bench, Item};
@@ -23,6 +23,8 @@ pub struct GenOptions {
     /// None: greedy; Some(p): nucleus sampling with top-p p (the original uses 0.3).
     pub top_p: Option<f64>,
     pub seed: i64,
+    /// Which Pillow's resize pass order the pixels follow (the one the model was trained with).
+    pub resize: ResizeOrder,
 }
 
 /// Generates the assistant's answer for one prompt whose images are files under `images_root`.
@@ -61,7 +63,7 @@ pub fn generate_batch(
         ids.push(NEWLINE as i64);
         for p in &enc.image_paths {
             let bytes = item.image_bytes(p, images_root)?;
-            pixels.extend(preprocess_image(&bytes, size, &format!("{p} of item {}", item.id))?);
+            pixels.extend(preprocess_image(&bytes, size, opts.resize, &format!("{p} of item {}", item.id))?);
         }
         prompts.push((ids, enc));
     }
@@ -198,7 +200,7 @@ pub fn iou(a: [f64; 4], b: [f64; 4]) -> f64 {
     }
 }
 
-#[derive(Clone, Debug, Serialize)]
+#[derive(Clone, Debug, Serialize, Deserialize)]
 pub struct Prediction {
     pub id: String,
     #[serde(rename = "type")]
@@ -209,6 +211,10 @@ pub struct Prediction {
     /// matching: 1.0 / 0.0; location: IoU; None for externally judged types.
     pub score: Option<f64>,
     pub unparsable: bool,
+    /// Why the item itself cannot be scored (an empty reference answer): an invalid benchmark item,
+    /// not a model error; left out of the type's accuracy.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub invalid: Option<String>,
 }
 
 /// Scores one prediction. `test_image_size` gives the location item's test image (w, h).
@@ -240,6 +246,8 @@ pub fn score(item: &Item, prediction: &str, test_image_size: Option<(usize, usiz
 pub struct TypeSummary {
     pub items: usize,
     pub unparsable: usize,
+    /// Benchmark items that cannot be scored (not counted in the accuracy).
+    pub invalid: usize,
     /// matching accuracy, or location accuracy at IoU > 0.5.
     pub accuracy: Option<f64>,
     pub mean_iou: Option<f64>,
@@ -251,9 +259,11 @@ pub fn summarise(preds: &[Prediction]) -> std::collections::BTreeMap<String, Typ
         let s = out.entry(p.kind.clone()).or_default();
         s.items += 1;
         s.unparsable += p.unparsable as usize;
+        s.invalid += p.invalid.is_some() as usize;
     }
     for (k, s) in out.iter_mut() {
-        let scores: Vec<f64> = preds.iter().filter(|p| &p.kind == k).filter_map(|p| p.score).collect();
+        let scores: Vec<f64> =
+            preds.iter().filter(|p| &p.kind == k && p.invalid.is_none()).filter_map(|p| p.score).collect();
         if scores.is_empty() {
             continue;
         }

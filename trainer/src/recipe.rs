@@ -129,6 +129,14 @@ pub struct DataSection {
     /// Optimizer steps of data loaded ahead.
     #[serde(default = "default_prefetch")]
     pub prefetch_steps: usize,
+    /// The resize's pass order: `pillow13` (default, the pinned Pillow) or `pillow12` (Pillow <= 12.2,
+    /// to reproduce data preprocessed with an older Pillow, as the original Qwen-VL code was).
+    #[serde(default)]
+    pub resize: idavlm_shards::preprocess::ResizeOrder,
+    /// Check each shard's sha256 against its index.json when the reader first reads it (off only for
+    /// trusted storage).
+    #[serde(default = "yes")]
+    pub verify_checksums: bool,
 }
 
 fn default_max_len() -> usize {
@@ -362,8 +370,25 @@ fn apply_set(root: &mut Value, set: &str) -> Result<()> {
     let mut cur = root;
     let parts: Vec<&str> = key.split('.').collect();
     for (i, p) in parts.iter().enumerate() {
+        // A number indexes a list: `data.sources.0.path`.
+        if cur.is_sequence() {
+            let seq = cur.as_sequence_mut().expect("checked sequence");
+            let n = seq.len();
+            let idx = p.parse::<usize>().map_err(|_| {
+                Error::Recipe(format!("--set {key}: {} is a list; index it with a number (0..{n}), not {p:?}", parts[..i].join(".")))
+            })?;
+            let slot = seq.get_mut(idx).ok_or_else(|| {
+                Error::Recipe(format!("--set {key}: {} has {n} item(s), no index {idx}", parts[..i].join(".")))
+            })?;
+            if i + 1 == parts.len() {
+                *slot = val;
+                return Ok(());
+            }
+            cur = slot;
+            continue;
+        }
         if !cur.is_mapping() {
-            return Err(Error::Recipe(format!("--set {key}: {} is not a mapping", parts[..i].join("."))));
+            return Err(Error::Recipe(format!("--set {key}: {} is neither a mapping nor a list", parts[..i].join("."))));
         }
         let m = cur.as_mapping_mut().expect("checked mapping");
         let k = Value::String(p.to_string());
@@ -402,8 +427,14 @@ fn from_value(mut v: Value, sources: &Sources, path: &Path) -> Result<Recipe> {
     }
     let r: Recipe = serde_path_to_error::deserialize(v).map_err(|e| {
         let key = e.path().to_string();
-        let at = sources.locate(&key).unwrap_or_else(|| path.display().to_string());
-        Error::Recipe(format!("recipe key `{key}` ({at}): {}", e.into_inner()))
+        let inner = e.into_inner().to_string();
+        // A missing field is reported at the mapping that lacks it (the document's start for a
+        // top-level section).
+        let at = sources.locate(&key).unwrap_or_else(|| format!("{}:1", path.display()));
+        if key == "." {
+            return Error::Recipe(format!("recipe ({at}): {inner}"));
+        }
+        Error::Recipe(format!("recipe key `{key}` ({at}): {inner}"))
     })?;
     r.validate().map_err(|(key, msg)| {
         let at = sources.locate(&key).unwrap_or_else(|| path.display().to_string());
@@ -445,6 +476,24 @@ impl Recipe {
         if self.optimizer.lr < 0.0 || !self.optimizer.lr.is_finite() {
             return err("optimizer.lr", format!("{} is not a finite non-negative number", self.optimizer.lr));
         }
+        for (i, b) in self.optimizer.betas.iter().enumerate() {
+            // beta = 1 never updates the moment (beta2 = 1 divides by a zero bias correction: NaN).
+            if !(0.0..1.0).contains(b) {
+                return err("optimizer.betas", format!("betas[{i}] = {b} is not in [0, 1)"));
+            }
+        }
+        if !(self.optimizer.eps > 0.0 && self.optimizer.eps.is_finite()) {
+            return err("optimizer.eps", format!("{} is not a finite positive number", self.optimizer.eps));
+        }
+        if self.optimizer.weight_decay < 0.0 || !self.optimizer.weight_decay.is_finite() {
+            return err("optimizer.weight_decay", format!("{} is not a finite non-negative number", self.optimizer.weight_decay));
+        }
+        if let Some(c) = self.optimizer.clip_grad_norm {
+            if !(c > 0.0 && c.is_finite()) {
+                return err("optimizer.clip_grad_norm", format!("{c} is not a finite positive number"));
+            }
+        }
+
         match (self.length.steps, self.length.epochs) {
             (None, None) => return err("length", "give length.steps or length.epochs".into()),
             (Some(_), Some(_)) => return err("length.epochs", "give length.steps or length.epochs, not both".into()),

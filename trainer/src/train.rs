@@ -83,8 +83,19 @@ fn compute_kind(d: Dtype, device: Device) -> Kind {
     }
 }
 
-/// Runs a recipe on this rank to its end (or to a stop signal).
-pub fn run(recipe: &Recipe, resume: Resume, comm: &dyn Communicator, device: Device) -> Result<Summary> {
+/// The stop flag of SIGTERM, SIGUSR1 and SIGINT: install it first thing in a worker, so that a signal
+/// during start-up (loading weights, opening data) also ends in an orderly exit 75, not the default
+/// death by signal.
+pub fn stop_flag() -> Result<Arc<AtomicBool>> {
+    let stop = Arc::new(AtomicBool::new(false));
+    for sig in [signal_hook::consts::SIGTERM, signal_hook::consts::SIGUSR1, signal_hook::consts::SIGINT] {
+        signal_hook::flag::register(sig, stop.clone()).map_err(|e| Error::Other(format!("signal handler: {e}")))?;
+    }
+    Ok(stop)
+}
+
+/// Runs a recipe on this rank to its end (or to a stop signal, see [`stop_flag`]).
+pub fn run(recipe: &Recipe, resume: Resume, comm: &dyn Communicator, device: Device, stop: Arc<AtomicBool>) -> Result<Summary> {
     let (rank, world) = (comm.rank(), comm.world());
     let recipe_yaml = recipe.to_yaml();
     let cfg = model_config(recipe)?;
@@ -108,14 +119,14 @@ pub fn run(recipe: &Recipe, resume: Resume, comm: &dyn Communicator, device: Dev
     let mut sources = Vec::new();
     let mut main = Vec::new();
     for s in &recipe.data.sources {
-        let src = Source::open(&s.name, &s.path)?;
+        let src = Source::open_with(&s.name, &s.path, recipe.data.verify_checksums)?;
         let count = s.count.unwrap_or_else(|| src.layout.len());
         main.push((sources.len(), count));
         sources.push(src);
     }
     let general = match &recipe.data.general {
         Some(g) => {
-            sources.push(Source::open(&g.name, &g.path)?);
+            sources.push(Source::open_with(&g.name, &g.path, recipe.data.verify_checksums)?);
             Some(sources.len() - 1)
         }
         None => None,
@@ -133,6 +144,7 @@ pub fn run(recipe: &Recipe, resume: Resume, comm: &dyn Communicator, device: Dev
         max_len: recipe.data.max_len,
         bad_image: recipe.data.bad_image,
         workers: recipe.data.workers,
+        resize: recipe.data.resize,
     };
     let reader = Reader::new(sources, tok, load, recipe.seed, &main, general, shape)?;
     let global_batch = (recipe.batch.micro * recipe.batch.accum * world) as u64;
@@ -155,6 +167,27 @@ pub fn run(recipe: &Recipe, resume: Resume, comm: &dyn Communicator, device: Dev
         samples_dropped: 0,
     };
     let ckpt_root = recipe.checkpoint.dir.clone();
+    // One run per checkpoint folder: rank 0 holds the lock until the run ends; every rank learns if it
+    // could not be taken.
+    let lock = if rank == 0 {
+        match checkpoint::FolderLock::acquire(&ckpt_root) {
+            Ok((l, took_over)) => {
+                if let Some(m) = took_over {
+                    tracing::warn!("{m}");
+                }
+                Ok(Some(l))
+            }
+            Err(e) => Err(e),
+        }
+    } else {
+        Ok(None)
+    };
+    if comm.any(lock.is_err(), device)? {
+        return Err(lock.err().unwrap_or_else(|| {
+            Error::checkpoint(&ckpt_root, "rank 0 could not take the checkpoint folder's lock (its log says why)")
+        }));
+    }
+    let _lock = lock.expect("checked above");
     let resume_dir = match resume {
         Resume::None => {
             // A fresh run into a folder that holds another run's checkpoints would mix with them at the
@@ -178,6 +211,18 @@ pub fn run(recipe: &Recipe, resume: Resume, comm: &dyn Communicator, device: Dev
         }
         Resume::Auto => {
             let (found, skipped) = checkpoint::find_latest(&ckpt_root);
+            if found.is_none() && !skipped.is_empty() {
+                // Starting over would silently throw away a (requeued) run's progress.
+                return Err(Error::checkpoint(
+                    &ckpt_root,
+                    format!(
+                        "--resume auto: {} checkpoint(s) here and none verifies, so the run would restart from step 0:\n  {}\n\
+                         Repair or remove them, resume from one with --resume PATH, or pass --resume none to start over",
+                        skipped.len(),
+                        skipped.join("\n  ")
+                    ),
+                ));
+            }
             if rank == 0 {
                 for s in skipped {
                     tracing::warn!("{s}");
@@ -199,10 +244,13 @@ pub fn run(recipe: &Recipe, resume: Resume, comm: &dyn Communicator, device: Dev
         ts = saved;
     }
 
-    // Signals: stop at the next step boundary with a checkpoint.
-    let stop = Arc::new(AtomicBool::new(false));
-    for sig in [signal_hook::consts::SIGTERM, signal_hook::consts::SIGUSR1, signal_hook::consts::SIGINT] {
-        signal_hook::flag::register(sig, stop.clone()).map_err(|e| Error::Other(format!("signal handler: {e}")))?;
+    // A stop signal during start-up: nothing new to save (the checkpoint resumed from, if any, stays the
+    // newest), so every rank exits as preempted now.
+    if comm.any(stop.load(Ordering::Relaxed), device)? {
+        if rank == 0 {
+            tracing::warn!("stop signal during start-up: exiting before the first step (nothing new to checkpoint)");
+        }
+        return Ok(Summary { final_step: ts.step, last_checkpoint: resume_dir, preempted: true, ..Default::default() });
     }
 
     let peak = if let Device::Cuda(i) = device { flops::device_peak(&cuda_name(i)) } else { None };
@@ -264,6 +312,15 @@ pub fn run(recipe: &Recipe, resume: Resume, comm: &dyn Communicator, device: Dev
         comm.all_reduce_sum(&agg32)?;
         let a: Vec<f64> =
             Vec::<f32>::try_from(&agg32.to_device(Device::Cpu)).expect("vec").into_iter().map(|v| v as f64).collect();
+        if a[1] + a[3] == 0.0 {
+            return Err(Error::Other(format!(
+                "step {}: every sample of the global batch was dropped ({} dropped in this step: over data.max_len ({}), \
+                 no answer token left after truncation, or an undecodable image; the warnings above name them)",
+                ts.step + 1,
+                a[6],
+                recipe.data.max_len
+            )));
+        }
         let loss_id = if a[1] > 0.0 { a[0] / a[1] } else { f64::NAN };
         let loss_general = if a[3] > 0.0 { a[2] / a[3] } else { f64::NAN };
         let loss_all = if a[1] + a[3] > 0.0 { (a[0] + a[2]) / (a[1] + a[3]) } else { f64::NAN };

@@ -1,5 +1,9 @@
 //! idavlm-infer: answers an MM-ID-format benchmark with a trained checkpoint and scores it (SPEC §5).
 //! Writes one JSON line per item and prints a per-type summary (also written as JSON).
+//!
+//! Every item's images are checked before the model loads; predictions go to `OUT.partial`, renamed to
+//! `OUT` when all items are answered, so an interrupted run never leaves a truncated `OUT` (and
+//! `--resume` continues it). Items whose reference answer is empty are reported as invalid items.
 
 use std::io::Write;
 use std::path::PathBuf;
@@ -8,6 +12,7 @@ use anyhow::{Context, Result};
 use clap::Parser;
 use idavlm::infer::*;
 use idavlm::model::{weights::load_hf, ModelConfig, QwenVl};
+use idavlm_shards::preprocess::ResizeOrder;
 use idavlm_shards::tokenizer::Tokenizer;
 use indicatif::{ProgressBar, ProgressStyle};
 
@@ -36,6 +41,12 @@ struct Cli {
     /// Prompts generated together (left-padded, one KV cache per batch).
     #[arg(long, default_value_t = 8)]
     batch: usize,
+    /// The resize's pass order: the Pillow the pixels of training followed (pillow12: Pillow <= 12.2).
+    #[arg(long, value_enum, default_value_t = ResizeOrder::Pillow13)]
+    resize: ResizeOrder,
+    /// Continue a partial run (`OUT.partial`, left by an interrupted run) instead of refusing it.
+    #[arg(long)]
+    resume: bool,
     /// Only the first N items.
     #[arg(long)]
     limit: Option<usize>,
@@ -53,7 +64,52 @@ fn main() {
     }
 }
 
+/// Where predictions are written while the run lasts; renamed to `--out` when every item is done.
+fn partial_path(out: &std::path::Path) -> PathBuf {
+    let mut name = out.file_name().map(|n| n.to_os_string()).unwrap_or_else(|| "preds.jsonl".into());
+    name.push(".partial");
+    out.with_file_name(name)
+}
+
+/// The complete lines of a partial run (a torn last line is dropped and rewritten).
+fn read_partial(path: &std::path::Path) -> Result<Vec<Prediction>> {
+    let text = std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
+    let mut out = Vec::new();
+    for (i, line) in text.lines().enumerate() {
+        match serde_json::from_str::<Prediction>(line) {
+            Ok(p) => out.push(p),
+            Err(_) if i + 1 == text.lines().count() && !text.ends_with('\n') => break,
+            Err(e) => anyhow::bail!("{}:{}: not a prediction line: {e}", path.display(), i + 1),
+        }
+    }
+    Ok(out)
+}
+
 fn run(cli: Cli) -> Result<()> {
+    let mut items = read_bench(&cli.bench)?;
+    if let Some(n) = cli.limit {
+        items.truncate(n);
+    }
+    let root = cli.images.clone().unwrap_or_else(|| cli.bench.parent().map(|p| p.to_path_buf()).unwrap_or_default());
+    // Every item's images are found and decoded before the model loads: a bad item near the end fails
+    // now, not after minutes of generation.
+    idavlm_shards::mmid::check_items(&items, &root).with_context(|| format!("checking {}", cli.bench.display()))?;
+    let partial = partial_path(&cli.out);
+    let mut preds = Vec::new();
+    if partial.exists() {
+        anyhow::ensure!(
+            cli.resume,
+            "{} holds a partial run of earlier predictions: pass --resume to continue it, or remove it to start over",
+            partial.display()
+        );
+        preds = read_partial(&partial)?;
+        let known: std::collections::HashSet<&str> = items.iter().map(|i| i.id.as_str()).collect();
+        if let Some(p) = preds.iter().find(|p| !known.contains(p.id.as_str())) {
+            anyhow::bail!("{}: item {} is not in {}: a partial run of another benchmark", partial.display(), p.id, cli.bench.display());
+        }
+        eprintln!("resuming: {} of {} items already answered in {}", preds.len(), items.len(), partial.display());
+    }
+    let done: std::collections::HashSet<String> = preds.iter().map(|p| p.id.clone()).collect();
     let dir = model_dir(&cli.checkpoint);
     let cfg: ModelConfig = ModelConfig::from_file(&dir.join("config.json")).context("the model's config.json")?;
     let device = device_default();
@@ -61,21 +117,44 @@ fn run(cli: Cli) -> Result<()> {
     let (params, _) = load_hf(&dir, &cfg, device, kind)?;
     let model = QwenVl::new(&cfg, &params);
     let tok = Tokenizer::load_default()?;
-    let mut items = read_bench(&cli.bench)?;
-    if let Some(n) = cli.limit {
-        items.truncate(n);
-    }
-    let root = cli.images.clone().unwrap_or_else(|| cli.bench.parent().map(|p| p.to_path_buf()).unwrap_or_default());
-    let opts = GenOptions { max_new_tokens: cli.max_new_tokens, top_p: cli.top_p, seed: cli.seed };
-    let mut out = std::fs::File::create(&cli.out).with_context(|| format!("creating {}", cli.out.display()))?;
+    let opts = GenOptions { max_new_tokens: cli.max_new_tokens, top_p: cli.top_p, seed: cli.seed, resize: cli.resize };
+    let mut out = {
+        // Rewrite the kept lines (a torn last line goes), then append.
+        let mut f = std::fs::File::create(&partial).with_context(|| format!("creating {}", partial.display()))?;
+        for p in &preds {
+            writeln!(f, "{}", serde_json::to_string(p)?)?;
+        }
+        f
+    };
     let bar = ProgressBar::new(items.len() as u64);
     bar.set_style(
         ProgressStyle::with_template("{bar:30} {pos}/{len} [{elapsed_precise}<{eta_precise}] {msg}").expect("template"),
     );
-    let mut preds = Vec::new();
-    for chunk in items.chunks(cli.batch.max(1)) {
-        let refs: Vec<&Item> = chunk.iter().collect();
-        let answers = generate_batch(&model, &tok, &refs, &root, &opts)
+    bar.inc(preds.len() as u64);
+    let mut emit = |p: Prediction, preds: &mut Vec<Prediction>| -> Result<()> {
+        writeln!(out, "{}", serde_json::to_string(&p)?)?;
+        preds.push(p);
+        bar.inc(1);
+        Ok(())
+    };
+    let todo: Vec<&Item> = items.iter().filter(|i| !done.contains(&i.id)).collect();
+    // Items that cannot be scored are reported as such, without generating.
+    let (invalid, todo): (Vec<&Item>, Vec<&Item>) = todo.into_iter().partition(|i| i.unscorable().is_some());
+    for item in invalid {
+        let p = Prediction {
+            id: item.id.clone(),
+            kind: item.kind.clone(),
+            question: item.question.clone(),
+            answer: item.answer.clone(),
+            prediction: String::new(),
+            score: None,
+            unparsable: false,
+            invalid: item.unscorable(),
+        };
+        emit(p, &mut preds)?;
+    }
+    for chunk in todo.chunks(cli.batch.max(1)) {
+        let answers = generate_batch(&model, &tok, chunk, &root, &opts)
             .with_context(|| format!("items {}..{}", chunk[0].id, chunk.last().map(|i| i.id.as_str()).unwrap_or_default()))?;
         for (item, (text, _)) in chunk.iter().zip(answers) {
             let size = if item.kind == "location" { test_image_size(item, &root) } else { None };
@@ -88,24 +167,37 @@ fn run(cli: Cli) -> Result<()> {
                 prediction: text,
                 score,
                 unparsable,
+                invalid: None,
             };
-            writeln!(out, "{}", serde_json::to_string(&p)?)?;
-            preds.push(p);
-            bar.inc(1);
+            emit(p, &mut preds)?;
         }
     }
+    drop(emit);
+    out.sync_all().with_context(|| format!("writing {}", partial.display()))?;
+    drop(out);
     bar.finish_and_clear();
+    // Predictions in the benchmark's order, whatever order the runs answered them in.
+    let order: std::collections::HashMap<&str, usize> = items.iter().enumerate().map(|(i, it)| (it.id.as_str(), i)).collect();
+    preds.sort_by_key(|p| order[p.id.as_str()]);
+    let mut text = String::new();
+    for p in &preds {
+        text.push_str(&serde_json::to_string(p)?);
+        text.push('\n');
+    }
+    std::fs::write(&partial, text).with_context(|| format!("writing {}", partial.display()))?;
+    std::fs::rename(&partial, &cli.out).with_context(|| format!("renaming {} to {}", partial.display(), cli.out.display()))?;
     let summary = summarise(&preds);
-    println!("{:<22} {:>6} {:>10} {:>9} {:>11}", "type", "items", "accuracy", "mean IoU", "unparsable");
+    println!("{:<22} {:>6} {:>10} {:>9} {:>11} {:>8}", "type", "items", "accuracy", "mean IoU", "unparsable", "invalid");
     for (k, s) in &summary {
         let f = |v: Option<f64>| v.map(|x| format!("{x:.3}")).unwrap_or_else(|| "judged".into());
         println!(
-            "{:<22} {:>6} {:>10} {:>9} {:>11}",
+            "{:<22} {:>6} {:>10} {:>9} {:>11} {:>8}",
             k,
             s.items,
             f(s.accuracy),
             s.mean_iou.map(|x| format!("{x:.3}")).unwrap_or_else(|| "-".into()),
-            s.unparsable
+            s.unparsable,
+            s.invalid
         );
     }
     let bad: Vec<&str> = preds.iter().filter(|p| p.unparsable).map(|p| p.id.as_str()).take(10).collect();
@@ -115,6 +207,9 @@ fn run(cli: Cli) -> Result<()> {
             bad.join(", "),
             if preds.iter().filter(|p| p.unparsable).count() > 10 { ", ..." } else { "" }
         );
+    }
+    for p in preds.iter().filter(|p| p.invalid.is_some()).take(10) {
+        println!("invalid benchmark item (not scored): {}", p.invalid.as_deref().unwrap_or_default());
     }
     let sp = cli.out.with_extension("summary.json");
     std::fs::write(&sp, serde_json::to_vec_pretty(&summary)?)?;

@@ -143,6 +143,8 @@ fn make_comm(kind: &str, info: &RankInfo, device: tch::Device, timeout: Duration
 fn run(cli: Cli) -> Result<i32> {
     match cli.cmd {
         Cmd::Train { recipe: path, sets, resume, comm } => {
+            // First: a SIGTERM from here on ends in exit 75 (or a checkpoint at the next step boundary).
+            let stop = train::stop_flag()?;
             let nccl = runtime::prepare_nccl();
             let r = recipe::load(&path, &sets)?;
             let info = RankInfo::from_env()?;
@@ -155,7 +157,7 @@ fn run(cli: Cli) -> Result<i32> {
                 tracing::debug!("NCCL: {}", lib.display());
             }
             let comm = make_comm(&comm, &info, device, Duration::from_secs(r.comm.timeout_s))?;
-            let s = train::run(&r, train::resolve_resume(&resume), comm.as_ref(), device)?;
+            let s = train::run(&r, train::resolve_resume(&resume), comm.as_ref(), device, stop)?;
             Ok(if s.preempted {
                 EXIT_PREEMPTED
             } else if s.stopped_nonfinite {
