@@ -6,7 +6,7 @@ ENV := source scripts/env.sh
 FEATURES := --features idavlm/mpi
 BIN := target/debug
 
-.PHONY: setup build demo test gpu-bundle clean-runs
+.PHONY: setup setup-test build demo test gpu-bundle clean-runs
 
 setup:
 	bash scripts/setup.sh
@@ -18,9 +18,13 @@ build: setup
 demo: build
 	$(ENV) && bash scripts/demo.sh
 
-## The whole test suite (unit, cross-crate and multi-process tests).
-test: build
-	$(ENV) && IDAVLM_EXPECT_MPI=1 cargo test --workspace $(FEATURES) -- --test-threads 2
+# The tests also need a live Slurm (Debian's packages; tests/tests/slurm.rs starts the daemons itself).
+setup-test:
+	bash scripts/setup.sh --slurm
+
+## The whole test suite (unit, cross-crate and multi-process tests, a live single-node Slurm).
+test: build setup-test
+	$(ENV) && IDAVLM_EXPECT_MPI=1 IDAVLM_EXPECT_SLURM=1 cargo test --workspace $(FEATURES) -- --test-threads 2
 
 ## Release binaries for a GPU machine, stripped, in .carry/ (see README: GPU machines).
 gpu-bundle: setup

@@ -3,8 +3,16 @@
 #   - OpenMPI + clang (Debian) for the `mpi` feature (rsmpi's bindgen needs libclang)
 #   - a project-local venv .venv with torch==2.11.0 (libtorch for tch, and the PyTorch oracle of the tests)
 #   - qwen.tiktoken extracted from the dashscope==2.0.2 wheel into .deps/ (never committed)
-# Prints the environment to use as shell `export` lines on stdout when called with --print-env.
+#   - with --slurm (the test suite): Debian's slurmctld, slurmd, slurm-client and munge, for the live
+#     single-node Slurm of tests/tests/slurm.rs (scripts/slurm-local.sh starts it)
 set -euo pipefail
+with_slurm=0
+for a in "$@"; do
+  case "$a" in
+    --slurm) with_slurm=1 ;;
+    *) echo "setup.sh: unknown argument $a (known: --slurm)" >&2; exit 2 ;;
+  esac
+done
 root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 cd "$root"
 log() { echo "[setup] $*" >&2; }
@@ -13,6 +21,11 @@ need_apt=()
 command -v mpirun >/dev/null 2>&1 || need_apt+=(openmpi-bin)
 [ -e /usr/include/x86_64-linux-gnu/openmpi/include/mpi.h ] || [ -e /usr/lib/x86_64-linux-gnu/openmpi/include/mpi.h ] || need_apt+=(libopenmpi-dev)
 command -v clang >/dev/null 2>&1 || need_apt+=(clang)
+if [ "$with_slurm" -eq 1 ]; then
+  for p in slurmctld slurmd; do command -v "$p" >/dev/null 2>&1 || need_apt+=("$p"); done
+  command -v sbatch >/dev/null 2>&1 || need_apt+=(slurm-client)
+  command -v munged >/dev/null 2>&1 || need_apt+=(munge)
+fi
 if [ ${#need_apt[@]} -gt 0 ]; then
   log "installing Debian packages: ${need_apt[*]}"
   export DEBIAN_FRONTEND=noninteractive

@@ -4,5 +4,6 @@ mod integrity;
 mod mmid;
 mod model;
 mod shards;
+mod slurm;
 mod tokenizer;
 mod train;
