@@ -88,11 +88,31 @@ pub fn losses(metrics: &Path) -> Vec<(u64, f64)> {
         .collect()
 }
 
-/// `idavlm-worker train` as one process (world 1), CPU, one torch thread.
-pub fn worker_train(recipe: &Path, extra: &[&str]) -> std::process::Output {
+/// The command of `idavlm-worker train` as one process (world 1), CPU, one torch thread.
+pub fn worker_command(recipe: &Path, extra: &[&str]) -> Command {
     let mut c = Command::new(bin("idavlm-worker"));
     c.arg("train").arg(recipe).args(extra).env("IDAVLM_TORCH_THREADS", "1").env_remove("RANK").env_remove("WORLD_SIZE");
-    c.output().expect("run worker")
+    c
+}
+
+/// [`worker_command`], run to its end.
+pub fn worker_train(recipe: &Path, extra: &[&str]) -> std::process::Output {
+    worker_command(recipe, extra).output().expect("run worker")
+}
+
+/// `idavlm-infer` over a benchmark with a short answer budget.
+pub fn infer(checkpoint: &Path, bench: &Path, out: &Path, extra: &[&str]) -> std::process::Output {
+    Command::new(bin("idavlm-infer"))
+        .arg("--checkpoint")
+        .arg(checkpoint)
+        .arg("--bench")
+        .arg(bench)
+        .arg("--out")
+        .arg(out)
+        .args(["--max-new-tokens", "8"])
+        .args(extra)
+        .output()
+        .expect("run idavlm-infer")
 }
 
 /// `idavlm-launch --nproc-per-node n` on a free port.

@@ -58,20 +58,6 @@ fn tiny_checkpoint(dir: &Path) {
     std::fs::write(dir.join("config.json"), serde_json::to_vec_pretty(&cfg).unwrap()).unwrap();
 }
 
-fn infer(ckpt: &Path, bench: &Path, out: &Path, extra: &[&str]) -> std::process::Output {
-    Command::new(bin("idavlm-infer"))
-        .arg("--checkpoint")
-        .arg(ckpt)
-        .arg("--bench")
-        .arg(bench)
-        .arg("--out")
-        .arg(out)
-        .args(["--max-new-tokens", "4"])
-        .args(extra)
-        .output()
-        .unwrap()
-}
-
 #[test]
 fn the_published_item_form_converts_and_answers_with_the_original_prompt() {
     let d = tempfile::tempdir().unwrap();
@@ -102,7 +88,7 @@ fn the_published_item_form_converts_and_answers_with_the_original_prompt() {
     tiny_checkpoint(&ckpt);
     let (pj, pp) = (d.path().join("json.jsonl"), d.path().join("parquet.jsonl"));
     for (bench, preds) in [(&json, &pj), (&out, &pp)] {
-        let o = infer(&ckpt, bench, preds, &[]);
+        let o = idavlm_tests::infer(&ckpt, bench, preds, &[]);
         assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
     }
     let answers = |p: &Path| -> Vec<String> {
@@ -133,7 +119,7 @@ fn a_missing_image_fails_before_any_work_naming_the_item_and_leaves_nothing_behi
     tiny_checkpoint(&ckpt);
     let preds = d.path().join("preds.jsonl");
     std::fs::write(&preds, "earlier results\n").unwrap();
-    let o = infer(&ckpt, &json, &preds, &[]);
+    let o = idavlm_tests::infer(&ckpt, &json, &preds, &[]);
     let err = String::from_utf8_lossy(&o.stderr);
     assert!(!o.status.success());
     assert!(err.contains("item 2") && err.contains("c4.jpg") && err.contains("nothing was generated"), "{err}");
@@ -157,7 +143,7 @@ fn unscorable_items_are_reported_as_invalid_and_an_interrupted_run_resumes() {
     tiny_checkpoint(&ckpt);
     let preds = d.path().join("preds.jsonl");
     // A partial run left by an interrupted one (the location item answered, a torn last line).
-    let o = infer(&ckpt, &json, &preds, &[]);
+    let o = idavlm_tests::infer(&ckpt, &json, &preds, &[]);
     assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
     let full = std::fs::read_to_string(&preds).unwrap();
     let table = String::from_utf8_lossy(&o.stdout);
@@ -169,10 +155,10 @@ fn unscorable_items_are_reported_as_invalid_and_an_interrupted_run_resumes() {
     let partial = d.path().join("preds.jsonl.partial");
     std::fs::write(&partial, format!("{first}\n{{\"id\": \"2\", \"ty")).unwrap();
     std::fs::remove_file(&preds).unwrap();
-    let o = infer(&ckpt, &json, &preds, &[]);
+    let o = idavlm_tests::infer(&ckpt, &json, &preds, &[]);
     assert!(!o.status.success());
     assert!(String::from_utf8_lossy(&o.stderr).contains("--resume"), "{}", String::from_utf8_lossy(&o.stderr));
-    let o = infer(&ckpt, &json, &preds, &["--resume"]);
+    let o = idavlm_tests::infer(&ckpt, &json, &preds, &["--resume"]);
     let err = String::from_utf8_lossy(&o.stderr);
     assert!(o.status.success() && err.contains("1 of 2 items already answered"), "{err}");
     assert_eq!(std::fs::read_to_string(&preds).unwrap(), full, "resumed predictions equal a straight run's");

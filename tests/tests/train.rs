@@ -1,7 +1,6 @@
 use std::path::Path;
-use std::process::Command;
 
-use idavlm_tests::{bin, losses, read_f32, recipe, synth, worker_train};
+use idavlm_tests::{losses, read_f32, recipe, synth, worker_train};
 
 fn ok(out: &std::process::Output) -> String {
     let err = String::from_utf8_lossy(&out.stderr).into_owned();
@@ -102,13 +101,7 @@ fn resume_is_bit_exact_and_a_truncated_checkpoint_is_skipped() {
 fn sigterm_writes_a_loadable_checkpoint_and_exits_75() {
     let d = tempfile::tempdir().unwrap();
     let r = recipe(d.path(), &data(d.path()), "");
-    let mut child = Command::new(bin("idavlm-worker"))
-        .arg("train")
-        .arg(&r)
-        .args(["--set", "length.steps=200"])
-        .env("IDAVLM_TORCH_THREADS", "1")
-        .env_remove("RANK")
-        .env_remove("WORLD_SIZE")
+    let mut child = idavlm_tests::worker_command(&r, &["--set", "length.steps=200"])
         .stderr(std::process::Stdio::piped())
         .spawn()
         .unwrap();
@@ -177,16 +170,7 @@ fn the_held_out_evaluation_runs_end_to_end() {
     let r = recipe(d.path(), &data, "");
     ok(&worker_train(&r, &["--set", "length.steps=2"]));
     let preds = d.path().join("preds.jsonl");
-    let out = Command::new(bin("idavlm-infer"))
-        .arg("--checkpoint")
-        .arg(d.path().join("ckpt/step-00000002"))
-        .arg("--bench")
-        .arg(data.join("eval/mmid.json"))
-        .arg("--out")
-        .arg(&preds)
-        .args(["--max-new-tokens", "8"])
-        .output()
-        .unwrap();
+    let out = idavlm_tests::infer(&d.path().join("ckpt/step-00000002"), &data.join("eval/mmid.json"), &preds, &[]);
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
     let table = String::from_utf8_lossy(&out.stdout);
     assert!(table.contains("matching") && table.contains("location") && table.contains("caption_singleimage"), "{table}");
