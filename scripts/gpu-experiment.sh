@@ -3,6 +3,7 @@
 # .carry/qwen.tiktoken and .carry/fsdp2_qwenvl.py). Usage:
 #   bash scripts/gpu-experiment.sh check            # devices, tiny model: 2 GPUs x ZeRO-1/2/3 vs 1 GPU, resume on 2 GPUs
 #   bash scripts/gpu-experiment.sh w1 LAYERS [ZERO...]   # W1 (LAYERS LLM layers) for idavlm and the FSDP2 peer, same call
+#   bash scripts/gpu-experiment.sh ckpt [ZERO...]        # checkpoint stall and write speed, 4-layer model, raw disk speed
 # Logs and a table go to $OUT (or ./gpu-out).
 set -uo pipefail
 OUT=${OUT:-$PWD/gpu-out}
@@ -119,6 +120,55 @@ if losses("allref"):
     table("allref", ["all"], "all GPUs, straight:")
 PY
   tar -czf "$OUT/check.tar.gz" -C "$OUT" --exclude check.tar.gz . 2>/dev/null
+  ;;
+ckpt)
+  # The 4-layer full-width model (29 GB per checkpoint at world 2) on the demo data, a save every 100 steps:
+  # stall per save, background write speed against the disk's raw speed (same call, same folder),
+  # and step time while a write runs against step time without one.
+  shift || true
+  data=/tmp/idavlm-data ck=${CKPT_DIR:-/tmp/idavlm-ckpt} CK_STEPS=${CK_STEPS:-250} CK_EVERY=${CK_EVERY:-120}
+  idavlm-shards synth $data --id-samples 480 --general-samples 40 --eval-per-type 2 >/dev/null 2>&1
+  mkdir -p "$ck"
+  df -h "$ck" | tee "$OUT/disk.txt"
+  # Raw sequential write: 8 GiB in 64 MiB blocks, flushed to the disk before dd reports.
+  dd if=/dev/zero of="$ck/raw.bin" bs=64M count=128 conv=fdatasync 2>&1 | tail -1 | tee -a "$OUT/disk.txt"
+  rm -f "$ck/raw.bin"
+  for z in ${*:-2 3}; do
+    rm -rf "$ck/z$z"
+    sed -e "s|runs/demo/data|$data|g" -e "s|runs/demo/ckpt|$ck/z$z|" -e "s|runs/demo/metrics.jsonl|$OUT/ck-z$z.jsonl|" \
+      -e "s|plot: .*|plot: null|" -e "s|  preset: tiny|  config: $PWD/recipes/models/qwen-vl-4layers.json|" \
+      recipes/demo.yaml >/tmp/r-ck$z.yaml
+    set_ck=(--set zero.stage=$z --set length.steps=$CK_STEPS --set checkpoint.every_steps=$CK_EVERY --set checkpoint.keep=1
+      --set checkpoint.at_end=false --set logging.every_steps=1 --set optimizer.lr=1.0e-5)
+    echo "== checkpoints, ZeRO-$z, 2 GPUs, 4-layer model"
+    idavlm-launch --nproc-per-node 2 /tmp/r-ck$z.yaml --resume none "${set_ck[@]}" >"$OUT/ck-z$z.log" 2>&1
+    echo "rc=$?"; grep -h "stalled\|complete:\|checkpoint part" "$OUT/ck-z$z.log" | sed 's/^.*Z //' | tee -a "$OUT/ckpt.txt"
+    du -sh "$ck/z$z"/step-* | tee -a "$OUT/ckpt.txt"
+    python3 - "$OUT/ck-z$z.log" "$OUT/ck-z$z.jsonl" "$CK_EVERY" <<'PY' | tee -a "$OUT/ckpt.txt"
+import json, re, sys
+log, metrics = sys.argv[1], sys.argv[2]
+steps = {json.loads(l)["step"]: json.loads(l)["step_s"] for l in open(metrics)}
+# Steps that ran while a background write was in flight: after a save at step k up to the step whose
+# poll reported it complete.
+busy, start = set(), None
+for line in open(log):
+    m = re.search(r"step (\d+) loss", line)
+    if m:
+        cur = int(m.group(1))
+    if "written in the background" in line and "stalled" in line:
+        start = cur
+    if "complete:" in line and start is not None:
+        busy.update(range(start + 1, cur + 1)); start = None
+warm = [s for s in steps if s > 3]
+on = [steps[s] for s in warm if s in busy]
+every = int(sys.argv[3])
+off = [steps[s] for s in warm if s not in busy and s % every != 0]
+med = lambda v: sorted(v)[len(v) // 2] if v else float("nan")
+print(f"steps during a background write: {len(on)}, median {med(on):.3f} s; other steps: {len(off)}, median {med(off):.3f} s; slowdown {100 * (med(on) / med(off) - 1):.1f}%")
+PY
+    rm -rf "$ck/z$z"
+  done
+  tar -czf "$OUT/ckpt.tar.gz" -C "$OUT" --exclude ckpt.tar.gz . 2>/dev/null
   ;;
 w1)
   layers=${2:-32}; shift 2 || true

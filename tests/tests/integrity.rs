@@ -129,13 +129,7 @@ fn resume_auto_refuses_to_restart_from_scratch_when_no_checkpoint_verifies() {
 fn a_checkpoint_folder_is_one_runs_at_a_time_and_a_dead_owner_is_taken_over() {
     let d = tempfile::tempdir().unwrap();
     let r = recipe(d.path(), &data(d.path()), "");
-    let mut first = Command::new(bin("idavlm-worker"))
-        .arg("train")
-        .arg(&r)
-        .args(["--set", "length.steps=400"])
-        .env("IDAVLM_TORCH_THREADS", "1")
-        .env_remove("RANK")
-        .env_remove("WORLD_SIZE")
+    let mut first = idavlm_tests::worker_command(&r, &["--set", "length.steps=400"])
         .stderr(Stdio::null())
         .spawn()
         .unwrap();
@@ -237,4 +231,62 @@ fn recipe_values_are_checked_and_set_indexes_lists() {
     let arg = set.split("--set ").nth(1).unwrap().split_whitespace().next().unwrap();
     let c = idavlm::recipe::load(&s1, &[arg.to_string()]).unwrap();
     assert_eq!(c.data.sources[0].path.to_string_lossy(), arg.split_once('=').unwrap().1);
+}
+
+/// The `.tmp` step folders present now.
+fn tmp_folders(ckpt: &Path) -> Vec<String> {
+    std::fs::read_dir(ckpt)
+        .map(|rd| rd.flatten().map(|e| e.file_name().to_string_lossy().into_owned()).filter(|n| n.ends_with(".tmp")).collect())
+        .unwrap_or_default()
+}
+
+#[test]
+fn checkpoints_are_written_in_the_background_never_overlap_and_survive_a_kill_mid_write() {
+    let d = tempfile::tempdir().unwrap();
+    let r = recipe(d.path(), &data(d.path()), "");
+    let (ckpt, metrics) = (d.path().join("ckpt"), d.path().join("metrics.jsonl"));
+    let spawn = |steps: u64| {
+        idavlm_tests::worker_command(&r, &["--set", &format!("length.steps={steps}"), "--set", "checkpoint.every_steps=1"])
+            .env("IDAVLM_CKPT_WRITE_DELAY_MS", "700")
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap()
+    };
+    // 1. Every step saves, each write slowed down: training goes on while a write runs, and at most
+    // one save is ever in flight.
+    let mut child = spawn(5);
+    let (mut most_tmp, mut overlapped) = (0, false);
+    while child.try_wait().unwrap().is_none() {
+        let tmp = tmp_folders(&ckpt);
+        most_tmp = most_tmp.max(tmp.len());
+        if let Some(t) = tmp.first() {
+            let step: u64 = t.trim_start_matches("step-").trim_end_matches(".tmp").parse().unwrap();
+            overlapped |= idavlm_tests::losses(&metrics).iter().any(|(s, _)| *s > step);
+        }
+        std::thread::sleep(std::time::Duration::from_millis(10));
+    }
+    let out = child.wait_with_output().unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{err}");
+    assert_eq!(most_tmp, 1, "saves overlapped");
+    assert!(overlapped, "no step ran while a checkpoint was being written:\n{err}");
+    assert!(err.contains("written in the background") && err.contains("complete:"), "{err}");
+    for s in 1..=5 {
+        idavlm::checkpoint::verify(&idavlm::checkpoint::step_dir(&ckpt, s)).unwrap();
+    }
+    // 2. Killed (SIGKILL) while step 7's part is being written: the folder never appears, and
+    // --resume auto continues from step 6, the newest complete one.
+    let mut child = spawn(20);
+    let t = std::time::Instant::now();
+    while !tmp_folders(&ckpt).contains(&"step-00000007.tmp".to_string()) {
+        assert!(t.elapsed().as_secs() < 120, "step 7's save never started");
+        std::thread::sleep(std::time::Duration::from_millis(10));
+    }
+    child.kill().unwrap();
+    let _ = child.wait();
+    let (latest, _) = idavlm::checkpoint::find_latest(&ckpt);
+    assert_eq!(latest, Some(idavlm::checkpoint::step_dir(&ckpt, 6)));
+    let out = worker_train(&r, &["--set", "length.steps=8", "--set", "checkpoint.at_end=false"]);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success() && err.contains("resumed from") && err.contains("step-00000006"), "{err}");
 }

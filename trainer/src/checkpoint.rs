@@ -1,5 +1,18 @@
 //! Checkpoints: one folder per step, written as `step-NNNNNNNN.tmp/` and renamed when every rank has
-//! finished, with a manifest of sha256 checksums so that a truncated or partial folder is recognised.
+//! finished, with a manifest of checksums so that a truncated or partial folder is recognised.
+//!
+//! Saving stalls training only to stage this rank's state into host memory (buffers allocated once,
+//! pinned on GPUs, reused by every save); a background thread per rank then writes its part in 64 MiB
+//! pieces on several threads, hashing each piece as it is written, and leaves a `.done` marker with
+//! its size and checksum. Rank 0's thread also writes the model export, the recipe and the trainer
+//! state, waits for every rank's marker, writes the manifest and renames the folder: the step folder
+//! appears only when complete, so a crash mid-write leaves the previous checkpoint the newest valid
+//! one. A new save first waits for the previous one. `checkpoint.async: false` (and the preemption
+//! save, which also skips the model export) does the same work before returning.
+//!
+//! Format 2 checksums (`sha256` in the manifest) are [`crate::model::weights::tree_sha256`]: sha256 over
+//! the sha256 of each 64 MiB piece, so writing and verifying run in parallel. Format 1 (whole-file
+//! sha256) still verifies.
 //!
 //! ```text
 //! step-00000500/
@@ -14,18 +27,19 @@
 
 use std::collections::{BTreeMap, HashMap};
 use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
 
 use serde::{Deserialize, Serialize};
 use tch::{Device, Kind, Tensor};
 
 use crate::comm::Communicator;
 use crate::error::{Error, Result};
-use crate::model::weights::save_hf;
+use crate::model::weights::{tree_sha256, write_hf, write_safetensors, Written};
 use crate::zero::Sharded;
 use idavlm_shards::format::sha256_file;
 use idavlm_shards::reader::ReaderState;
 
-pub const FORMAT: u32 = 1;
+pub const FORMAT: u32 = 2;
 
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct FileEntry {
@@ -55,6 +69,27 @@ pub struct TrainerState {
     pub nonfinite_in_row: u32,
     pub nonfinite_total: u64,
     pub samples_dropped: u64,
+    /// This rank's part of the last checkpoint: bytes and the seconds its background write took (for the
+    /// expected preemption save time at the next start).
+    #[serde(default)]
+    pub last_save: Option<SaveSpeed>,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Serialize, Deserialize)]
+pub struct SaveSpeed {
+    pub bytes: u64,
+    pub write_s: f64,
+    pub stall_s: f64,
+    /// The background write's parts (rank 0 only for the last three): this rank's optimizer part,
+    /// the model export, waiting for the other ranks' parts, manifest + rename + prune.
+    #[serde(default)]
+    pub part_s: f64,
+    #[serde(default)]
+    pub model_s: f64,
+    #[serde(default)]
+    pub wait_s: f64,
+    #[serde(default)]
+    pub finish_s: f64,
 }
 
 pub fn step_dir(root: &Path, step: u64) -> PathBuf {
@@ -70,110 +105,328 @@ fn sha256_hex(data: &[u8]) -> String {
     hex::encode(sha2::Sha256::digest(data))
 }
 
-fn write_atomic(path: &Path, data: &[u8]) -> Result<()> {
+fn write_atomic(path: &Path, data: &[u8]) -> Result<Written> {
     let tmp = path.with_extension("part");
     std::fs::write(&tmp, data).map_err(|e| Error::io(&tmp, e))?;
-    std::fs::rename(&tmp, path).map_err(|e| Error::io(path, e))
+    std::fs::rename(&tmp, path).map_err(|e| Error::io(path, e))?;
+    Ok(Written { bytes: data.len() as u64, sha256: tree_sha256(path)? })
 }
 
-/// Writes a checkpoint of `step`; every rank calls this. Returns the final folder.
-#[allow(clippy::too_many_arguments)]
-pub fn save(
-    root: &Path,
-    comm: &dyn Communicator,
-    state: &Sharded,
-    trainer: &TrainerState,
-    recipe_yaml: &str,
-    save_model: bool,
-    keep: usize,
-) -> Result<PathBuf> {
-    let (rank, world) = (comm.rank(), comm.world());
-    let fin = step_dir(root, trainer.step);
-    let tmp = root.join(format!("step-{:08}.tmp", trainer.step));
-    if rank == 0 {
-        if tmp.exists() {
-            std::fs::remove_dir_all(&tmp).map_err(|e| Error::io(&tmp, e))?;
-        }
-        std::fs::create_dir_all(&tmp).map_err(|e| Error::io(&tmp, e))?;
-    }
-    comm.barrier()?;
-    // Every rank: its optimizer partitions (trimmed of the padding past each bucket's end).
-    let mut named = Vec::new();
-    for (b, bk) in state.layout.buckets.iter().enumerate() {
-        let start = rank * bk.shard;
-        let valid = bk.numel.saturating_sub(start).min(bk.shard);
-        let n = bk.role.name();
-        for (which, t) in [("master", &state.master[b]), ("exp_avg", &state.exp_avg[b]), ("exp_avg_sq", &state.exp_avg_sq[b])] {
-            named.push((format!("{n}.{which}"), t.narrow(0, 0, valid as i64)));
-        }
-    }
-    let file = tmp.join(rank_file(rank, world));
-    let parts: Vec<(String, Tensor)> = named;
-    save_hf_file(&parts, &file)?;
-    if save_model {
-        // A collective under ZeRO-3: every rank gathers, rank 0 writes.
-        let full = state.full_named(comm)?;
-        if rank == 0 {
-            save_hf(&full, &tmp.join("model"), state.kind, 4 << 30)?;
-            let cfg = serde_json::to_vec_pretty(&state.cfg).expect("config json");
-            write_atomic(&tmp.join("model").join("config.json"), &cfg)?;
-        }
-    }
-    comm.barrier()?;
-    if rank == 0 {
-        write_atomic(&tmp.join("recipe.yaml"), recipe_yaml.as_bytes())?;
-        write_atomic(&tmp.join("trainer.json"), &serde_json::to_vec_pretty(trainer).expect("json"))?;
-        let mut files = BTreeMap::new();
-        for rel in list_files(&tmp)? {
-            let p = tmp.join(&rel);
-            let bytes = std::fs::metadata(&p).map_err(|e| Error::io(&p, e))?.len();
-            files.insert(rel, FileEntry { bytes, sha256: sha256_file(&p)? });
-        }
-        let m = Manifest {
-            format: FORMAT,
-            step: trainer.step,
-            world,
-            zero_stage: state.stage,
-            recipe_sha256: sha256_hex(recipe_yaml.as_bytes()),
-            layout: state.layout.fingerprint(),
-            files,
-        };
-        write_atomic(&tmp.join("manifest.json"), &serde_json::to_vec_pretty(&m).expect("json"))?;
-        if fin.exists() {
-            std::fs::remove_dir_all(&fin).map_err(|e| Error::io(&fin, e))?;
-        }
-        std::fs::rename(&tmp, &fin).map_err(|e| Error::io(&tmp, e))?;
-        prune(root, keep)?;
-    }
-    comm.barrier()?;
-    Ok(fin)
+/// What a save should write.
+#[derive(Clone, Debug)]
+pub struct SaveOptions {
+    /// The model in the Hugging Face layout (`model/`, rank 0).
+    pub model: bool,
+    pub keep: usize,
+    /// Write in the background (return after staging) or before returning.
+    pub background: bool,
+    /// How long rank 0 waits for the other ranks' parts.
+    pub timeout: Duration,
 }
 
-fn save_hf_file(named: &[(String, Tensor)], file: &Path) -> Result<()> {
-    let dir = file.parent().expect("rank file has a folder");
-    let tmpdir = dir.join(format!(".{}", file.file_name().expect("name").to_string_lossy()));
-    save_hf(named, &tmpdir, Kind::Float, usize::MAX)?;
-    std::fs::rename(tmpdir.join(crate::model::weights::SINGLE_FILE), file).map_err(|e| Error::io(file, e))?;
-    std::fs::remove_dir_all(&tmpdir).map_err(|e| Error::io(&tmpdir, e))
+/// A save in progress or finished, as this rank sees it.
+#[derive(Clone, Debug)]
+pub struct Saved {
+    pub step: u64,
+    /// The step folder (complete once rank 0's write has finished).
+    pub dir: PathBuf,
+    pub speed: SaveSpeed,
 }
 
-fn list_files(dir: &Path) -> Result<Vec<String>> {
-    let mut out = Vec::new();
-    fn walk(base: &Path, d: &Path, out: &mut Vec<String>) -> Result<()> {
-        for e in std::fs::read_dir(d).map_err(|e| Error::io(d, e))? {
-            let e = e.map_err(|e| Error::io(d, e))?;
-            let p = e.path();
-            if p.is_dir() {
-                walk(base, &p, out)?;
+type Pending = std::thread::JoinHandle<Result<Saved>>;
+
+/// What a call of [`Saver::save`] cost the training loop, and the saves it saw complete.
+#[derive(Debug)]
+pub struct Stall {
+    /// Waiting for the previous save's write to finish.
+    pub waited_s: f64,
+    /// Copying this rank's state into host memory (and, under ZeRO-3, gathering the model).
+    pub stage_s: f64,
+    /// The previous save, if this call waited for it to complete.
+    pub previous: Option<Saved>,
+    /// This save, when it was written before returning.
+    pub done: Option<Saved>,
+}
+
+impl Drop for Saver {
+    fn drop(&mut self) {
+        // A write in flight finishes (or fails) before the process goes on without it.
+        let _ = self.wait();
+    }
+}
+
+/// Checkpoint writer of one rank: staging buffers reused between saves and at most one background
+/// write in flight.
+pub struct Saver {
+    root: PathBuf,
+    staging: HashMap<String, Tensor>,
+    pending: Option<Pending>,
+    /// One host allocation for every staging buffer (pinned on GPUs: pinning gigabytes takes seconds,
+    /// so it is allocated once, in the background from the start of the run) and the bytes handed out.
+    arena: Option<std::thread::JoinHandle<Tensor>>,
+    arena_ready: Option<Tensor>,
+    arena_used: i64,
+}
+
+const ALIGN: i64 = 64;
+
+fn aligned(bytes: i64) -> i64 {
+    (bytes + ALIGN - 1) / ALIGN * ALIGN
+}
+
+impl Saver {
+    pub fn new(root: &Path) -> Self {
+        Self { root: root.to_path_buf(), staging: HashMap::new(), pending: None, arena: None, arena_ready: None, arena_used: 0 }
+    }
+
+    /// Starts allocating the host memory every save of `state` will stage into (this rank's optimizer
+    /// partitions, and the model on rank 0 when `model`), pinned when the state lives on a GPU. Runs in
+    /// the background: the first save finds it ready.
+    pub fn prepare(&mut self, state: &Sharded, rank: usize, model: bool) {
+        let mut bytes = 0i64;
+        for bk in &state.layout.buckets {
+            let valid = bk.numel.saturating_sub(rank * bk.shard).min(bk.shard) as i64;
+            bytes += 3 * aligned(valid * 4);
+        }
+        if model && rank == 0 {
+            let elt = state.kind.elt_size_in_bytes() as i64;
+            bytes += state.specs.iter().map(|s| aligned(s.shape.iter().product::<i64>() * elt)).sum::<i64>();
+        }
+        let device = state.device;
+        self.arena = Some(std::thread::spawn(move || {
+            let t = Tensor::empty([bytes.max(ALIGN)], (Kind::Uint8, Device::Cpu));
+            if device.is_cuda() {
+                t.pin_memory(device)
             } else {
-                out.push(p.strip_prefix(base).expect("under base").to_string_lossy().into_owned());
+                t
+            }
+        }));
+    }
+
+    /// Host memory for a tensor shaped like `t`: a slice of the arena when it has room, else a plain
+    /// allocation.
+    fn host_like(&mut self, t: &Tensor) -> Tensor {
+        if let Some(h) = self.arena.take() {
+            self.arena_ready = h.join().ok();
+        }
+        let bytes = t.numel() as i64 * t.kind().elt_size_in_bytes() as i64;
+        if let Some(a) = &self.arena_ready {
+            if bytes > 0 && self.arena_used + aligned(bytes) <= a.size()[0] {
+                let v = a.narrow(0, self.arena_used, bytes).view_dtype(t.kind()).view(t.size().as_slice());
+                self.arena_used += aligned(bytes);
+                return v;
             }
         }
-        Ok(())
+        Tensor::empty(t.size(), (t.kind(), Device::Cpu))
     }
-    walk(dir, dir, &mut out)?;
-    out.sort();
-    Ok(out)
+
+    /// A reused host buffer for `name` holding a copy of `t`.
+    fn stage(&mut self, name: &str, t: &Tensor) -> Tensor {
+        let fits = |h: &Tensor| h.size() == t.size() && h.kind() == t.kind();
+        if !self.staging.get(name).is_some_and(fits) {
+            let h = self.host_like(t);
+            self.staging.insert(name.to_string(), h);
+        }
+        let h = self.staging[name].shallow_clone();
+        tch::no_grad(|| h.shallow_clone().copy_(t));
+        h
+    }
+
+    /// Takes a checkpoint of `trainer.step` (every rank calls this). The stall is the wait for the
+    /// previous save, if it is still being written, plus the staging; with `o.background` the write goes
+    /// on after this returns.
+    pub fn save(
+        &mut self,
+        comm: &dyn Communicator,
+        state: &Sharded,
+        trainer: &TrainerState,
+        recipe_yaml: &str,
+        o: &SaveOptions,
+    ) -> Result<Stall> {
+        let t0 = Instant::now();
+        // Saves never overlap: the previous one must be complete (and succeed) first.
+        let previous = self.wait()?;
+        let waited_s = t0.elapsed().as_secs_f64();
+        let (rank, world) = (comm.rank(), comm.world());
+        let fin = step_dir(&self.root, trainer.step);
+        let tmp = self.root.join(format!("step-{:08}.tmp", trainer.step));
+        if rank == 0 {
+            if tmp.exists() {
+                std::fs::remove_dir_all(&tmp).map_err(|e| Error::io(&tmp, e))?;
+            }
+            std::fs::create_dir_all(&tmp).map_err(|e| Error::io(&tmp, e))?;
+        }
+        comm.barrier()?;
+        // Every rank: its optimizer partitions (trimmed of the padding past each bucket's end).
+        let mut part = Vec::new();
+        for (b, bk) in state.layout.buckets.iter().enumerate() {
+            let start = rank * bk.shard;
+            let valid = bk.numel.saturating_sub(start).min(bk.shard);
+            let n = bk.role.name();
+            for (which, t) in [("master", &state.master[b]), ("exp_avg", &state.exp_avg[b]), ("exp_avg_sq", &state.exp_avg_sq[b])] {
+                let name = format!("{n}.{which}");
+                let h = self.stage(&format!("part.{name}"), &t.narrow(0, 0, valid as i64));
+                part.push((name, h));
+            }
+        }
+        // The model export: a collective under ZeRO-3 (bucket by bucket); rank 0 keeps a host copy.
+        let mut model = Vec::new();
+        if o.model {
+            let mut staged: HashMap<String, Tensor> = HashMap::new();
+            state.visit_full(comm, &mut |name, t| {
+                if rank == 0 {
+                    staged.insert(name.to_string(), self.stage(&format!("model.{name}"), t));
+                }
+                Ok(())
+            })?;
+            model = state.specs.iter().filter_map(|s| staged.remove(&s.name).map(|t| (s.name.clone(), t))).collect();
+        }
+        let stall_s = t0.elapsed().as_secs_f64() - waited_s;
+        let job = Job {
+            rank,
+            world,
+            tmp,
+            fin,
+            part,
+            model,
+            cfg: serde_json::to_vec_pretty(&state.cfg).expect("config json"),
+            trainer: trainer.clone(),
+            recipe_yaml: recipe_yaml.to_string(),
+            zero_stage: state.stage,
+            layout: state.layout.fingerprint(),
+            keep: o.keep,
+            timeout: o.timeout,
+            stall_s,
+            root: self.root.clone(),
+        };
+        let handle = std::thread::Builder::new()
+            .name("idavlm-ckpt".into())
+            .spawn(move || job.run())
+            .map_err(|e| Error::Other(format!("checkpoint writer thread: {e}")))?;
+        self.pending = Some(handle);
+        let done = if o.background { None } else { self.wait()? };
+        Ok(Stall { waited_s, stage_s: stall_s, previous, done })
+    }
+
+    /// The finished save, if the one in flight has finished (its error, if it failed); never blocks.
+    pub fn poll(&mut self) -> Result<Option<Saved>> {
+        if self.pending.as_ref().is_some_and(|h| h.is_finished()) {
+            return self.wait();
+        }
+        Ok(None)
+    }
+
+    /// Waits for the save in flight, if any.
+    pub fn wait(&mut self) -> Result<Option<Saved>> {
+        match self.pending.take() {
+            None => Ok(None),
+            Some(h) => h.join().map_err(|_| Error::Other("the checkpoint writer thread panicked".into()))?.map(Some),
+        }
+    }
+}
+
+/// One rank's background write.
+struct Job {
+    rank: usize,
+    world: usize,
+    root: PathBuf,
+    tmp: PathBuf,
+    fin: PathBuf,
+    part: Vec<(String, Tensor)>,
+    model: Vec<(String, Tensor)>,
+    cfg: Vec<u8>,
+    trainer: TrainerState,
+    recipe_yaml: String,
+    zero_stage: u8,
+    layout: Vec<(String, usize)>,
+    keep: usize,
+    timeout: Duration,
+    stall_s: f64,
+}
+
+fn marker(rank: usize, world: usize) -> String {
+    format!("rank-{rank:05}-of-{world:05}.done")
+}
+
+impl Job {
+    fn run(self) -> Result<Saved> {
+        let t0 = Instant::now();
+        let file = rank_file(self.rank, self.world);
+        let w = write_safetensors(&self.tmp.join(&file), &self.part, &HashMap::new())?;
+        let mut bytes = w.bytes;
+        let part_s = t0.elapsed().as_secs_f64();
+        let (mut model_s, mut wait_s, mut finish_s) = (0.0, 0.0, 0.0);
+        // The marker says this rank's part is complete (rank 0 reads it; it never enters the manifest).
+        let done = serde_json::to_vec(&(file.clone(), &w)).expect("json");
+        let mk = self.tmp.join(marker(self.rank, self.world));
+        std::fs::write(mk.with_extension("part"), &done).map_err(|e| Error::io(&mk, e))?;
+        std::fs::rename(mk.with_extension("part"), &mk).map_err(|e| Error::io(&mk, e))?;
+        if self.rank == 0 {
+            let mut files = BTreeMap::new();
+            let t = Instant::now();
+            if !self.model.is_empty() {
+                for (name, w) in write_hf(&self.model, &self.tmp.join("model"), 4 << 30)? {
+                    bytes += w.bytes;
+                    files.insert(format!("model/{name}"), FileEntry { bytes: w.bytes, sha256: w.sha256 });
+                }
+                let w = write_atomic(&self.tmp.join("model").join("config.json"), &self.cfg)?;
+                files.insert("model/config.json".into(), FileEntry { bytes: w.bytes, sha256: w.sha256 });
+            }
+            for (name, data) in [
+                ("recipe.yaml", self.recipe_yaml.as_bytes().to_vec()),
+                ("trainer.json", serde_json::to_vec_pretty(&self.trainer).expect("json")),
+            ] {
+                let w = write_atomic(&self.tmp.join(name), &data)?;
+                files.insert(name.into(), FileEntry { bytes: w.bytes, sha256: w.sha256 });
+            }
+            model_s = t.elapsed().as_secs_f64();
+            // Every rank's part, from its marker.
+            let t = Instant::now();
+            let deadline = Instant::now() + self.timeout;
+            for r in 0..self.world {
+                let mk = self.tmp.join(marker(r, self.world));
+                let text = loop {
+                    if let Ok(t) = std::fs::read(&mk) {
+                        break t;
+                    }
+                    if Instant::now() > deadline {
+                        return Err(Error::checkpoint(
+                            &self.tmp,
+                            format!("rank {r} did not finish its part within {} s", self.timeout.as_secs()),
+                        ));
+                    }
+                    std::thread::sleep(Duration::from_millis(20));
+                };
+                let (name, w): (String, Written) =
+                    serde_json::from_slice(&text).map_err(|e| Error::checkpoint(&self.tmp, format!("{}: {e}", mk.display())))?;
+                files.insert(name, FileEntry { bytes: w.bytes, sha256: w.sha256 });
+                std::fs::remove_file(&mk).map_err(|e| Error::io(&mk, e))?;
+            }
+            wait_s = t.elapsed().as_secs_f64();
+            let t = Instant::now();
+            let m = Manifest {
+                format: FORMAT,
+                step: self.trainer.step,
+                world: self.world,
+                zero_stage: self.zero_stage,
+                recipe_sha256: sha256_hex(self.recipe_yaml.as_bytes()),
+                layout: self.layout,
+                files,
+            };
+            write_atomic(&self.tmp.join("manifest.json"), &serde_json::to_vec_pretty(&m).expect("json"))?;
+            if self.fin.exists() {
+                std::fs::remove_dir_all(&self.fin).map_err(|e| Error::io(&self.fin, e))?;
+            }
+            std::fs::rename(&self.tmp, &self.fin).map_err(|e| Error::io(&self.tmp, e))?;
+            prune(&self.root, self.keep)?;
+            finish_s = t.elapsed().as_secs_f64();
+        }
+        Ok(Saved {
+            step: self.trainer.step,
+            dir: self.fin,
+            speed: SaveSpeed { bytes, write_s: t0.elapsed().as_secs_f64(), stall_s: self.stall_s, part_s, model_s, wait_s, finish_s },
+        })
+    }
 }
 
 /// Keeps the newest `keep` complete checkpoints.
@@ -206,8 +459,8 @@ pub fn verify(dir: &Path) -> Result<Manifest> {
     let mp = dir.join("manifest.json");
     let text = std::fs::read_to_string(&mp).map_err(|_| Error::checkpoint(dir, "no manifest.json (incomplete checkpoint)"))?;
     let m: Manifest = serde_json::from_str(&text).map_err(|e| Error::checkpoint(dir, format!("manifest.json: {e}")))?;
-    if m.format != FORMAT {
-        return Err(Error::checkpoint(dir, format!("format {} (this build reads {FORMAT})", m.format)));
+    if m.format != FORMAT && m.format != 1 {
+        return Err(Error::checkpoint(dir, format!("format {} (this build reads 1 and {FORMAT})", m.format)));
     }
     for (rel, fe) in &m.files {
         let p = dir.join(rel);
@@ -218,7 +471,8 @@ pub fn verify(dir: &Path) -> Result<Manifest> {
                 format!("{rel}: {} bytes, the manifest says {} (truncated?)", meta.len(), fe.bytes),
             ));
         }
-        if sha256_file(&p)? != fe.sha256 {
+        let sum = if m.format == 1 { sha256_file(&p)? } else { tree_sha256(&p)? };
+        if sum != fe.sha256 {
             return Err(Error::checkpoint(dir, format!("{rel}: sha256 differs from the manifest (corrupt)")));
         }
     }

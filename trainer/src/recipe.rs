@@ -253,6 +253,18 @@ pub struct CheckpointSection {
     /// Write a checkpoint when the run ends.
     #[serde(default = "yes")]
     pub at_end: bool,
+    /// Write checkpoints in the background: training stalls only while this rank's state is copied to
+    /// host memory.
+    #[serde(rename = "async", default = "yes")]
+    pub background: bool,
+    /// Seconds between the scheduler's preemption signal and the kill (Slurm `--signal=B:USR1@N`): the
+    /// run warns when its measured save time would not fit.
+    #[serde(default = "default_preempt_budget")]
+    pub preempt_budget_s: f64,
+}
+
+fn default_preempt_budget() -> f64 {
+    90.0
 }
 
 fn default_keep() -> usize {

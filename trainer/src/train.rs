@@ -165,6 +165,7 @@ pub fn run(recipe: &Recipe, resume: Resume, comm: &dyn Communicator, device: Dev
         nonfinite_in_row: 0,
         nonfinite_total: 0,
         samples_dropped: 0,
+        last_save: None,
     };
     let ckpt_root = recipe.checkpoint.dir.clone();
     // One run per checkpoint folder: rank 0 holds the lock until the run ends; every rank learns if it
@@ -252,6 +253,31 @@ pub fn run(recipe: &Recipe, resume: Resume, comm: &dyn Communicator, device: Dev
         }
         return Ok(Summary { final_step: ts.step, last_checkpoint: resume_dir, preempted: true, ..Default::default() });
     }
+
+    let mut saver = checkpoint::Saver::new(&ckpt_root);
+    saver.prepare(&st, rank, recipe.checkpoint.save_model);
+    let budget = recipe.checkpoint.preempt_budget_s;
+    let part_bytes = 12 * st.layout.shard_numel() as u64;
+    match ts.last_save {
+        Some(s) if s.write_s > 0.0 => {
+            let expect = s.stall_s + part_bytes as f64 / (s.bytes as f64 / s.write_s);
+            tracing::info!(
+                "checkpoint part of this rank: {:.2} GB; a preemption save takes ~{expect:.1} s at the last measured {:.0} MB/s",
+                part_bytes as f64 / 1e9,
+                s.bytes as f64 / 1e6 / s.write_s
+            );
+            if expect > budget {
+                tracing::warn!("a preemption save (~{expect:.0} s) would not fit checkpoint.preempt_budget_s = {budget} s: give the scheduler's signal more lead time (sbatch --signal=B:USR1@N)");
+            }
+        }
+        _ => tracing::info!("checkpoint part of this rank: {:.2} GB (save speed not measured yet)", part_bytes as f64 / 1e9),
+    }
+    let save_opts = |model: bool, background: bool| checkpoint::SaveOptions {
+        model,
+        keep: recipe.checkpoint.keep,
+        background,
+        timeout: std::time::Duration::from_secs(recipe.comm.timeout_s),
+    };
 
     let peak = if let Device::Cuda(i) = device { flops::device_peak(&cuda_name(i)) } else { None };
     let mut reporter = Reporter::new(recipe, rank, total_steps, ts.step, n_trainable, st.layout.shard_numel())?;
@@ -362,15 +388,29 @@ pub fn run(recipe: &Recipe, resume: Resume, comm: &dyn Communicator, device: Dev
         summary.steps_run += 1;
         summary.final_step = k;
 
+        if let Some(saved) = saver.poll()? {
+            note_saved(&mut reporter, &mut ts, &saved, budget, rank)?;
+        }
         let stop_now = a[7] > 0.0;
         let too_many = ts.nonfinite_in_row >= recipe.max_nonfinite_in_row;
         let due = recipe.checkpoint.every_steps.is_some_and(|n| n > 0 && k % n == 0);
         let last = k == total_steps && recipe.checkpoint.at_end;
         if due || last || stop_now {
-            let t = Instant::now();
-            let dir =
-                checkpoint::save(&ckpt_root, comm, &st, &ts, &recipe_yaml, recipe.checkpoint.save_model, recipe.checkpoint.keep)?;
-            reporter.note(&format!("checkpoint {} ({:.1}s)", dir.display(), t.elapsed().as_secs_f64()));
+            // On a stop signal: exactly what resume needs (no model export), written before exiting.
+            let o = if stop_now { save_opts(false, false) } else { save_opts(recipe.checkpoint.save_model, recipe.checkpoint.background) };
+            let stall = saver.save(comm, &st, &ts, &recipe_yaml, &o)?;
+            let dir = checkpoint::step_dir(&ckpt_root, ts.step);
+            for saved in stall.previous.iter().chain(&stall.done) {
+                note_saved(&mut reporter, &mut ts, saved, budget, rank)?;
+            }
+            reporter.note(&format!(
+                "checkpoint {}: training stalled {:.2}s (staging {:.2}s, waiting for the previous save {:.2}s){}",
+                dir.display(),
+                stall.stage_s + stall.waited_s,
+                stall.stage_s,
+                stall.waited_s,
+                if o.background { ", written in the background" } else { "" }
+            ));
             summary.last_checkpoint = Some(dir);
         }
         if stop_now {
@@ -384,8 +424,39 @@ pub fn run(recipe: &Recipe, resume: Resume, comm: &dyn Communicator, device: Dev
             break;
         }
     }
+    if let Some(saved) = saver.wait()? {
+        note_saved(&mut reporter, &mut ts, &saved, budget, rank)?;
+    }
     reporter.finish(&summary)?;
     Ok(summary)
+}
+
+/// A finished checkpoint: its speed goes into the next checkpoint's trainer state and the log.
+fn note_saved(reporter: &mut Reporter, ts: &mut TrainerState, s: &checkpoint::Saved, budget: f64, rank: usize) -> Result<()> {
+    let sp = s.speed;
+    ts.last_save = Some(sp);
+    let mb_s = sp.bytes as f64 / 1e6 / sp.write_s.max(1e-9);
+    if rank == 0 {
+        reporter.note(&format!(
+            "checkpoint {} complete: {:.2} GB from rank 0 written in {:.1}s ({mb_s:.0} MB/s; own part {:.1}s, model export {:.1}s, \
+             waiting for the other ranks {:.1}s, manifest+rename {:.2}s), stall {:.2}s",
+            s.dir.display(),
+            sp.bytes as f64 / 1e9,
+            sp.write_s,
+            sp.part_s,
+            sp.model_s,
+            sp.wait_s,
+            sp.finish_s,
+            sp.stall_s
+        ));
+        if sp.stall_s + sp.write_s > budget {
+            tracing::warn!(
+                "a preemption save (~{:.0} s) would not fit checkpoint.preempt_budget_s = {budget} s: give the scheduler's signal more lead time",
+                sp.stall_s + sp.write_s
+            );
+        }
+    }
+    Ok(())
 }
 
 pub fn cuda_name(i: usize) -> String {

@@ -131,81 +131,224 @@ pub fn load_hf(path: &Path, cfg: &ModelConfig, device: Device, kind: Kind) -> Re
     Ok((ParamSet::from_tensors(specs, tensors.into_iter().map(Option::unwrap).collect()), report))
 }
 
-/// A tensor's bytes for safetensors.
-struct Raw {
-    dtype: Dtype,
-    shape: Vec<usize>,
-    data: Vec<u8>,
+/// Chunk of the parallel writer and of the checkpoint checksum: files are written and hashed in
+/// independent 64 MiB pieces, several at a time.
+pub const CHUNK: usize = 64 << 20;
+
+/// What a written file is, for manifests: its size and its chunked checksum ([`tree_sha256`]).
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct Written {
+    pub bytes: u64,
+    pub sha256: String,
 }
 
-impl safetensors::View for &Raw {
-    fn dtype(&self) -> Dtype {
-        self.dtype
-    }
-    fn shape(&self) -> &[usize] {
-        &self.shape
-    }
-    fn data(&self) -> std::borrow::Cow<'_, [u8]> {
-        std::borrow::Cow::Borrowed(&self.data)
-    }
-    fn data_len(&self) -> usize {
-        self.data.len()
-    }
+fn sha256(data: &[u8]) -> [u8; 32] {
+    use sha2::Digest;
+    sha2::Sha256::digest(data).into()
 }
 
-fn raw_of(t: &Tensor, kind: Kind) -> Result<Raw> {
-    let t = t.to_device(Device::Cpu).to_kind(kind).contiguous();
-    let dtype = match kind {
-        Kind::Float => Dtype::F32,
-        Kind::BFloat16 => Dtype::BF16,
-        Kind::Half => Dtype::F16,
+/// The checksum of checkpoint files (format 2): sha256 over the concatenated sha256 digests of each
+/// [`CHUNK`]-sized piece of the file, so that writing and verifying hash pieces in parallel. An empty
+/// file hashes no piece.
+fn tree_digest(pieces: &[[u8; 32]]) -> String {
+    let cat: Vec<u8> = pieces.iter().flatten().copied().collect();
+    hex::encode(sha256(&cat))
+}
+
+fn threads() -> usize {
+    std::thread::available_parallelism().map(|n| n.get()).unwrap_or(2).clamp(1, 8)
+}
+
+/// [`tree_sha256`] of a file on disk, its pieces read and hashed on several threads.
+pub fn tree_sha256(path: &Path) -> Result<String> {
+    use std::os::unix::fs::FileExt;
+    let f = File::open(path).map_err(|e| Error::io(path, e))?;
+    let len = f.metadata().map_err(|e| Error::io(path, e))?.len() as usize;
+    let n = len.div_ceil(CHUNK);
+    let next = std::sync::atomic::AtomicUsize::new(0);
+    let pieces = std::sync::Mutex::new(vec![[0u8; 32]; n]);
+    let failed = std::sync::Mutex::new(None);
+    std::thread::scope(|sc| {
+        for _ in 0..threads().min(n.max(1)) {
+            sc.spawn(|| {
+                let mut buf = vec![0u8; CHUNK.min(len)];
+                loop {
+                    let k = next.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                    if k >= n {
+                        break;
+                    }
+                    let piece = &mut buf[..CHUNK.min(len - k * CHUNK)];
+                    if let Err(e) = f.read_exact_at(piece, (k * CHUNK) as u64) {
+                        *failed.lock().expect("lock") = Some(e);
+                        break;
+                    }
+                    pieces.lock().expect("lock")[k] = sha256(piece);
+                }
+            });
+        }
+    });
+    if let Some(e) = failed.into_inner().expect("lock") {
+        return Err(Error::io(path, e));
+    }
+    Ok(tree_digest(&pieces.into_inner().expect("lock")))
+}
+
+fn dtype_name(kind: Kind) -> Result<&'static str> {
+    Ok(match kind {
+        Kind::Float => "F32",
+        Kind::BFloat16 => "BF16",
+        Kind::Half => "F16",
         k => return Err(Error::Other(format!("cannot save dtype {k:?}"))),
-    };
-    let numel = t.numel();
-    let mut data = vec![0u8; numel * kind.elt_size_in_bytes()];
-    t.copy_data_u8(&mut data, numel);
-    Ok(Raw { dtype, shape: t.size().iter().map(|&d| d as usize).collect(), data })
+    })
 }
 
-/// Writes `named` tensors (in order) as HF shards of at most `max_shard_bytes` plus the index, in `kind`.
-/// Each file is written under a temporary name and renamed when complete.
-pub fn save_hf(named: &[(String, Tensor)], dir: &Path, kind: Kind, max_shard_bytes: usize) -> Result<()> {
+/// The bytes of a CPU, contiguous tensor.
+fn bytes_of(t: &Tensor) -> &[u8] {
+    assert!(t.device() == Device::Cpu && t.is_contiguous(), "bytes_of needs a contiguous CPU tensor");
+    let n = t.numel() * t.kind().elt_size_in_bytes();
+    if n == 0 {
+        return &[];
+    }
+    // SAFETY: a contiguous CPU tensor holds numel * element-size bytes at data_ptr; the slice borrows
+    // the tensor, which keeps its storage alive and is not written while the slice lives.
+    unsafe { std::slice::from_raw_parts(t.data_ptr() as *const u8, n) }
+}
+
+/// Writes CPU contiguous tensors as one safetensors file: the header, then each tensor's bytes, in
+/// [`CHUNK`]-sized pieces written (positioned writes) and hashed on several threads. The file appears
+/// under its name only when complete (written as `NAME.tmp`, synced, renamed). Returns its size and
+/// [`tree_sha256`].
+pub fn write_safetensors(path: &Path, tensors: &[(String, Tensor)], metadata: &HashMap<String, String>) -> Result<Written> {
+    use std::os::unix::fs::FileExt;
+    let mut header = serde_json::Map::new();
+    if !metadata.is_empty() {
+        header.insert("__metadata__".into(), serde_json::to_value(metadata).expect("json"));
+    }
+    let mut offset = 0usize;
+    let mut segments: Vec<&[u8]> = Vec::with_capacity(tensors.len() + 1);
+    for (name, t) in tensors {
+        let data = bytes_of(t);
+        header.insert(
+            name.clone(),
+            serde_json::json!({"dtype": dtype_name(t.kind())?, "shape": t.size(), "data_offsets": [offset, offset + data.len()]}),
+        );
+        offset += data.len();
+        segments.push(data);
+    }
+    let mut head = serde_json::to_vec(&header).expect("json");
+    // The data starts 8-byte aligned, as the safetensors writer does it.
+    while (8 + head.len()) % 8 != 0 {
+        head.push(b' ');
+    }
+    let mut prefix = (head.len() as u64).to_le_bytes().to_vec();
+    prefix.extend_from_slice(&head);
+    segments.insert(0, &prefix);
+    let total: usize = segments.iter().map(|s| s.len()).sum();
+    // Start offset of each segment in the file.
+    let starts: Vec<usize> = segments.iter().scan(0usize, |at, s| Some(std::mem::replace(at, *at + s.len()))).collect();
+    let tmp = path.with_file_name(format!("{}.tmp", path.file_name().expect("file name").to_string_lossy()));
+    let f = File::create(&tmp).map_err(|e| Error::io(&tmp, e))?;
+    f.set_len(total as u64).map_err(|e| Error::io(&tmp, e))?;
+    let n = total.div_ceil(CHUNK);
+    let next = std::sync::atomic::AtomicUsize::new(0);
+    let pieces = std::sync::Mutex::new(vec![[0u8; 32]; n]);
+    let failed = std::sync::Mutex::new(None);
+    let delay = fault_delay();
+    std::thread::scope(|sc| {
+        for _ in 0..threads().min(n.max(1)) {
+            sc.spawn(|| {
+                let mut buf = Vec::with_capacity(CHUNK.min(total));
+                loop {
+                    let k = next.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                    if k >= n {
+                        break;
+                    }
+                    let (lo, hi) = (k * CHUNK, ((k + 1) * CHUNK).min(total));
+                    buf.clear();
+                    // The segments overlapping [lo, hi), in file order.
+                    let first = starts.partition_point(|&s| s <= lo) - 1;
+                    for (seg, &st) in segments[first..].iter().zip(&starts[first..]) {
+                        if st >= hi {
+                            break;
+                        }
+                        let a = lo.max(st) - st;
+                        let b = hi.min(st + seg.len()) - st;
+                        buf.extend_from_slice(&seg[a..b]);
+                    }
+                    if let Some(d) = delay {
+                        std::thread::sleep(d);
+                    }
+                    if let Err(e) = f.write_all_at(&buf, lo as u64) {
+                        *failed.lock().expect("lock") = Some(e);
+                        break;
+                    }
+                    pieces.lock().expect("lock")[k] = sha256(&buf);
+                }
+            });
+        }
+    });
+    if let Some(e) = failed.into_inner().expect("lock") {
+        return Err(Error::io(&tmp, e));
+    }
+    f.sync_all().map_err(|e| Error::io(&tmp, e))?;
+    std::fs::rename(&tmp, path).map_err(|e| Error::io(&tmp, e))?;
+    Ok(Written { bytes: total as u64, sha256: tree_digest(&pieces.into_inner().expect("lock")) })
+}
+
+/// Fault injection for the crash tests: `IDAVLM_CKPT_WRITE_DELAY_MS` slows every piece of every
+/// checkpoint write by that long, so a test can kill a worker in the middle of one.
+fn fault_delay() -> Option<std::time::Duration> {
+    std::env::var("IDAVLM_CKPT_WRITE_DELAY_MS").ok().and_then(|v| v.parse().ok()).map(std::time::Duration::from_millis)
+}
+
+/// Writes CPU tensors (already in their dtype) as HF shards of at most `max_shard_bytes` plus the index;
+/// returns each written file (relative name) with its size and checksum.
+pub fn write_hf(named: &[(String, Tensor)], dir: &Path, max_shard_bytes: usize) -> Result<Vec<(String, Written)>> {
     std::fs::create_dir_all(dir).map_err(|e| Error::io(dir, e))?;
-    let mut shards: Vec<Vec<(String, Raw)>> = vec![Vec::new()];
+    let mut shards: Vec<Vec<(String, Tensor)>> = vec![Vec::new()];
     let mut cur = 0usize;
     let mut total = 0usize;
     for (name, t) in named {
-        let raw = raw_of(t, kind)?;
-        if cur > 0 && cur + raw.data.len() > max_shard_bytes {
+        let b = t.numel() * t.kind().elt_size_in_bytes();
+        if cur > 0 && cur + b > max_shard_bytes {
             shards.push(Vec::new());
             cur = 0;
         }
-        cur += raw.data.len();
-        total += raw.data.len();
-        shards.last_mut().expect("at least one shard").push((name.clone(), raw));
+        cur += b;
+        total += b;
+        shards.last_mut().expect("at least one shard").push((name.clone(), t.shallow_clone()));
     }
     let n = shards.len();
     let mut weight_map = BTreeMap::new();
     let meta: HashMap<String, String> = [("format".to_string(), "pt".to_string())].into();
+    let mut out = Vec::new();
     for (i, shard) in shards.iter().enumerate() {
         let fname = if n == 1 { SINGLE_FILE.to_string() } else { format!("model-{:05}-of-{:05}.safetensors", i + 1, n) };
-        let tmp = dir.join(format!("{fname}.tmp"));
-        let views: Vec<(&str, &Raw)> = shard.iter().map(|(k, r)| (k.as_str(), r)).collect();
-        safetensors::serialize_to_file(views, Some(meta.clone()), &tmp)
-            .map_err(|e| Error::weights(&tmp, format!("write failed: {e}")))?;
-        std::fs::rename(&tmp, dir.join(&fname)).map_err(|e| Error::io(&tmp, e))?;
+        out.push((fname.clone(), write_safetensors(&dir.join(&fname), shard, &meta)?));
         for (k, _) in shard {
             weight_map.insert(k.clone(), fname.clone());
         }
     }
     if n > 1 {
         let index = serde_json::json!({"metadata": {"total_size": total}, "weight_map": weight_map});
+        let bytes = serde_json::to_vec_pretty(&index).expect("json");
         let p = dir.join(INDEX_FILE);
         let tmp = dir.join(format!("{INDEX_FILE}.tmp"));
-        std::fs::write(&tmp, serde_json::to_vec_pretty(&index).expect("json")).map_err(|e| Error::io(&tmp, e))?;
+        std::fs::write(&tmp, &bytes).map_err(|e| Error::io(&tmp, e))?;
         std::fs::rename(&tmp, &p).map_err(|e| Error::io(&p, e))?;
+        let pieces: Vec<[u8; 32]> = bytes.chunks(CHUNK).map(sha256).collect();
+        out.push((INDEX_FILE.to_string(), Written { bytes: bytes.len() as u64, sha256: tree_digest(&pieces) }));
     }
-    Ok(())
+    Ok(out)
+}
+
+/// Writes `named` tensors (in order) as HF shards of at most `max_shard_bytes` plus the index, in `kind`.
+/// Each file is written under a temporary name and renamed when complete.
+pub fn save_hf(named: &[(String, Tensor)], dir: &Path, kind: Kind, max_shard_bytes: usize) -> Result<()> {
+    dtype_name(kind)?;
+    let host: Vec<(String, Tensor)> =
+        named.iter().map(|(n, t)| (n.clone(), t.to_device(Device::Cpu).to_kind(kind).contiguous())).collect();
+    write_hf(&host, dir, max_shard_bytes).map(|_| ())
 }
 
 /// Saves a whole parameter set in the HF layout.

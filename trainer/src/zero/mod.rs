@@ -338,6 +338,24 @@ impl Sharded {
         Ok(self.specs.iter().map(|s| (s.name.clone(), g(&s.name).copy())).collect())
     }
 
+    /// Visits every parameter of the model (compute dtype, on the device): frozen ones, then each
+    /// trainable bucket gathered one at a time (a collective under stage 3: every rank calls this), so
+    /// at most one gathered bucket exists at once.
+    pub fn visit_full(&self, comm: &dyn Communicator, f: &mut dyn FnMut(&str, &Tensor) -> Result<()>) -> Result<()> {
+        for s in &self.specs {
+            if let Some(t) = self.frozen.get(&s.name) {
+                f(&s.name, t)?;
+            }
+        }
+        for b in 0..self.layout.buckets.len() {
+            let flat = self.gather(comm, b)?;
+            for (e, v) in self.layout.buckets[b].entries.iter().zip(self.views(b, &flat)) {
+                f(&e.name, &v)?;
+            }
+        }
+        Ok(())
+    }
+
     /// This rank's optimizer state for checkpoints: per bucket, master / exp_avg / exp_avg_sq partitions.
     pub fn state_tensors(&self) -> Vec<(String, Tensor)> {
         let mut out = Vec::new();
