@@ -10,7 +10,7 @@ if [ ! -f runs/demo/data/id/index.json ]; then
 fi
 $BIN/idavlm-shards inspect runs/demo/data/id
 echo "== training: 2 ranks on this machine (idavlm-launch --nproc-per-node 2 recipes/demo.yaml)"
-rm -rf runs/demo/ckpt runs/demo/metrics.jsonl
+rm -rf runs/demo/ckpt runs/demo/metrics.jsonl runs/demo/preds.jsonl.partial
 $BIN/idavlm-launch --nproc-per-node 2 recipes/demo.yaml --resume none
 last=$(ls -d runs/demo/ckpt/step-* | sort | tail -1)
 echo "== held-out evaluation of $last on the synthetic MM-ID split (matching chance: 0.25)"

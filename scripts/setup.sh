@@ -22,9 +22,9 @@ command -v mpirun >/dev/null 2>&1 || need_apt+=(openmpi-bin)
 [ -e /usr/include/x86_64-linux-gnu/openmpi/include/mpi.h ] || [ -e /usr/lib/x86_64-linux-gnu/openmpi/include/mpi.h ] || need_apt+=(libopenmpi-dev)
 command -v clang >/dev/null 2>&1 || need_apt+=(clang)
 if [ "$with_slurm" -eq 1 ]; then
-  for p in slurmctld slurmd; do command -v "$p" >/dev/null 2>&1 || need_apt+=("$p"); done
+  for p in slurmctld slurmd; do PATH="/usr/sbin:/sbin:$PATH" command -v "$p" >/dev/null 2>&1 || need_apt+=("$p"); done
   command -v sbatch >/dev/null 2>&1 || need_apt+=(slurm-client)
-  command -v munged >/dev/null 2>&1 || need_apt+=(munge)
+  PATH="/usr/sbin:/sbin:$PATH" command -v munged >/dev/null 2>&1 || need_apt+=(munge)
 fi
 if [ ${#need_apt[@]} -gt 0 ]; then
   log "installing Debian packages: ${need_apt[*]}"

@@ -5,6 +5,8 @@
 # Needs root and Debian's slurmctld, slurmd, slurm-client and munge (scripts/setup.sh --slurm installs
 # them). Everything Slurm writes goes under DIR; munged is started only when none answers.
 set -euo pipefail
+# The daemons live in /usr/sbin, which not every PATH has.
+export PATH="/usr/sbin:/sbin:$PATH"
 cmd=${1:?start|stop}
 dir=${2:?folder}
 case "$cmd" in

@@ -18,7 +18,11 @@ impl Slurm {
     /// Starts Slurm, or None when it is not installed (then the test is skipped, unless
     /// IDAVLM_EXPECT_SLURM=1 as under `make test`, where that is a failure).
     fn start() -> Option<Self> {
-        let have = Command::new("slurmctld").arg("-V").output().is_ok_and(|o| o.status.success());
+        // The daemons live in /usr/sbin, which not every PATH has.
+        let have = Command::new("bash")
+            .args(["-c", "PATH=/usr/sbin:/sbin:$PATH slurmctld -V"])
+            .output()
+            .is_ok_and(|o| o.status.success());
         if !have {
             assert!(
                 std::env::var("IDAVLM_EXPECT_SLURM").is_err(),
