@@ -46,24 +46,19 @@ impl Item {
         'scan: while i < q.len() {
             let rest = &q[i..];
             for (k, p) in &keys {
-                if let Some(after) = rest.strip_prefix("<img>").and_then(|r| r.strip_prefix(k.as_str())) {
-                    if after.starts_with("</img>") {
-                        out.push_str("<img>");
-                        out.push_str(p);
-                        out.push_str("</img>");
-                        i += 5 + k.len() + 6;
-                        continue 'scan;
-                    }
-                }
-            }
-            for (k, p) in &keys {
-                if rest.starts_with(k.as_str()) {
-                    out.push_str("<img>");
-                    out.push_str(p);
-                    out.push_str("</img>");
-                    i += k.len();
-                    continue 'scan;
-                }
+                let tagged = format!("<img>{k}</img>");
+                let taken = if rest.starts_with(&tagged) {
+                    tagged.len()
+                } else if rest.starts_with(k.as_str()) {
+                    k.len()
+                } else {
+                    continue;
+                };
+                out.push_str("<img>");
+                out.push_str(p);
+                out.push_str("</img>");
+                i += taken;
+                continue 'scan;
             }
             let c = rest.chars().next().expect("non-empty");
             out.push(c);

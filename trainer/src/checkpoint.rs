@@ -34,7 +34,7 @@ use tch::{Device, Kind, Tensor};
 
 use crate::comm::Communicator;
 use crate::error::{Error, Result};
-use crate::model::weights::{tree_sha256, write_hf, write_safetensors, Written};
+use crate::model::weights::{tree_sha256, tree_sha256_bytes, write_hf, write_safetensors, Written};
 use crate::zero::Sharded;
 use idavlm_shards::format::sha256_file;
 use idavlm_shards::reader::ReaderState;
@@ -109,7 +109,7 @@ fn write_atomic(path: &Path, data: &[u8]) -> Result<Written> {
     let tmp = path.with_extension("part");
     std::fs::write(&tmp, data).map_err(|e| Error::io(&tmp, e))?;
     std::fs::rename(&tmp, path).map_err(|e| Error::io(path, e))?;
-    Ok(Written { bytes: data.len() as u64, sha256: tree_sha256(path)? })
+    Ok(Written { bytes: data.len() as u64, sha256: tree_sha256_bytes(data) })
 }
 
 /// What a save should write.
@@ -127,7 +127,6 @@ pub struct SaveOptions {
 /// A save in progress or finished, as this rank sees it.
 #[derive(Clone, Debug)]
 pub struct Saved {
-    pub step: u64,
     /// The step folder (complete once rank 0's write has finished).
     pub dir: PathBuf,
     pub speed: SaveSpeed,
@@ -422,7 +421,6 @@ impl Job {
             finish_s = t.elapsed().as_secs_f64();
         }
         Ok(Saved {
-            step: self.trainer.step,
             dir: self.fin,
             speed: SaveSpeed { bytes, write_s: t0.elapsed().as_secs_f64(), stall_s: self.stall_s, part_s, model_s, wait_s, finish_s },
         })

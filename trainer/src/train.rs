@@ -171,15 +171,12 @@ pub fn run(recipe: &Recipe, resume: Resume, comm: &dyn Communicator, device: Dev
     // One run per checkpoint folder: rank 0 holds the lock until the run ends; every rank learns if it
     // could not be taken.
     let lock = if rank == 0 {
-        match checkpoint::FolderLock::acquire(&ckpt_root) {
-            Ok((l, took_over)) => {
-                if let Some(m) = took_over {
-                    tracing::warn!("{m}");
-                }
-                Ok(Some(l))
+        checkpoint::FolderLock::acquire(&ckpt_root).map(|(l, took_over)| {
+            if let Some(m) = took_over {
+                tracing::warn!("{m}");
             }
-            Err(e) => Err(e),
-        }
+            Some(l)
+        })
     } else {
         Ok(None)
     };
@@ -259,18 +256,15 @@ pub fn run(recipe: &Recipe, resume: Resume, comm: &dyn Communicator, device: Dev
     let budget = recipe.checkpoint.preempt_budget_s;
     let part_bytes = 12 * st.layout.shard_numel() as u64;
     match ts.last_save {
-        Some(s) if s.write_s > 0.0 => {
-            let expect = s.stall_s + part_bytes as f64 / (s.bytes as f64 / s.write_s);
+        Some(s) => {
+            let expect = preemption_save_s(&s, part_bytes, budget);
             tracing::info!(
                 "checkpoint part of this rank: {:.2} GB; a preemption save takes ~{expect:.1} s at the last measured {:.0} MB/s",
                 part_bytes as f64 / 1e9,
-                s.bytes as f64 / 1e6 / s.write_s
+                s.bytes as f64 / 1e6 / s.write_s.max(1e-9)
             );
-            if expect > budget {
-                tracing::warn!("a preemption save (~{expect:.0} s) would not fit checkpoint.preempt_budget_s = {budget} s: give the scheduler's signal more lead time (sbatch --signal=B:USR1@N)");
-            }
         }
-        _ => tracing::info!("checkpoint part of this rank: {:.2} GB (save speed not measured yet)", part_bytes as f64 / 1e9),
+        None => tracing::info!("checkpoint part of this rank: {:.2} GB (save speed not measured yet)", part_bytes as f64 / 1e9),
     }
     let save_opts = |model: bool, background: bool| checkpoint::SaveOptions {
         model,
@@ -389,7 +383,7 @@ pub fn run(recipe: &Recipe, resume: Resume, comm: &dyn Communicator, device: Dev
         summary.final_step = k;
 
         if let Some(saved) = saver.poll()? {
-            note_saved(&mut reporter, &mut ts, &saved, budget, rank)?;
+            note_saved(&mut reporter, &mut ts, &saved, part_bytes, budget, rank)?;
         }
         let stop_now = a[7] > 0.0;
         let too_many = ts.nonfinite_in_row >= recipe.max_nonfinite_in_row;
@@ -401,7 +395,7 @@ pub fn run(recipe: &Recipe, resume: Resume, comm: &dyn Communicator, device: Dev
             let stall = saver.save(comm, &st, &ts, &recipe_yaml, &o)?;
             let dir = checkpoint::step_dir(&ckpt_root, ts.step);
             for saved in stall.previous.iter().chain(&stall.done) {
-                note_saved(&mut reporter, &mut ts, saved, budget, rank)?;
+                note_saved(&mut reporter, &mut ts, saved, part_bytes, budget, rank)?;
             }
             reporter.note(&format!(
                 "checkpoint {}: training stalled {:.2}s (staging {:.2}s, waiting for the previous save {:.2}s){}",
@@ -425,14 +419,34 @@ pub fn run(recipe: &Recipe, resume: Resume, comm: &dyn Communicator, device: Dev
         }
     }
     if let Some(saved) = saver.wait()? {
-        note_saved(&mut reporter, &mut ts, &saved, budget, rank)?;
+        note_saved(&mut reporter, &mut ts, &saved, part_bytes, budget, rank)?;
     }
     reporter.finish(&summary)?;
     Ok(summary)
 }
 
+/// The expected time of a preemption save (this rank's part, no model export) at a measured speed;
+/// warns when it would not fit the scheduler's warning time.
+fn preemption_save_s(s: &checkpoint::SaveSpeed, part_bytes: u64, budget: f64) -> f64 {
+    let expect = s.stall_s + part_bytes as f64 * s.write_s / s.bytes.max(1) as f64;
+    if expect > budget {
+        tracing::warn!(
+            "a preemption save (~{expect:.0} s) would not fit checkpoint.preempt_budget_s = {budget} s: give the scheduler's \
+             signal more lead time (sbatch --signal=B:USR1@N)"
+        );
+    }
+    expect
+}
+
 /// A finished checkpoint: its speed goes into the next checkpoint's trainer state and the log.
-fn note_saved(reporter: &mut Reporter, ts: &mut TrainerState, s: &checkpoint::Saved, budget: f64, rank: usize) -> Result<()> {
+fn note_saved(
+    reporter: &mut Reporter,
+    ts: &mut TrainerState,
+    s: &checkpoint::Saved,
+    part_bytes: u64,
+    budget: f64,
+    rank: usize,
+) -> Result<()> {
     let sp = s.speed;
     ts.last_save = Some(sp);
     let mb_s = sp.bytes as f64 / 1e6 / sp.write_s.max(1e-9);
@@ -449,12 +463,7 @@ fn note_saved(reporter: &mut Reporter, ts: &mut TrainerState, s: &checkpoint::Sa
             sp.finish_s,
             sp.stall_s
         ));
-        if sp.stall_s + sp.write_s > budget {
-            tracing::warn!(
-                "a preemption save (~{:.0} s) would not fit checkpoint.preempt_budget_s = {budget} s: give the scheduler's signal more lead time",
-                sp.stall_s + sp.write_s
-            );
-        }
+        preemption_save_s(&sp, part_bytes, budget);
     }
     Ok(())
 }

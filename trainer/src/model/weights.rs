@@ -159,6 +159,12 @@ fn threads() -> usize {
     std::thread::available_parallelism().map(|n| n.get()).unwrap_or(2).clamp(1, 8)
 }
 
+/// [`tree_sha256`] of bytes in memory (what the file holding exactly them hashes to).
+pub fn tree_sha256_bytes(data: &[u8]) -> String {
+    let pieces: Vec<[u8; 32]> = data.chunks(CHUNK).map(sha256).collect();
+    tree_digest(&pieces)
+}
+
 /// [`tree_sha256`] of a file on disk, its pieces read and hashed on several threads.
 pub fn tree_sha256(path: &Path) -> Result<String> {
     use std::os::unix::fs::FileExt;
@@ -336,8 +342,7 @@ pub fn write_hf(named: &[(String, Tensor)], dir: &Path, max_shard_bytes: usize) 
         let tmp = dir.join(format!("{INDEX_FILE}.tmp"));
         std::fs::write(&tmp, &bytes).map_err(|e| Error::io(&tmp, e))?;
         std::fs::rename(&tmp, &p).map_err(|e| Error::io(&p, e))?;
-        let pieces: Vec<[u8; 32]> = bytes.chunks(CHUNK).map(sha256).collect();
-        out.push((INDEX_FILE.to_string(), Written { bytes: bytes.len() as u64, sha256: tree_digest(&pieces) }));
+        out.push((INDEX_FILE.to_string(), Written { bytes: bytes.len() as u64, sha256: tree_sha256_bytes(&bytes) }));
     }
     Ok(out)
 }
