@@ -127,6 +127,18 @@ pub fn free_port() -> u16 {
     std::net::TcpListener::bind("127.0.0.1:0").expect("bind").local_addr().expect("addr").port()
 }
 
+extern "C" {
+    fn kill(pid: i32, sig: i32) -> i32;
+}
+
+/// Sends signal `sig` to process `pid` (a child these tests started).
+pub fn send_signal(pid: u32, sig: i32) {
+    // SAFETY: kill(2) has no memory effects; a pid that is gone only makes it return an error.
+    unsafe {
+        kill(pid as i32, sig);
+    }
+}
+
 /// Every tensor of a safetensors file (f32 expected) by name.
 pub fn read_f32(path: &Path) -> std::collections::BTreeMap<String, Vec<f32>> {
     let bytes = std::fs::read(path).expect("read safetensors");

@@ -225,7 +225,7 @@ fn a_dead_rank_stops_the_job_and_sigterm_checkpoints_then_resume_is_exact() {
     idavlm_tests::wait_for_first_step(&metrics, 120);
     let kids = children(l.id());
     let victim = kids.iter().find(|k| k.1 == "1").expect("rank 1 worker").0;
-    unsafe { libc_kill(victim as i32, 9) };
+    idavlm_tests::send_signal(victim, 9);
     let killed_at = Instant::now();
     let out = loop {
         if let Some(_s) = l.try_wait().unwrap() {
@@ -252,7 +252,7 @@ fn a_dead_rank_stops_the_job_and_sigterm_checkpoints_then_resume_is_exact() {
     let mut l = launch(&r, 2, &[]).stderr(Stdio::piped()).spawn().unwrap();
     let metrics = r.with_file_name("metrics.jsonl");
     idavlm_tests::wait_for_first_step(&metrics, 120);
-    unsafe { libc_kill(l.id() as i32, 15) };
+    idavlm_tests::send_signal(l.id(), 15);
     let status = l.wait().unwrap();
     if status.code() == Some(0) {
         // The run finished before the signal landed; nothing to resume.
@@ -267,7 +267,3 @@ fn a_dead_rank_stops_the_job_and_sigterm_checkpoints_then_resume_is_exact() {
     );
 }
 
-extern "C" {
-    #[link_name = "kill"]
-    fn libc_kill(pid: i32, sig: i32) -> i32;
-}

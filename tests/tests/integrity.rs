@@ -138,7 +138,7 @@ fn a_checkpoint_folder_is_one_runs_at_a_time_and_a_dead_owner_is_taken_over() {
     let err = fails(&second);
     assert!(err.contains("in use by another run") && err.contains(&format!("pid {}", first.id())), "{err}");
     // The first run is unharmed: it stops on SIGTERM with its checkpoint as usual.
-    unsafe { libc_kill(first.id() as i32, 15) };
+    idavlm_tests::send_signal(first.id(), 15);
     assert_eq!(first.wait().unwrap().code(), Some(75));
     let (latest, skipped) = idavlm::checkpoint::find_latest(&d.path().join("ckpt"));
     assert!(latest.is_some() && skipped.is_empty(), "{skipped:?}");
@@ -154,10 +154,6 @@ fn a_checkpoint_folder_is_one_runs_at_a_time_and_a_dead_owner_is_taken_over() {
     assert!(err.contains("took over the lock") && err.contains(&format!("pid {pid}")), "{err}");
 }
 
-extern "C" {
-    #[link_name = "kill"]
-    fn libc_kill(pid: i32, sig: i32) -> i32;
-}
 
 #[test]
 fn sigterm_during_start_up_exits_75() {
@@ -182,7 +178,7 @@ fn sigterm_during_start_up_exits_75() {
     // Rank 0 alone waits in the rendezvous (rank 1 is not started yet): it is still starting up.
     let r0 = rank(0);
     std::thread::sleep(std::time::Duration::from_millis(1500));
-    unsafe { libc_kill(r0.id() as i32, 15) };
+    idavlm_tests::send_signal(r0.id(), 15);
     let r1 = rank(1);
     for (k, c) in [(0, r0), (1, r1)] {
         let out = c.wait_with_output().unwrap();

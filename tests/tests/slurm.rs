@@ -106,9 +106,9 @@ impl Drop for Slurm {
 }
 
 /// The pid of the job's task `rank` (an idavlm-worker whose environment has that job and rank).
-fn task_pid(job: u64, rank: usize) -> Option<i32> {
+fn task_pid(job: u64, rank: usize) -> Option<u32> {
     for e in std::fs::read_dir("/proc").ok()?.flatten() {
-        let Ok(pid) = e.file_name().to_string_lossy().parse::<i32>() else { continue };
+        let Ok(pid) = e.file_name().to_string_lossy().parse::<u32>() else { continue };
         let exe = std::fs::read_link(e.path().join("exe")).unwrap_or_default();
         if !exe.to_string_lossy().contains("idavlm-worker") {
             continue;
@@ -122,10 +122,6 @@ fn task_pid(job: u64, rank: usize) -> Option<i32> {
     None
 }
 
-extern "C" {
-    #[link_name = "kill"]
-    fn libc_kill(pid: i32, sig: i32) -> i32;
-}
 
 fn final_state(ckpt: &Path) -> std::collections::BTreeMap<String, Vec<f32>> {
     let (latest, skipped) = idavlm::checkpoint::find_latest(ckpt);
@@ -207,7 +203,7 @@ fn the_slurm_template_runs_requeues_on_preemption_and_fails_fast() {
     let j4 = slurm.submit(&r4, "--set length.steps=100000", &log4);
     wait_for_first_step(&d4.join("metrics.jsonl"), 120);
     let pid = task_pid(j4, 1).expect("rank 1's worker");
-    unsafe { libc_kill(pid, 9) };
+    idavlm_tests::send_signal(pid, 9);
     let t = Instant::now();
     let (state, _) = slurm.wait(j4, 60, &log4);
     let took = t.elapsed();

@@ -107,7 +107,7 @@ fn sigterm_writes_a_loadable_checkpoint_and_exits_75() {
         .unwrap();
     let metrics = d.path().join("metrics.jsonl");
     idavlm_tests::wait_for_first_step(&metrics, 120);
-    unsafe { libc_kill(child.id() as i32, 15) };
+    idavlm_tests::send_signal(child.id(), 15);
     let status = child.wait().unwrap();
     assert_eq!(status.code(), Some(75));
     let (latest, _) = idavlm::checkpoint::find_latest(&d.path().join("ckpt"));
@@ -119,10 +119,6 @@ fn sigterm_writes_a_loadable_checkpoint_and_exits_75() {
     assert!(err.contains("resumed from"), "{err}");
 }
 
-extern "C" {
-    #[link_name = "kill"]
-    fn libc_kill(pid: i32, sig: i32) -> i32;
-}
 
 #[test]
 fn stage_two_starts_from_stage_one_with_a_zero_id_former() {

@@ -184,8 +184,7 @@ impl Saver {
     pub fn prepare(&mut self, state: &Sharded, rank: usize, model: bool) {
         let mut bytes = 0i64;
         for bk in &state.layout.buckets {
-            let valid = bk.numel.saturating_sub(rank * bk.shard).min(bk.shard) as i64;
-            bytes += 3 * aligned(valid * 4);
+            bytes += 3 * aligned(bk.valid_len(rank) as i64 * 4);
         }
         if model && rank == 0 {
             let elt = state.kind.elt_size_in_bytes() as i64;
@@ -259,8 +258,7 @@ impl Saver {
         // Every rank: its optimizer partitions (trimmed of the padding past each bucket's end).
         let mut part = Vec::new();
         for (b, bk) in state.layout.buckets.iter().enumerate() {
-            let start = rank * bk.shard;
-            let valid = bk.numel.saturating_sub(start).min(bk.shard);
+            let valid = bk.valid_len(rank);
             let n = bk.role.name();
             for (which, t) in [("master", &state.master[b]), ("exp_avg", &state.exp_avg[b]), ("exp_avg_sq", &state.exp_avg_sq[b])] {
                 let name = format!("{n}.{which}");

@@ -51,6 +51,13 @@ pub struct Bucket {
     pub shard: usize,
 }
 
+impl Bucket {
+    /// Elements of `rank`'s shard that hold parameters (the rest is padding past the bucket's end).
+    pub fn valid_len(&self, rank: usize) -> usize {
+        self.numel.saturating_sub(rank * self.shard).min(self.shard)
+    }
+}
+
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Layout {
     pub world: usize,

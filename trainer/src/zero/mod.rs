@@ -328,16 +328,6 @@ impl Sharded {
         Ok(())
     }
 
-    /// Every parameter at full size in spec order (a collective under stage 3: every rank must call).
-    pub fn full_named(&self, comm: &dyn Communicator) -> Result<Vec<(String, Tensor)>> {
-        let flats: Vec<(usize, Tensor)> =
-            (0..self.layout.buckets.len()).map(|b| self.gather(comm, b).map(|t| (b, t))).collect::<Result<_>>()?;
-        let views: Vec<(usize, Vec<Tensor>)> = flats.iter().map(|(b, f)| (*b, self.views(*b, f))).collect();
-        let refs: Vec<(usize, &[Tensor])> = views.iter().map(|(b, v)| (*b, v.as_slice())).collect();
-        let g = self.getter(&refs);
-        Ok(self.specs.iter().map(|s| (s.name.clone(), g(&s.name).copy())).collect())
-    }
-
     /// Visits every parameter of the model (compute dtype, on the device): frozen ones, then each
     /// trainable bucket gathered one at a time (a collective under stage 3: every rank calls this), so
     /// at most one gathered bucket exists at once.
