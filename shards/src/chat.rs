@@ -226,7 +226,10 @@ pub fn encode_conversation(tok: &Tokenizer, id: &str, turns: &[Turn], max_len: u
         if let Some(first) = first_answer.filter(|&a| a >= max_len) {
             return Err(Error::sample(
                 id,
-                format!("{} tokens cut to max length {max_len} leave no answer token (the first answer starts at token {first})", ids.len()),
+                format!(
+                    "{} tokens cut to max length {max_len} leave no answer token (the first answer starts at token {first})",
+                    ids.len()
+                ),
             ));
         }
         ids.truncate(max_len);

@@ -83,7 +83,6 @@ fn parse_json(json: &Path) -> Result<Vec<std::result::Result<Raw, BadSample>>> {
         .collect())
 }
 
-
 /// Checks one sample; returns its token count and image paths.
 fn check(tok: &Tokenizer, root: &Path, raw: &Raw, max_len: usize) -> std::result::Result<(i32, Vec<String>), String> {
     let enc = encode_conversation(tok, &raw.id, &raw.turns, max_len, Overflow::Reject).map_err(|e| e.to_string())?;

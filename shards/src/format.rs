@@ -244,8 +244,7 @@ impl DatasetWriter {
                 .set_max_row_group_row_count(Some(self.row_group_rows))
                 .set_compression(parquet::basic::Compression::SNAPPY)
                 .build();
-            let w =
-                ArrowWriter::try_new(f, schema(), Some(props)).map_err(|e| Error::Parquet { file: tmp.clone(), cause: e })?;
+            let w = ArrowWriter::try_new(f, schema(), Some(props)).map_err(|e| Error::Parquet { file: tmp.clone(), cause: e })?;
             self.writer = Some((w, tmp, fin, 0));
         }
         let batch = to_record_batch(&self.pending);
@@ -341,13 +340,22 @@ fn check_magic(f: &mut File, file: &Path) -> Result<()> {
 /// items aside, which writers differ on).
 pub fn check_schema(found: &SchemaRef, file: &Path) -> Result<()> {
     let want = schema();
-    let describe = |s: &Schema| s.fields().iter().map(|f| format!("{}: {}", f.name(), f.data_type())).collect::<Vec<_>>().join(", ");
+    let describe =
+        |s: &Schema| s.fields().iter().map(|f| format!("{}: {}", f.name(), f.data_type())).collect::<Vec<_>>().join(", ");
     let same = found.fields().len() == want.fields().len()
-        && found.fields().iter().zip(want.fields()).all(|(a, b)| a.name() == b.name() && a.data_type().equals_datatype(b.data_type()));
+        && found
+            .fields()
+            .iter()
+            .zip(want.fields())
+            .all(|(a, b)| a.name() == b.name() && a.data_type().equals_datatype(b.data_type()));
     if !same {
         return Err(Error::format(
             file,
-            format!("schema differs from the dataset schema (version {SCHEMA_VERSION}):\n  found:    {}\n  expected: {}", describe(found), describe(&want)),
+            format!(
+                "schema differs from the dataset schema (version {SCHEMA_VERSION}):\n  found:    {}\n  expected: {}",
+                describe(found),
+                describe(&want)
+            ),
         ));
     }
     Ok(())

@@ -221,10 +221,8 @@ pub fn write_parquet(
             for p in image_paths_in(&it.id, &question)? {
                 images.push(ImageBlob { bytes: it.image_bytes(&p, root)?, path: p });
             }
-            let conversations = vec![
-                Turn { from: "user".into(), value: question },
-                Turn { from: "assistant".into(), value: it.answer.clone() },
-            ];
+            let conversations =
+                vec![Turn { from: "user".into(), value: question }, Turn { from: "assistant".into(), value: it.answer.clone() }];
             let num_tokens = count_tokens(&conversations)?;
             w.push(Sample { id: it.id.clone(), source: it.kind.clone(), conversations, images, num_tokens })?;
         }

@@ -281,15 +281,7 @@ fn dispatch<S: RowSink>(src: &[u8], w: usize, h: usize, out_w: usize, out_h: usi
     #[cfg(target_arch = "x86_64")]
     {
         #[target_feature(enable = "avx2")]
-        unsafe fn avx2<S: RowSink>(
-            src: &[u8],
-            w: usize,
-            h: usize,
-            out_w: usize,
-            out_h: usize,
-            order: ResizeOrder,
-            sink: &mut S,
-        ) {
+        unsafe fn avx2<S: RowSink>(src: &[u8], w: usize, h: usize, out_w: usize, out_h: usize, order: ResizeOrder, sink: &mut S) {
             resize_into(src, w, h, out_w, out_h, order, sink)
         }
         if std::arch::is_x86_feature_detected!("avx2") {
@@ -331,7 +323,10 @@ pub fn decode_rgb8(bytes: &[u8], what: &str) -> Result<(Vec<u8>, usize, usize)> 
     if bytes.starts_with(&[0xFF, 0xD8]) && !jpeg_is_complete(bytes) {
         // PIL refuses these ("image file is truncated"); a decoder that fills the missing rows would
         // train on grey blocks.
-        return Err(Error::Image { what: what.to_string(), detail: "image file is truncated (JPEG without its end marker)".into() });
+        return Err(Error::Image {
+            what: what.to_string(),
+            detail: "image file is truncated (JPEG without its end marker)".into(),
+        });
     }
     let img = image::load_from_memory(bytes).map_err(|e| Error::Image { what: what.to_string(), detail: e.to_string() })?;
     let rgb = img.into_rgb8();
@@ -529,7 +524,9 @@ mod tests {
     fn truncated_images_are_refused_as_pil_does() {
         let px: Vec<u8> = (0..64 * 48 * 3).map(|i| (i * 31 % 253) as u8).collect();
         let mut jpeg = Vec::new();
-        image::codecs::jpeg::JpegEncoder::new_with_quality(&mut jpeg, 90).encode(&px, 64, 48, image::ExtendedColorType::Rgb8).unwrap();
+        image::codecs::jpeg::JpegEncoder::new_with_quality(&mut jpeg, 90)
+            .encode(&px, 64, 48, image::ExtendedColorType::Rgb8)
+            .unwrap();
         assert!(decode_rgb8(&jpeg, "whole.jpg").is_ok());
         // Trailing bytes after the end marker are fine (PIL and libjpeg ignore them).
         let mut padded = jpeg.clone();

@@ -319,7 +319,12 @@ impl SampleLoader {
                 format!("image {k}: text names {:?}, stored image is {:?}", p.enc.image_paths[k], blob.path),
             ));
         }
-        preprocess_image(&blob.bytes, self.opts.image_size, self.opts.resize, &format!("{} of sample {}", p.enc.image_paths[k], s.id))
+        preprocess_image(
+            &blob.bytes,
+            self.opts.image_size,
+            self.opts.resize,
+            &format!("{} of sample {}", p.enc.image_paths[k], s.id),
+        )
     }
 
     /// Pads the kept samples into one micro-batch; `pixels[i][k]` is image k of sample i.

@@ -66,8 +66,14 @@ fn verify_checks_magic_bytes_and_schema_not_only_checksums() {
     // A Parquet file of another schema in place of a shard, manifest rehashed.
     let dir = data.join("id");
     let shard = dir.join(&Manifest::load(&dir).unwrap().shards[0].file);
-    let schema = Arc::new(arrow::datatypes::Schema::new(vec![arrow::datatypes::Field::new("id", arrow::datatypes::DataType::Int64, false)]));
-    let batch = arrow::array::RecordBatch::try_new(schema.clone(), vec![Arc::new(arrow::array::Int64Array::from(vec![1i64, 2, 3]))]).unwrap();
+    let schema = Arc::new(arrow::datatypes::Schema::new(vec![arrow::datatypes::Field::new(
+        "id",
+        arrow::datatypes::DataType::Int64,
+        false,
+    )]));
+    let batch =
+        arrow::array::RecordBatch::try_new(schema.clone(), vec![Arc::new(arrow::array::Int64Array::from(vec![1i64, 2, 3]))])
+            .unwrap();
     let mut w = parquet::arrow::ArrowWriter::try_new(std::fs::File::create(&shard).unwrap(), schema, None).unwrap();
     w.write(&batch).unwrap();
     w.close().unwrap();
@@ -90,13 +96,18 @@ fn convert_refuses_truncated_images_and_paths_outside_the_image_root() {
     std::fs::write(imgs.join("ok.jpg"), &jpeg).unwrap();
     std::fs::write(imgs.join("cut.jpg"), &jpeg[..jpeg.len() * 2 / 3]).unwrap();
     std::fs::write(d.path().join("outside.jpg"), &jpeg).unwrap();
-    let row = |id: &str, img: &str| {
-        serde_json::json!({"id": id, "conversations": [{"from": "user", "value": format!("<img>{img}</img> what?")}, {"from": "assistant", "value": "a square"}]})
-    };
+    let row = |id: &str, img: &str| serde_json::json!({"id": id, "conversations": [{"from": "user", "value": format!("<img>{img}</img> what?")}, {"from": "assistant", "value": "a square"}]});
     let rows = vec![row("good", "ok.jpg"), row("cut", "cut.jpg"), row("escape", "../outside.jpg"), row("abs", "/etc/hostname")];
     let json = d.path().join("d.json");
     std::fs::write(&json, serde_json::to_vec(&rows).unwrap()).unwrap();
-    let o = ConvertOptions { source: "t".into(), max_len: 2048, target_shard_bytes: 1 << 20, row_group_rows: 4, on_bad: OnBad::Fail, workers: 1 };
+    let o = ConvertOptions {
+        source: "t".into(),
+        max_len: 2048,
+        target_shard_bytes: 1 << 20,
+        row_group_rows: 4,
+        on_bad: OnBad::Fail,
+        workers: 1,
+    };
     let r = convert(&json, &imgs, &d.path().join("out"), tokenizer(), &o).unwrap();
     let reason = |id: &str| r.bad.iter().find(|b| b.id == id).map(|b| b.reason.clone()).unwrap_or_default();
     assert_eq!(r.bad.len(), 3, "{:?}", r.bad);
@@ -129,10 +140,7 @@ fn resume_auto_refuses_to_restart_from_scratch_when_no_checkpoint_verifies() {
 fn a_checkpoint_folder_is_one_runs_at_a_time_and_a_dead_owner_is_taken_over() {
     let d = tempfile::tempdir().unwrap();
     let r = recipe(d.path(), &data(d.path()), "");
-    let mut first = idavlm_tests::worker_command(&r, &["--set", "length.steps=400"])
-        .stderr(Stdio::null())
-        .spawn()
-        .unwrap();
+    let mut first = idavlm_tests::worker_command(&r, &["--set", "length.steps=400"]).stderr(Stdio::null()).spawn().unwrap();
     wait_for_first_step(&d.path().join("metrics.jsonl"), 120);
     let second = worker_train(&r, &["--set", "length.steps=2", "--set", "logging.metrics_file=null"]);
     let err = fails(&second);
@@ -153,7 +161,6 @@ fn a_checkpoint_folder_is_one_runs_at_a_time_and_a_dead_owner_is_taken_over() {
     assert!(out.status.success(), "{err}");
     assert!(err.contains("took over the lock") && err.contains(&format!("pid {pid}")), "{err}");
 }
-
 
 #[test]
 fn sigterm_during_start_up_exits_75() {

@@ -264,7 +264,8 @@ fn preprocessing_matches_pil() {
     use idavlm_shards::preprocess::{decode_rgb8, resize_rgb8, ResizeOrder};
     let dir = tempfile::tempdir().unwrap();
     idavlm_tests::synth(dir.path(), 10, 0, 8);
-    let mut imgs: Vec<_> = std::fs::read_dir(dir.path().join("eval/images")).unwrap().map(|e| e.unwrap().path()).take(12).collect();
+    let mut imgs: Vec<_> =
+        std::fs::read_dir(dir.path().join("eval/images")).unwrap().map(|e| e.unwrap().path()).take(12).collect();
     // Random-noise PNGs at the boundary shapes of both pass orders (448 output): narrower and taller
     // (vertical first under Pillow 13), wider and shorter, equal sides, upscaling both ways, one-pixel
     // sides, and the rule's edge (height shrinking by exactly / just over twice the width's shrink).
@@ -331,7 +332,10 @@ fn preprocessing_matches_pil() {
     assert_eq!(orders_seen.len(), 2, "both pass orders covered");
     // The two orders do differ where Pillow 13 goes vertical first (the 400x600 case).
     let (rgb, w, h) = decode_rgb8(&std::fs::read(dir.path().join("noise-400x600.png")).unwrap(), "t").unwrap();
-    assert_ne!(resize_rgb8(&rgb, w, h, 448, 448, ResizeOrder::Pillow13), resize_rgb8(&rgb, w, h, 448, 448, ResizeOrder::Pillow12));
+    assert_ne!(
+        resize_rgb8(&rgb, w, h, 448, 448, ResizeOrder::Pillow13),
+        resize_rgb8(&rgb, w, h, 448, 448, ResizeOrder::Pillow12)
+    );
 }
 
 /// A random tiny ID model's config and weights, and a synthetic dataset with its held-out split.
@@ -364,8 +368,13 @@ fn greedy_generation_with_the_kv_cache_equals_recomputing_everything() {
     let mut px = Vec::new();
     for path in &enc.image_paths {
         px.extend(
-            idavlm_shards::preprocess::preprocess_image(&std::fs::read(d.path().join("eval").join(path)).unwrap(), size, Default::default(), path)
-                .unwrap(),
+            idavlm_shards::preprocess::preprocess_image(
+                &std::fs::read(d.path().join("eval").join(path)).unwrap(),
+                size,
+                Default::default(),
+                path,
+            )
+            .unwrap(),
         );
     }
     let n = enc.image_paths.len() as i64;

@@ -122,7 +122,6 @@ fn task_pid(job: u64, rank: usize) -> Option<u32> {
     None
 }
 
-
 fn final_state(ckpt: &Path) -> std::collections::BTreeMap<String, Vec<f32>> {
     let (latest, skipped) = idavlm::checkpoint::find_latest(ckpt);
     assert!(skipped.is_empty(), "{skipped:?}");
