@@ -24,7 +24,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context, Result};
-use clap::Parser;
+use clap::{Parser, ValueEnum};
 
 #[derive(Parser, Debug)]
 #[command(
@@ -38,8 +38,9 @@ struct Cli {
     /// Override a recipe key: --set optimizer.lr=1e-5 (repeatable).
     #[arg(long = "set", value_name = "KEY=VALUE")]
     sets: Vec<String>,
-    /// `auto`, `none` or a checkpoint folder.
-    #[arg(long, default_value = "auto")]
+    /// `auto` (the newest complete checkpoint in the recipe's checkpoint.dir), `none`, or a checkpoint
+    /// folder.
+    #[arg(long, default_value = "auto", value_parser = parse_resume)]
     resume: String,
     /// Start this many workers on this node (otherwise: be the worker that mpirun/srun/torchrun placed).
     #[arg(long)]
@@ -53,15 +54,34 @@ struct Cli {
     /// Rendezvous port on rank 0 (default: MASTER_PORT, or 29500).
     #[arg(long)]
     master_port: Option<u16>,
-    /// Communicator for the workers: auto, tcp, mpi, nccl.
-    #[arg(long, default_value = "auto")]
-    comm: String,
+    /// Communicator for the workers (auto: nccl on GPUs, mpi under mpirun when built with it, else tcp).
+    #[arg(long, value_enum, default_value_t = Comm::Auto)]
+    comm: Comm,
     /// The worker binary (default: idavlm-worker beside this program, or $IDAVLM_WORKER).
     #[arg(long)]
     worker: Option<PathBuf>,
     /// Seconds to wait for workers to exit after a stop before killing them.
     #[arg(long, default_value_t = 10)]
     grace_s: u64,
+}
+
+/// The workers' communicator (passed on as `--comm`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+enum Comm {
+    Auto,
+    Local,
+    Tcp,
+    Mpi,
+    Nccl,
+}
+
+/// `auto`, `none`, or a folder that exists (checked here, before any worker starts).
+fn parse_resume(s: &str) -> std::result::Result<String, String> {
+    match s {
+        "auto" | "none" => Ok(s.to_string()),
+        p if std::path::Path::new(p).is_dir() => Ok(p.to_string()),
+        p => Err(format!("{p:?}: no such checkpoint folder (or give auto or none)")),
+    }
 }
 
 fn main() {
@@ -117,7 +137,12 @@ fn library_path() -> Option<String> {
 
 fn worker_command(cli: &Cli, worker: &PathBuf) -> Command {
     let mut c = Command::new(worker);
-    c.arg("train").arg(&cli.recipe).arg("--resume").arg(&cli.resume).arg("--comm").arg(&cli.comm);
+    c.arg("train")
+        .arg(&cli.recipe)
+        .arg("--resume")
+        .arg(&cli.resume)
+        .arg("--comm")
+        .arg(cli.comm.to_possible_value().expect("no skipped variants").get_name());
     for s in &cli.sets {
         c.arg("--set").arg(s);
     }

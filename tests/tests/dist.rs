@@ -75,6 +75,15 @@ fn zero_1_2_3_on_2_and_3_ranks_equal_one_process() {
             assert_close(&state(&r.with_file_name("ckpt").join("step-00000003")), &want, &name);
         }
     }
+    // Without recomputation (every block keeps its graph) the step is the same, also under ZeRO-3
+    // where the gathered parameters of every block stay alive until its backward.
+    for (world, stage) in [(1, 2u8), (2, 3)] {
+        let name = format!("w{world}z{stage}-keep-activations");
+        let r = setup(d.path(), &name, &data, 6, world, stage, 3);
+        run_ok(launch(&r, world, &["--set", "activation_checkpointing=false"]));
+        assert_losses_close(&losses(&r.with_file_name("metrics.jsonl")), &want_losses, &name);
+        assert_close(&state(&r.with_file_name("ckpt").join("step-00000003")), &want, &name);
+    }
     // Under mpirun: the launcher becomes each rank's worker; MPI carries the collectives when the build
     // has the `mpi` feature (make test builds it and sets IDAVLM_EXPECT_MPI=1).
     if Command::new("mpirun").arg("--version").output().is_ok_and(|o| o.status.success()) {
@@ -266,4 +275,3 @@ fn a_dead_rank_stops_the_job_and_sigterm_checkpoints_then_resume_is_exact() {
         "SIGTERM + resume",
     );
 }
-

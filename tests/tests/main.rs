@@ -1,6 +1,7 @@
 //! One integration-test binary: cross-crate and multi-process tests of idavlm.
 mod dist;
 mod integrity;
+mod layering;
 mod mmid;
 mod model;
 mod shards;

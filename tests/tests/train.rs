@@ -101,10 +101,8 @@ fn resume_is_bit_exact_and_a_truncated_checkpoint_is_skipped() {
 fn sigterm_writes_a_loadable_checkpoint_and_exits_75() {
     let d = tempfile::tempdir().unwrap();
     let r = recipe(d.path(), &data(d.path()), "");
-    let mut child = idavlm_tests::worker_command(&r, &["--set", "length.steps=200"])
-        .stderr(std::process::Stdio::piped())
-        .spawn()
-        .unwrap();
+    let mut child =
+        idavlm_tests::worker_command(&r, &["--set", "length.steps=200"]).stderr(std::process::Stdio::piped()).spawn().unwrap();
     let metrics = d.path().join("metrics.jsonl");
     idavlm_tests::wait_for_first_step(&metrics, 120);
     idavlm_tests::send_signal(child.id(), 15);
@@ -118,7 +116,6 @@ fn sigterm_writes_a_loadable_checkpoint_and_exits_75() {
     let err = ok(&worker_train(&r, &["--set", &format!("length.steps={}", st.step + 1)]));
     assert!(err.contains("resumed from"), "{err}");
 }
-
 
 #[test]
 fn stage_two_starts_from_stage_one_with_a_zero_id_former() {
@@ -152,7 +149,7 @@ fn the_shipped_recipes_parse() {
     let s1 = idavlm::recipe::load(&dir.join("stage1.yaml"), &[]).unwrap();
     let s2 = idavlm::recipe::load(&dir.join("stage2.yaml"), &[]).unwrap();
     let demo = idavlm::recipe::load(&dir.join("demo.yaml"), &[]).unwrap();
-    assert_eq!((s1.batch.micro, s1.batch.accum, s1.zero.stage, s1.optimizer.lr), (2, 8, 3, 1e-5));
+    assert_eq!((s1.batch.micro, s1.batch.accum, s1.zero.stage, s1.optimizer.lr), (2, 8, idavlm::recipe::ZeroStage::Three, 1e-5));
     assert_eq!((s2.optimizer.lr, s2.length.epochs, s2.length.steps, s2.model.id_former), (5e-6, Some(8.0), None, true));
     assert_eq!(s2.data.inject_probability, 0.1);
     assert_eq!(s2.checkpoint.every_steps, Some(500));

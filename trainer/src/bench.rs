@@ -11,9 +11,10 @@ use tch::{Device, Kind, Tensor};
 use crate::comm::Communicator;
 use crate::error::Result;
 use crate::flops;
-use crate::model::{ModelConfig, ModelInput, ParamSet, ParamSpec};
+use crate::model::{ModelConfig, ModelInput, ParamSet};
 use crate::optim::AdamW;
-use crate::recipe::{glob_match, TrainableSection};
+use crate::plan::{compute_kind, Trainable};
+use crate::recipe::{Dtype, ZeroStage};
 use crate::step::forward_backward;
 use crate::zero::Sharded;
 use idavlm_shards::chat::ImageRole;
@@ -28,7 +29,7 @@ pub struct W1 {
     pub seq: usize,
     pub images: usize,
     pub steps: usize,
-    pub zero: u8,
+    pub zero: ZeroStage,
     pub id_former: bool,
 }
 
@@ -144,11 +145,9 @@ pub fn run(w: &W1, comm: &dyn Communicator, device: Device, gpu_name: &str) -> R
     cfg.num_hidden_layers = w.layers;
     cfg.visual.layers = w.vit_layers;
     cfg.id_former = w.id_former;
-    let kind = if device.is_cuda() { Kind::BFloat16 } else { Kind::Float };
-    let params = ParamSet::init(&cfg, device, kind, 0);
-    let t = TrainableSection::default();
-    let trainable = move |s: &ParamSpec| t.include.iter().any(|p| glob_match(p, &s.name));
-    let mut st = Sharded::new(&cfg, params, &trainable, w.zero, comm);
+    let params = ParamSet::init(&cfg, device, compute_kind(Dtype::Auto, device), 0);
+    let trainable = Trainable::default();
+    let mut st = Sharded::new(&cfg, params, &|s| trainable.contains(s), w.zero, comm);
     let input = w1_input(w, cfg.vocab_size, cfg.visual.image_size, device, comm.rank());
     let opt = AdamW { beta1: 0.9, beta2: 0.95, eps: 1e-8, weight_decay: 0.1 };
     let scale = 1.0 / (w.accum * comm.world()) as f64;

@@ -35,6 +35,7 @@ use tch::{Device, Kind, Tensor};
 use crate::comm::Communicator;
 use crate::error::{Error, Result};
 use crate::model::weights::{tree_sha256, tree_sha256_bytes, write_hf, write_safetensors, Written};
+use crate::recipe::ZeroStage;
 use crate::zero::Sharded;
 use idavlm_shards::format::sha256_file;
 use idavlm_shards::reader::ReaderState;
@@ -52,7 +53,9 @@ pub struct Manifest {
     pub format: u32,
     pub step: u64,
     pub world: usize,
-    pub zero_stage: u8,
+    /// The ZeRO stage that wrote it (the saved state is the same for every stage and world size: a run
+    /// may resume under another stage).
+    pub zero_stage: ZeroStage,
     pub recipe_sha256: String,
     /// (bucket, elements) of what is trained.
     pub layout: Vec<(String, usize)>,
@@ -260,7 +263,8 @@ impl Saver {
         for (b, bk) in state.layout.buckets.iter().enumerate() {
             let valid = bk.valid_len(rank);
             let n = bk.role.name();
-            for (which, t) in [("master", &state.master[b]), ("exp_avg", &state.exp_avg[b]), ("exp_avg_sq", &state.exp_avg_sq[b])] {
+            for (which, t) in [("master", &state.master[b]), ("exp_avg", &state.exp_avg[b]), ("exp_avg_sq", &state.exp_avg_sq[b])]
+            {
                 let name = format!("{n}.{which}");
                 let h = self.stage(&format!("part.{name}"), &t.narrow(0, 0, valid as i64));
                 part.push((name, h));
@@ -334,7 +338,7 @@ struct Job {
     cfg: Vec<u8>,
     trainer: TrainerState,
     recipe_yaml: String,
-    zero_stage: u8,
+    zero_stage: ZeroStage,
     layout: Vec<(String, usize)>,
     keep: usize,
     timeout: Duration,
@@ -420,7 +424,15 @@ impl Job {
         }
         Ok(Saved {
             dir: self.fin,
-            speed: SaveSpeed { bytes, write_s: t0.elapsed().as_secs_f64(), stall_s: self.stall_s, part_s, model_s, wait_s, finish_s },
+            speed: SaveSpeed {
+                bytes,
+                write_s: t0.elapsed().as_secs_f64(),
+                stall_s: self.stall_s,
+                part_s,
+                model_s,
+                wait_s,
+                finish_s,
+            },
         })
     }
 }
@@ -497,6 +509,16 @@ pub fn read_trainer_state(dir: &Path) -> Result<TrainerState> {
 
 /// Loads optimizer state from a checkpoint written by any world size into `state` (every rank calls).
 pub fn load_optimizer(dir: &Path, m: &Manifest, comm: &dyn Communicator, state: &mut Sharded, adam_step: u64) -> Result<()> {
+    if m.zero_stage != state.stage || m.world != comm.world() {
+        tracing::info!(
+            "{} was written by {} rank(s) under ZeRO-{}; resuming on {} rank(s) under ZeRO-{}",
+            dir.display(),
+            m.world,
+            m.zero_stage,
+            comm.world(),
+            state.stage
+        );
+    }
     if m.layout != state.layout.fingerprint() {
         return Err(Error::checkpoint(
             dir,
@@ -665,4 +687,3 @@ impl Drop for FolderLock {
         let _ = self.file.set_len(0);
     }
 }
-

@@ -4,7 +4,7 @@
 //! question (its `image_k` placeholders replaced by `<img>PATH</img>`), then `<|im_start|>assistant\n`.
 //! Decoding uses the KV cache, greedy or top-p with a seed, and stops at `<|im_end|>` / `<|im_start|>`.
 
-use std::path::{Path, PathBuf};
+use std::path::Path;
 
 use serde::{Deserialize, Serialize};
 use tch::{Device, Kind, Tensor};
@@ -262,8 +262,7 @@ pub fn summarise(preds: &[Prediction]) -> std::collections::BTreeMap<String, Typ
         s.invalid += p.invalid.is_some() as usize;
     }
     for (k, s) in out.iter_mut() {
-        let scores: Vec<f64> =
-            preds.iter().filter(|p| &p.kind == k && p.invalid.is_none()).filter_map(|p| p.score).collect();
+        let scores: Vec<f64> = preds.iter().filter(|p| &p.kind == k && p.invalid.is_none()).filter_map(|p| p.score).collect();
         if scores.is_empty() {
             continue;
         }
@@ -285,14 +284,7 @@ pub fn test_image_size(item: &Item, root: &Path) -> Option<(usize, usize)> {
     decode_rgb8(&bytes, &p).ok().map(|(_, w, h)| (w, h))
 }
 
-/// The model folder of a checkpoint path: `CKPT/model`, or the path itself when it holds weights.
-pub fn model_dir(p: &Path) -> PathBuf {
-    if p.join("model").is_dir() {
-        p.join("model")
-    } else {
-        p.to_path_buf()
-    }
-}
+pub use crate::plan::model_dir;
 
 pub fn device_default() -> Device {
     crate::runtime::device_for(0)

@@ -1,12 +1,14 @@
 //! Recipes: the YAML of a training stage, typed (serde), with `extends:` and `--set key.path=value`.
 //!
-//! Errors name the key path and, where it can be found, the file and line that set it: an unknown
-//! key, a wrong type and a missing field all fail before any work starts.
+//! Errors name the key path and the file and line that set it (from the YAML parser's positions; the
+//! `--set` argument when one did): an unknown key, a wrong type, a missing field and a bad value all
+//! fail before any work starts.
 
+use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
-use serde_yaml::Value;
+use serde_yaml_ng::Value;
 
 use crate::error::{Error, Result};
 
@@ -223,20 +225,61 @@ pub enum LossMean {
     Tokens,
 }
 
-#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize, Default)]
 #[serde(deny_unknown_fields)]
 pub struct ZeroSection {
-    #[serde(default = "default_stage")]
-    pub stage: u8,
+    #[serde(default)]
+    pub stage: ZeroStage,
 }
 
-impl Default for ZeroSection {
-    fn default() -> Self {
-        Self { stage: default_stage() }
+/// What ZeRO partitions over the ranks (see [`crate::zero`]). Written as the number 1, 2 or 3 in
+/// recipes, manifests and on the command line.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Default, Serialize, Deserialize)]
+#[serde(try_from = "u8", into = "u8")]
+pub enum ZeroStage {
+    /// Optimizer state (f32 master, AdamW moments).
+    One,
+    /// Optimizer state and gradients.
+    #[default]
+    Two,
+    /// Optimizer state, gradients and the compute-dtype parameters.
+    Three,
+}
+
+impl TryFrom<u8> for ZeroStage {
+    type Error = String;
+    fn try_from(n: u8) -> std::result::Result<Self, String> {
+        match n {
+            1 => Ok(Self::One),
+            2 => Ok(Self::Two),
+            3 => Ok(Self::Three),
+            n => Err(format!("ZeRO stage {n} is not 1, 2 or 3")),
+        }
     }
 }
-fn default_stage() -> u8 {
-    2
+
+impl From<ZeroStage> for u8 {
+    fn from(s: ZeroStage) -> u8 {
+        match s {
+            ZeroStage::One => 1,
+            ZeroStage::Two => 2,
+            ZeroStage::Three => 3,
+        }
+    }
+}
+
+impl std::str::FromStr for ZeroStage {
+    type Err = String;
+    fn from_str(s: &str) -> std::result::Result<Self, String> {
+        let n: u8 = s.trim().parse().map_err(|_| format!("ZeRO stage {s:?} is not 1, 2 or 3"))?;
+        Self::try_from(n)
+    }
+}
+
+impl std::fmt::Display for ZeroStage {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}", u8::from(*self))
+    }
 }
 
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
@@ -323,26 +366,123 @@ fn default_timeout() -> u64 {
     600
 }
 
-/// Where a key was written: the recipe files read (child first) and their texts.
+/// Where each key was written: the recipe files read (child first) with the position of every key
+/// path in them, from the YAML parser's own marks, and the `--set` overrides.
 struct Sources {
-    files: Vec<(PathBuf, String)>,
+    layers: Vec<(PathBuf, HashMap<String, usize>)>,
+    /// (key path in serde's form, the `--set` argument), in command-line order.
+    sets: Vec<(String, String)>,
 }
 
 impl Sources {
-    /// Best-effort `file:line` of the last key of `path` (e.g. `optimizer.lr`), child files first.
+    fn new() -> Self {
+        Self { layers: Vec::new(), sets: Vec::new() }
+    }
+
+    /// Adds a file's text: the line of each key path (`a.b[0].c`, as serde_path_to_error prints paths).
+    fn add(&mut self, file: &Path, text: &str) {
+        self.layers.push((file.to_path_buf(), key_lines(text)));
+    }
+
+    /// `file:line` of a key path, or the `--set` that gave it: the last `--set` of the path or a parent
+    /// of it, else the first file (child first) that writes the path, else the nearest parent written.
     fn locate(&self, path: &str) -> Option<String> {
-        let keys: Vec<&str> = path.split('.').filter(|k| !k.is_empty() && k.parse::<usize>().is_err() && *k != "?").collect();
-        let key = keys.last()?;
-        for (file, text) in &self.files {
-            for (i, line) in text.lines().enumerate() {
-                let t = line.trim_start().trim_start_matches("- ");
-                if t.starts_with(&format!("{key}:")) {
-                    return Some(format!("{}:{}", file.display(), i + 1));
+        let covers = |k: &str| path == k || path.strip_prefix(k).is_some_and(|r| r.starts_with('.') || r.starts_with('['));
+        if let Some((_, arg)) = self.sets.iter().rev().find(|(k, _)| covers(k)) {
+            return Some(format!("--set {arg}"));
+        }
+        let mut p = path;
+        loop {
+            for (file, lines) in &self.layers {
+                if let Some(l) = lines.get(p) {
+                    return Some(format!("{}:{l}", file.display()));
                 }
             }
+            p = &p[..p.rfind(['.', '['])?];
         }
-        None
     }
+}
+
+/// A key path as serde_path_to_error prints it: `data.sources.0.path` -> `data.sources[0].path`.
+fn serde_path(dotted: &str) -> String {
+    let mut out = String::new();
+    for part in dotted.split('.') {
+        if part.parse::<usize>().is_ok() {
+            out.push_str(&format!("[{part}]"));
+        } else {
+            if !out.is_empty() {
+                out.push('.');
+            }
+            out.push_str(part);
+        }
+    }
+    out
+}
+
+/// The 1-based line of every key path and sequence item of a YAML text. A text that does not parse
+/// gives what was read before the error (the parse itself reports the error).
+fn key_lines(text: &str) -> HashMap<String, usize> {
+    use saphyr_parser::{Event, Parser};
+    enum Frame {
+        /// A mapping at `path`; `key` is the key whose value comes next (None: a key comes next).
+        Map {
+            path: String,
+            key: Option<String>,
+        },
+        Seq {
+            path: String,
+            next: usize,
+        },
+    }
+    let mut out = HashMap::new();
+    let mut stack: Vec<Frame> = Vec::new();
+    // The path of the value that starts now (recording it), or None when a mapping key comes next.
+    let value_path = |stack: &mut Vec<Frame>, out: &mut HashMap<String, usize>, line: usize| -> Option<String> {
+        match stack.last_mut() {
+            None => Some(String::new()),
+            Some(Frame::Map { path, key }) => {
+                let k = key.take()?;
+                Some(if path.is_empty() { k } else { format!("{path}.{k}") })
+            }
+            Some(Frame::Seq { path, next }) => {
+                let p = format!("{path}[{next}]");
+                *next += 1;
+                out.insert(p.clone(), line);
+                Some(p)
+            }
+        }
+    };
+    for ev in Parser::new_from_str(text) {
+        let Ok((ev, span)) = ev else { break };
+        let line = span.start.line();
+        match ev {
+            // A scalar where a mapping key comes next is that key: its path is recorded where written.
+            Event::Scalar(v, ..) if value_path(&mut stack, &mut out, line).is_none() => {
+                if let Some(Frame::Map { path, key }) = stack.last_mut() {
+                    let p = if path.is_empty() { v.to_string() } else { format!("{path}.{v}") };
+                    out.entry(p).or_insert(line);
+                    *key = Some(v.to_string());
+                }
+            }
+            Event::Scalar(..) => {}
+            Event::Alias(_) => {
+                value_path(&mut stack, &mut out, line);
+            }
+            Event::MappingStart(..) => {
+                let path = value_path(&mut stack, &mut out, line).unwrap_or_default();
+                stack.push(Frame::Map { path, key: None });
+            }
+            Event::SequenceStart(..) => {
+                let path = value_path(&mut stack, &mut out, line).unwrap_or_default();
+                stack.push(Frame::Seq { path, next: 0 });
+            }
+            Event::MappingEnd | Event::SequenceEnd => {
+                stack.pop();
+            }
+            _ => {}
+        }
+    }
+    out
 }
 
 fn merge(base: &mut Value, over: Value) {
@@ -366,8 +506,8 @@ fn read_layer(path: &Path, sources: &mut Sources, depth: usize) -> Result<Value>
         return Err(Error::Recipe(format!("{}: `extends` nests more than 8 deep (a cycle?)", path.display())));
     }
     let text = std::fs::read_to_string(path).map_err(|e| Error::Recipe(format!("recipe {}: {e}", path.display())))?;
-    let v: Value = serde_yaml::from_str(&text).map_err(|e| Error::Recipe(format!("recipe {}: {e}", path.display())))?;
-    sources.files.push((path.to_path_buf(), text));
+    let v: Value = serde_yaml_ng::from_str(&text).map_err(|e| Error::Recipe(format!("recipe {}: {e}", path.display())))?;
+    sources.add(path, &text);
     let Some(parent) = v.get("extends").and_then(|e| e.as_str()).map(str::to_string) else { return Ok(v) };
     let base_path = path.parent().unwrap_or(Path::new(".")).join(parent);
     let mut base = read_layer(&base_path, sources, depth + 1)?;
@@ -378,7 +518,7 @@ fn read_layer(path: &Path, sources: &mut Sources, depth: usize) -> Result<Value>
 /// Applies `key.path=value` (value parsed as YAML).
 fn apply_set(root: &mut Value, set: &str) -> Result<()> {
     let (key, val) = set.split_once('=').ok_or_else(|| Error::Recipe(format!("--set {set:?}: expected key.path=value")))?;
-    let val: Value = serde_yaml::from_str(val).map_err(|e| Error::Recipe(format!("--set {key}: {e}")))?;
+    let val: Value = serde_yaml_ng::from_str(val).map_err(|e| Error::Recipe(format!("--set {key}: {e}")))?;
     let mut cur = root;
     let parts: Vec<&str> = key.split('.').collect();
     for (i, p) in parts.iter().enumerate() {
@@ -387,11 +527,14 @@ fn apply_set(root: &mut Value, set: &str) -> Result<()> {
             let seq = cur.as_sequence_mut().expect("checked sequence");
             let n = seq.len();
             let idx = p.parse::<usize>().map_err(|_| {
-                Error::Recipe(format!("--set {key}: {} is a list; index it with a number (0..{n}), not {p:?}", parts[..i].join(".")))
+                Error::Recipe(format!(
+                    "--set {key}: {} is a list; index it with a number (0..{n}), not {p:?}",
+                    parts[..i].join(".")
+                ))
             })?;
-            let slot = seq.get_mut(idx).ok_or_else(|| {
-                Error::Recipe(format!("--set {key}: {} has {n} item(s), no index {idx}", parts[..i].join(".")))
-            })?;
+            let slot = seq
+                .get_mut(idx)
+                .ok_or_else(|| Error::Recipe(format!("--set {key}: {} has {n} item(s), no index {idx}", parts[..i].join("."))))?;
             if i + 1 == parts.len() {
                 *slot = val;
                 return Ok(());
@@ -418,18 +561,22 @@ fn apply_set(root: &mut Value, set: &str) -> Result<()> {
 
 /// Loads a recipe file with its `extends` chain and `--set` overrides.
 pub fn load(path: &Path, sets: &[String]) -> Result<Recipe> {
-    let mut sources = Sources { files: Vec::new() };
+    let mut sources = Sources::new();
     let mut v = read_layer(path, &mut sources, 0)?;
     for s in sets {
         apply_set(&mut v, s)?;
+        if let Some((k, _)) = s.split_once('=') {
+            sources.sets.push((serde_path(k), s.clone()));
+        }
     }
     from_value(v, &sources, path)
 }
 
 /// Parses a recipe from YAML text (used for recipes embedded in checkpoints).
 pub fn from_str(text: &str, origin: &Path) -> Result<Recipe> {
-    let v: Value = serde_yaml::from_str(text).map_err(|e| Error::Recipe(format!("recipe {}: {e}", origin.display())))?;
-    let sources = Sources { files: vec![(origin.to_path_buf(), text.to_string())] };
+    let v: Value = serde_yaml_ng::from_str(text).map_err(|e| Error::Recipe(format!("recipe {}: {e}", origin.display())))?;
+    let mut sources = Sources::new();
+    sources.add(origin, text);
     from_value(v, &sources, origin)
 }
 
@@ -466,9 +613,6 @@ impl Recipe {
                 return err("model.preset", format!("unknown preset {p:?} (known: tiny, qwen-vl-chat)"))
             }
             _ => {}
-        }
-        if !(1..=3).contains(&self.zero.stage) {
-            return err("zero.stage", format!("{} is not 1, 2 or 3", self.zero.stage));
         }
         if self.batch.micro == 0 {
             return err("batch.micro", "must be at least 1".into());
@@ -519,7 +663,7 @@ impl Recipe {
 
     /// The resolved recipe as YAML (written into checkpoints).
     pub fn to_yaml(&self) -> String {
-        serde_yaml::to_string(self).expect("recipe serialises")
+        serde_yaml_ng::to_string(self).expect("recipe serialises")
     }
 }
 
@@ -551,6 +695,78 @@ pub fn glob_match(pattern: &str, name: &str) -> bool {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// The line (1-based) of the first line of `text` equal to `line` after trimming, after `after`.
+    fn line_of(text: &str, after: &str, line: &str) -> usize {
+        let start = text.lines().position(|l| l.trim() == after).expect("anchor line");
+        start + 1 + text.lines().skip(start).position(|l| l.trim() == line).expect("line")
+    }
+
+    fn demo_with(edit: impl Fn(&str) -> String) -> (tempfile::TempDir, PathBuf, String) {
+        let demo = std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/../recipes/demo.yaml")).expect("demo.yaml");
+        let text = edit(&demo);
+        let d = tempfile::tempdir().expect("tmp");
+        let p = d.path().join("demo.yaml");
+        std::fs::write(&p, &text).expect("write");
+        (d, p, text)
+    }
+
+    #[test]
+    fn error_located_at_the_key_of_its_own_section() {
+        // `every_steps` is also a key of `checkpoint`, written earlier in the file.
+        let (_d, p, text) = demo_with(|t| t.replace("logging:\n  every_steps: 10", "logging:\n  every_steps: often"));
+        let e = load(&p, &[]).unwrap_err().to_string();
+        let want = format!("{}:{}", p.display(), line_of(&text, "logging:", "every_steps: often"));
+        assert!(e.contains("`logging.every_steps`") && e.contains(&want), "{e}\nwanted {want}");
+    }
+
+    #[test]
+    fn error_located_in_the_general_source_not_the_first_source() {
+        let (_d, p, text) = demo_with(|t| t.replace("path: runs/demo/data/general", "path: [1, 2]"));
+        let e = load(&p, &[]).unwrap_err().to_string();
+        let want = format!("{}:{}", p.display(), line_of(&text, "general:", "path: [1, 2]"));
+        assert!(e.contains("`data.general.path`") && e.contains(&want), "{e}\nwanted {want}");
+        // A list item's key: `data.sources[0].path`.
+        let (_d, p, text) = demo_with(|t| t.replace("path: runs/demo/data/id", "path: {a: 1}"));
+        let e = load(&p, &[]).unwrap_err().to_string();
+        let want = format!("{}:{}", p.display(), line_of(&text, "sources:", "path: {a: 1}"));
+        assert!(e.contains("`data.sources[0].path`") && e.contains(&want), "{e}\nwanted {want}");
+    }
+
+    #[test]
+    fn error_of_a_set_value_names_the_set() {
+        let (_d, p, _) = demo_with(|t| t.to_string());
+        let e = load(&p, &["logging.every_steps=often".into()]).unwrap_err().to_string();
+        assert!(e.contains("`logging.every_steps` (--set logging.every_steps=often)"), "{e}");
+        let e = load(&p, &["data.sources.0.count=-3".into()]).unwrap_err().to_string();
+        assert!(e.contains("(--set data.sources.0.count=-3)"), "{e}");
+        // Validation errors too; a key the --set did not touch still points into the file.
+        let e = load(&p, &["zero.stage=4".into()]).unwrap_err().to_string();
+        assert!(e.contains("`zero.stage` (--set zero.stage=4)") && e.contains("not 1, 2 or 3"), "{e}");
+        let e = load(&p, &["logging.every_steps=3".into(), "optimizer.eps=0".into()]).unwrap_err().to_string();
+        assert!(e.contains("(--set optimizer.eps=0)"), "{e}");
+    }
+
+    #[test]
+    fn key_lines_follow_the_parser() {
+        let text = "a:\n  b: 1\n  c:\n    - x: 2\n      y: 3\n    - 4\nd: [5, 6]\n";
+        let k = key_lines(text);
+        let get = |p: &str| k.get(p).copied();
+        assert_eq!(
+            [
+                get("a"),
+                get("a.b"),
+                get("a.c"),
+                get("a.c[0]"),
+                get("a.c[0].x"),
+                get("a.c[0].y"),
+                get("a.c[1]"),
+                get("d"),
+                get("d[1]")
+            ],
+            [Some(1), Some(2), Some(3), Some(4), Some(4), Some(5), Some(6), Some(7), Some(7)]
+        );
+    }
 
     #[test]
     fn globs() {

@@ -10,7 +10,17 @@ use serde::Serialize;
 
 use crate::error::{Error, Result};
 use crate::recipe::Recipe;
-use crate::train::Summary;
+
+/// What a run did, for the worker's exit code and the tests.
+#[derive(Clone, Debug, Default)]
+pub struct Summary {
+    pub steps_run: u64,
+    pub final_step: u64,
+    pub losses: Vec<f64>,
+    pub last_checkpoint: Option<PathBuf>,
+    pub preempted: bool,
+    pub stopped_nonfinite: bool,
+}
 
 #[derive(Clone, Debug, Serialize)]
 pub struct StepRecord {

@@ -14,7 +14,7 @@ use crate::comm::Communicator;
 use crate::error::Result;
 use crate::model::{Head, ModelConfig, ModelInput, QwenVl, Stem};
 use crate::profile;
-use crate::zero::{Role, Sharded};
+use crate::zero::{BucketParams, Prefetch, Role, Sharded, Use};
 use idavlm_shards::reader::MicroBatch;
 use idavlm_shards::tokenizer::ENDOFTEXT;
 
@@ -48,53 +48,10 @@ fn leaf(t: &Tensor) -> Tensor {
     t.detach().set_requires_grad(true)
 }
 
-/// Gathers bucket `b` (when there is one) and returns its parameters as autograd leaves.
-fn leaves_of(st: &Sharded, comm: &dyn Communicator, b: Option<usize>) -> Result<Option<(usize, Vec<Tensor>)>> {
-    Ok(match b {
-        Some(b) => Some((b, st.leaves(b, &st.gather(comm, b)?))),
-        None => None,
-    })
-}
-
-fn as_refs(p: &Option<(usize, Vec<Tensor>)>) -> Vec<(usize, &[Tensor])> {
-    p.iter().map(|(b, v)| (*b, v.as_slice())).collect()
-}
-
-type Pending = Option<(usize, Tensor, crate::comm::InFlight)>;
-
-/// Starts gathering LLM block `i`'s bucket, when there is a block and it is trained.
-fn prefetch(st: &Sharded, comm: &dyn Communicator, i: Option<usize>) -> Result<Pending> {
-    prefetch_role(st, comm, i.map(Role::Block))
-}
-
-/// Starts gathering the bucket of `role`, when it exists (ZeRO-3; stages 1/2 hand back the kept buffer).
-fn prefetch_role(st: &Sharded, comm: &dyn Communicator, role: Option<Role>) -> Result<Pending> {
-    let Some(b) = role.and_then(|r| st.bucket(&r)) else { return Ok(None) };
-    let (flat, f) = st.gather_async(comm, b)?;
-    Ok(Some((b, flat, f)))
-}
-
-/// Waits for a prefetched bucket and returns its parameters as autograd leaves.
-fn leaves_after(st: &Sharded, comm: &dyn Communicator, p: Pending) -> Result<Option<(usize, Vec<Tensor>)>> {
-    Ok(match p {
-        Some((b, flat, f)) => {
-            comm.wait(f)?;
-            Some((b, st.leaves(b, &flat)))
-        }
-        None => None,
-    })
-}
-
-/// Hands a bucket's gradients to the strategy, when the bucket exists.
-fn hand_over(st: &mut Sharded, comm: &dyn Communicator, p: &Option<(usize, Vec<Tensor>)>) -> Result<()> {
-    if let Some((b, leaves)) = p {
-        st.accumulate_grad(comm, *b, leaves)?;
-    }
-    Ok(())
-}
-
 /// Forward + backward of one micro-batch; gradients (scaled by `scale`) go to the strategy. Returns the
 /// unscaled loss (mean over the micro-batch's supervised tokens).
+///
+/// With `checkpointing` every block is recomputed in the backward; without, every block keeps its graph.
 pub fn forward_backward(
     st: &mut Sharded,
     comm: &dyn Communicator,
@@ -105,98 +62,77 @@ pub fn forward_backward(
 ) -> Result<f64> {
     let layers = cfg.num_hidden_layers as usize;
     let device = st.device;
-    // ZeRO-3: block 0's all-gather runs during the stem (a no-op for stages 1/2).
-    let mut next = prefetch(st, comm, checkpointing.then_some(0))?;
+    // ZeRO-3: block 0's all-gather runs during the stem (stages 1/2 hand back the kept buffer).
+    let mut next = st.prefetch(comm, Role::Block(0))?;
     // Stem, with a graph through the trainable resampler and embedding.
-    let stem = leaves_of(st, comm, st.bucket(&Role::Stem))?;
-    let x0 = profile::time(profile::STEM_FWD, 0.0, || {
-        let refs = as_refs(&stem);
-        let g = st.getter(&refs);
-        Stem::new(cfg, &g).forward(input)
-    });
+    let stem = st.gather_now(comm, Role::Stem, Use::Leaves)?;
+    let x0 = profile::time(profile::STEM_FWD, 0.0, || Stem::new(cfg, &st.getter(&[&stem])).forward(input));
     let rope = QwenVl::rope(cfg, input.input_ids.size()[1], device);
 
     // Blocks forward. With checkpointing only each block's input is kept; without, each block keeps its
-    // graph (input leaf, parameter leaves, output).
+    // graph (input leaf, parameter leaves, output). Block i+1's gather (ZeRO-3) runs while block i
+    // computes, and the head's during the last block.
     let mut x = x0.detach();
-    type Graph = (Option<(usize, Vec<Tensor>)>, Tensor);
-    let mut kept: Vec<(Tensor, Option<Graph>)> = Vec::with_capacity(layers);
-    // ZeRO-3: block i+1's all-gather runs while block i computes, and the head's during the last block.
+    let mut kept: Vec<(Tensor, Option<(BucketParams, Tensor)>)> = Vec::with_capacity(layers);
     for i in 0..layers {
-        let b = st.bucket(&Role::Block(i));
+        let after = if i + 1 < layers { Role::Block(i + 1) } else { Role::Head };
+        let cur = std::mem::replace(&mut next, st.prefetch(comm, after)?);
         if checkpointing {
-            let cur = next.take();
-            next = prefetch_role(st, comm, Some(if i + 1 < layers { Role::Block(i + 1) } else { Role::Head }))?;
-            let views = match cur {
-                Some((b, flat, f)) => {
-                    comm.wait(f)?;
-                    Some((b, st.views(b, &flat)))
-                }
-                None => None,
-            };
-            let refs = as_refs(&views);
-            let g = st.getter(&refs);
-            let blk = QwenVl::block_from(cfg, i, &g);
+            let p = st.take(comm, cur, Use::Views)?;
+            let blk = QwenVl::block_from(cfg, i, &st.getter(&[&p]));
             let out = profile::time(profile::BLOCKS_FWD, 0.0, || tch::no_grad(|| blk.forward(&x, &rope, None)));
             kept.push((x, None));
             x = out;
         } else {
-            let pl = leaves_of(st, comm, b)?;
+            let p = st.take(comm, cur, Use::Leaves)?;
             let xin = leaf(&x);
             let out = profile::time(profile::BLOCKS_FWD, 0.0, || {
-                let refs = as_refs(&pl);
-                let g = st.getter(&refs);
-                QwenVl::block_from(cfg, i, &g).forward(&xin, &rope, None)
+                QwenVl::block_from(cfg, i, &st.getter(&[&p])).forward(&xin, &rope, None)
             });
             x = out.detach();
-            kept.push((xin, Some((pl, out))));
+            kept.push((xin, Some((p, out))));
         }
     }
 
     // Head: loss and the gradient at the last block's output. The last block's gather for its
     // recompute (ZeRO-3) runs meanwhile.
-    let head = if checkpointing { leaves_after(st, comm, next.take())? } else { leaves_of(st, comm, st.bucket(&Role::Head))? };
-    let mut next = prefetch(st, comm, checkpointing.then_some(layers - 1))?;
+    let head = st.take(comm, next, Use::Leaves)?;
+    let mut next = if checkpointing { st.prefetch(comm, Role::Block(layers - 1))? } else { Prefetch::none() };
     let xl = leaf(&x);
     let loss_value = profile::time(profile::HEAD, 0.0, || {
-        let refs = as_refs(&head);
-        let g = st.getter(&refs);
-        let loss = Head::new(cfg, &g).loss(&xl, &input.labels);
+        let loss = Head::new(cfg, &st.getter(&[&head])).loss(&xl, &input.labels);
         let v = loss.double_value(&[]);
         (loss * scale).backward();
         v
     });
     let mut grad = xl.grad();
-    hand_over(st, comm, &head)?;
+    st.accumulate_grad(comm, &head)?;
     drop(head);
 
     // Blocks backward, last to first; block i-1's gather (ZeRO-3) overlaps block i's backward.
     for i in (0..layers).rev() {
         let (input_i, graph) = kept.pop().expect("one kept entry per block");
-        let (xin, pl, out) = match graph {
-            Some((pl, out)) => (input_i, pl, out),
+        let (xin, p, out) = match graph {
+            Some((p, out)) => (input_i, p, out),
             None => {
-                let cur = next.take();
-                next = prefetch(st, comm, i.checked_sub(1))?;
-                let pl = leaves_after(st, comm, cur)?;
+                let before = if i > 0 { st.prefetch(comm, Role::Block(i - 1))? } else { Prefetch::none() };
+                let p = st.take(comm, std::mem::replace(&mut next, before), Use::Leaves)?;
                 let xin = leaf(&input_i);
-                let out = {
-                    let refs = as_refs(&pl);
-                    let g = st.getter(&refs);
-                    profile::time(profile::BLOCKS_BWD, 0.0, || QwenVl::block_from(cfg, i, &g).forward(&xin, &rope, None))
-                };
-                (xin, pl, out)
+                let out = profile::time(profile::BLOCKS_BWD, 0.0, || {
+                    QwenVl::block_from(cfg, i, &st.getter(&[&p])).forward(&xin, &rope, None)
+                });
+                (xin, p, out)
             }
         };
         profile::time(profile::BLOCKS_BWD, 0.0, || (out * &grad).sum(Kind::Float).backward());
         grad = xin.grad();
-        hand_over(st, comm, &pl)?;
+        st.accumulate_grad(comm, &p)?;
     }
 
     // Stem backward (nothing to do when nothing in the stem is trained).
     if x0.requires_grad() {
         profile::time(profile::STEM_BWD, 0.0, || (x0 * &grad).sum(Kind::Float).backward());
     }
-    hand_over(st, comm, &stem)?;
+    st.accumulate_grad(comm, &stem)?;
     Ok(loss_value)
 }

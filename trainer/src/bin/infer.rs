@@ -105,7 +105,12 @@ fn run(cli: Cli) -> Result<()> {
         preds = read_partial(&partial)?;
         let known: std::collections::HashSet<&str> = items.iter().map(|i| i.id.as_str()).collect();
         if let Some(p) = preds.iter().find(|p| !known.contains(p.id.as_str())) {
-            anyhow::bail!("{}: item {} is not in {}: a partial run of another benchmark", partial.display(), p.id, cli.bench.display());
+            anyhow::bail!(
+                "{}: item {} is not in {}: a partial run of another benchmark",
+                partial.display(),
+                p.id,
+                cli.bench.display()
+            );
         }
         eprintln!("resuming: {} of {} items already answered in {}", preds.len(), items.len(), partial.display());
     }
@@ -113,7 +118,7 @@ fn run(cli: Cli) -> Result<()> {
     let dir = model_dir(&cli.checkpoint);
     let cfg: ModelConfig = ModelConfig::from_file(&dir.join("config.json")).context("the model's config.json")?;
     let device = device_default();
-    let kind = if device.is_cuda() { tch::Kind::BFloat16 } else { tch::Kind::Float };
+    let kind = idavlm::plan::compute_kind(idavlm::recipe::Dtype::Auto, device);
     let (params, _) = load_hf(&dir, &cfg, device, kind)?;
     let model = QwenVl::new(&cfg, &params);
     let tok = Tokenizer::load_default()?;

@@ -11,7 +11,8 @@ use anyhow::{Context, Result};
 use clap::{Parser, Subcommand};
 use idavlm::comm::{tcp::TcpComm, Communicator, Local, RankInfo};
 use idavlm::model::{count_params, ModelConfig};
-use idavlm::train::{self, EXIT_NONFINITE, EXIT_PREEMPTED};
+use idavlm::recipe::ZeroStage;
+use idavlm::train::{self, Resume, EXIT_NONFINITE, EXIT_PREEMPTED};
 use idavlm::{recipe, runtime};
 
 #[derive(Parser)]
@@ -30,11 +31,11 @@ enum Cmd {
         #[arg(long = "set", value_name = "KEY=VALUE")]
         sets: Vec<String>,
         /// `auto` (newest complete checkpoint in checkpoint.dir), `none`, or a checkpoint folder.
-        #[arg(long, default_value = "auto")]
-        resume: String,
-        /// Communicator: auto (nccl on GPUs, mpi under mpirun when built with it, else tcp), tcp, mpi, nccl.
-        #[arg(long, default_value = "auto")]
-        comm: String,
+        #[arg(long, default_value = "auto", value_parser = parse_resume)]
+        resume: Resume,
+        /// Communicator (auto: nccl on GPUs, mpi under mpirun when built with it, else tcp).
+        #[arg(long, value_enum, default_value_t = CommKind::Auto)]
+        comm: CommKind,
     },
     /// Report libtorch, the CUDA devices, and time a bf16 matmul on each.
     Info {
@@ -66,13 +67,29 @@ enum Cmd {
         images: usize,
         #[arg(long, default_value_t = 3)]
         steps: usize,
-        #[arg(long, default_value_t = 3)]
-        zero: u8,
+        /// ZeRO stage: 1, 2 or 3.
+        #[arg(long, default_value = "3")]
+        zero: ZeroStage,
         #[arg(long)]
         no_id_former: bool,
     },
     /// Verify a checkpoint folder and write its model in the Hugging Face layout.
     Export { checkpoint: PathBuf, out: PathBuf },
+}
+
+/// The communicator a worker uses.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+enum CommKind {
+    Auto,
+    /// World size 1 only.
+    Local,
+    Tcp,
+    Mpi,
+    Nccl,
+}
+
+fn parse_resume(s: &str) -> std::result::Result<Resume, String> {
+    s.parse().map_err(|e: idavlm::Error| e.to_string())
 }
 
 fn main() {
@@ -91,19 +108,20 @@ fn main() {
     }
 }
 
-fn make_comm(kind: &str, info: &RankInfo, device: tch::Device, timeout: Duration) -> Result<Box<dyn Communicator>> {
+fn make_comm(kind: CommKind, info: &RankInfo, device: tch::Device, timeout: Duration) -> Result<Box<dyn Communicator>> {
     let under_mpirun = std::env::var_os("OMPI_COMM_WORLD_SIZE").is_some() || std::env::var_os("PMIX_RANK").is_some();
     let kind = match kind {
-        "auto" if info.world == 1 && !under_mpirun => "local",
-        "auto" if device.is_cuda() => "nccl",
-        "auto" if under_mpirun && cfg!(feature = "mpi") => "mpi",
-        "auto" => "tcp",
+        CommKind::Auto if info.world == 1 && !under_mpirun => CommKind::Local,
+        CommKind::Auto if device.is_cuda() => CommKind::Nccl,
+        CommKind::Auto if under_mpirun && cfg!(feature = "mpi") => CommKind::Mpi,
+        CommKind::Auto => CommKind::Tcp,
         k => k,
     };
     Ok(match kind {
-        "local" => Box::new(Local),
-        "tcp" => Box::new(TcpComm::connect(info, timeout)?),
-        "nccl" => {
+        CommKind::Local if info.world > 1 => anyhow::bail!("--comm local is for world size 1 (WORLD_SIZE={})", info.world),
+        CommKind::Local | CommKind::Auto => Box::new(Local),
+        CommKind::Tcp => Box::new(TcpComm::connect(info, timeout)?),
+        CommKind::Nccl => {
             let tch::Device::Cuda(i) = device else { anyhow::bail!("--comm nccl needs a GPU") };
             // Under mpirun with MPI built in, MPI carries the NCCL id; otherwise the TCP rendezvous.
             #[cfg(feature = "mpi")]
@@ -122,7 +140,7 @@ fn make_comm(kind: &str, info: &RankInfo, device: tch::Device, timeout: Duration
             Box::new(idavlm::comm::nccl::NcclComm::connect(info, i, timeout)?)
         }
         #[cfg(feature = "mpi")]
-        "mpi" => {
+        CommKind::Mpi => {
             let c = idavlm::comm::mpi_comm::MpiComm::init(timeout)?;
             anyhow::ensure!(
                 c.world() == info.world && c.rank() == info.rank,
@@ -135,8 +153,7 @@ fn make_comm(kind: &str, info: &RankInfo, device: tch::Device, timeout: Duration
             Box::new(c)
         }
         #[cfg(not(feature = "mpi"))]
-        "mpi" => anyhow::bail!("this build has no MPI support (build with --features mpi)"),
-        k => anyhow::bail!("unknown communicator {k:?} (auto, local, tcp, mpi, nccl)"),
+        CommKind::Mpi => anyhow::bail!("this build has no MPI support (build with --features mpi)"),
     })
 }
 
@@ -156,8 +173,8 @@ fn run(cli: Cli) -> Result<i32> {
             if let (Some(lib), tch::Device::Cuda(_)) = (&nccl, device) {
                 tracing::debug!("NCCL: {}", lib.display());
             }
-            let comm = make_comm(&comm, &info, device, Duration::from_secs(r.comm.timeout_s))?;
-            let s = train::run(&r, train::resolve_resume(&resume), comm.as_ref(), device, stop)?;
+            let comm = make_comm(comm, &info, device, Duration::from_secs(r.comm.timeout_s))?;
+            let s = train::run(&r, resume, comm.as_ref(), device, stop)?;
             Ok(if s.preempted {
                 EXIT_PREEMPTED
             } else if s.stopped_nonfinite {
@@ -216,7 +233,7 @@ fn run(cli: Cli) -> Result<i32> {
             runtime::prepare_nccl();
             let info = RankInfo::from_env()?;
             let device = runtime::device_for(info.local_rank);
-            let comm = make_comm("auto", &info, device, Duration::from_secs(600))?;
+            let comm = make_comm(CommKind::Auto, &info, device, Duration::from_secs(600))?;
             let name = match device {
                 tch::Device::Cuda(i) => train::cuda_name(i),
                 _ => "cpu".into(),

@@ -23,14 +23,16 @@ use crate::error::Result;
 /// [`Communicator::wait`] has ordered the compute stream after it, so libtorch's caching allocator
 /// cannot hand their memory to other kernels while the collective still reads or writes it.
 pub struct InFlight {
-    /// The backend's completion event (0 when the collective already completed).
-    pub event: usize,
-    pub keep: Vec<Tensor>,
+    /// The backend's completion event (a `CUevent` of the NCCL backend), owned by this value; None when
+    /// the collective already completed.
+    pub(crate) event: Option<std::ptr::NonNull<std::ffi::c_void>>,
+    pub(crate) keep: Vec<Tensor>,
 }
 
 impl InFlight {
+    /// A collective that completed before returning (host backends).
     pub fn done() -> Self {
-        Self { event: 0, keep: Vec::new() }
+        Self { event: None, keep: Vec::new() }
     }
 }
 

@@ -2,13 +2,16 @@
 //!
 //! The process must call NCCL in the libnccl that libtorch loaded (a second copy in the process fails
 //! with "corrupted comm object"): [`crate::runtime::prepare_nccl`] arranges that before anything loads
-//! NCCL. Collectives run on the legacy default stream, which is libtorch's compute stream, so they are
-//! ordered with the kernels that produce and consume their buffers without extra synchronisation.
+//! NCCL. Synchronous collectives run on the legacy default stream, which is libtorch's compute stream,
+//! so they are ordered with the kernels that produce and consume their buffers without extra
+//! synchronisation; asynchronous ones run on a stream of their own, ordered by events both ways.
 //!
-//! A watchdog thread records an event after every collective and aborts the communicator and the
-//! process, naming the collective, when one has not completed within the timeout.
+//! A watchdog thread checks an event recorded after every collective and aborts the communicator and
+//! the process, naming the collective, when one has not completed within the timeout. Dropping the
+//! communicator stops the watchdog and frees the communicator, its stream and events.
 
 use std::collections::VecDeque;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -20,26 +23,90 @@ use super::rendezvous::{local_ip_towards, rendezvous, BLOB};
 use super::{Communicator, InFlight, RankInfo};
 use crate::error::{Error, Result};
 
+/// The CUDA handles this module holds, as the driver gives them.
+///
+/// SAFETY (Send/Sync): they are opaque handles of the CUDA driver and NCCL, not memory this process
+/// reads through. The driver API is thread-safe for events, streams and contexts. An NCCL communicator
+/// must not be used by two threads at once: only the thread owning the [`NcclComm`] issues collectives
+/// on it; the watchdog thread only calls `ncclCommAbort`, which NCCL documents as the way to unblock a
+/// communicator from another thread, and then ends the process.
+#[derive(Clone, Copy)]
+struct Raw<T>(T);
+unsafe impl<T> Send for Raw<T> {}
+unsafe impl<T> Sync for Raw<T> {}
+
 struct Pending {
-    event: usize,
+    event: Raw<cusys::CUevent>,
     started: Instant,
     what: &'static str,
+}
+
+/// What the owning thread and the watchdog share.
+struct Shared {
+    comm: Raw<ncclsys::ncclComm_t>,
+    ctx: Raw<cusys::CUcontext>,
+    pending: Mutex<VecDeque<Pending>>,
+    /// Set by [`NcclComm`]'s `Drop`: the watchdog exits.
+    shutdown: AtomicBool,
+    timeout: Duration,
+    rank: usize,
+}
+
+impl Shared {
+    /// Releases the events of completed collectives; returns the oldest pending one's age and name
+    /// when it has not completed.
+    fn reap(&self) -> Option<(Duration, &'static str)> {
+        let mut q = self.pending.lock().expect("watchdog lock");
+        while let Some(p) = q.front() {
+            // SAFETY: the event was created by `watch_on` and is destroyed only here, once.
+            match unsafe { cu::event::query(p.event.0) } {
+                Ok(()) => {
+                    let p = q.pop_front().expect("front");
+                    // SAFETY: as above; the event has completed and nothing else refers to it.
+                    unsafe { cu::event::destroy(p.event.0) }.ok();
+                }
+                Err(_) => return Some((p.started.elapsed(), p.what)),
+            }
+        }
+        None
+    }
+
+    fn watch(self: Arc<Self>) {
+        // SAFETY: the primary context retained in `connect_with` outlives this thread (released in
+        // `Drop` after the thread is joined).
+        unsafe { cu::ctx::set_current(self.ctx.0) }.ok();
+        while !self.shutdown.load(Ordering::Relaxed) {
+            std::thread::sleep(Duration::from_millis(200));
+            if let Some((age, what)) = self.reap() {
+                if age > self.timeout {
+                    eprintln!(
+                        "rank {}: NCCL {what} did not complete within {}s; aborting the communicator and exiting (a peer probably died or hangs)",
+                        self.rank,
+                        self.timeout.as_secs()
+                    );
+                    // SAFETY: see `Raw`; the process exits right after, so nothing uses the aborted
+                    // communicator again.
+                    unsafe { nccl::comm_abort(self.comm.0) }.ok();
+                    std::process::exit(3);
+                }
+            }
+        }
+    }
 }
 
 pub struct NcclComm {
     rank: usize,
     world: usize,
-    comm: usize,
     device: usize,
+    shared: Arc<Shared>,
     /// Non-blocking stream of the asynchronous collectives (the synchronous ones use libtorch's).
-    comm_stream: usize,
-    pending: Arc<Mutex<VecDeque<Pending>>>,
-    /// What must live as long as the communicator (the MPI environment that carried the id).
+    comm_stream: Raw<cusys::CUstream>,
+    watchdog: Option<std::thread::JoinHandle<()>>,
+    /// What must live as long as the communicator (the MPI environment that carried the id); dropped
+    /// after the communicator is torn down.
     _keep: Option<Box<dyn std::any::Any>>,
 }
 
-// The raw handles are plain pointers owned by this struct; NCCL and the driver are thread-safe for the
-// uses here (the watchdog only queries events and, on timeout, aborts).
 fn ce(e: cu::DriverError) -> Error {
     Error::Comm(format!("CUDA driver: {e:?}"))
 }
@@ -88,7 +155,11 @@ impl NcclComm {
         exchange: &mut dyn FnMut(Option<[u8; BLOB]>) -> Result<[u8; BLOB]>,
     ) -> Result<Self> {
         cu::init().map_err(ce)?;
-        let ctx = unsafe { cu::primary_ctx::retain(cu::device::get(device as i32).map_err(ce)?) }.map_err(ce)?;
+        let dev = cu::device::get(device as i32).map_err(ce)?;
+        // SAFETY: `dev` is a valid device ordinal (just returned by the driver); the retained primary
+        // context (libtorch's too) is released in `Drop`.
+        let ctx = unsafe { cu::primary_ctx::retain(dev) }.map_err(ce)?;
+        // SAFETY: `ctx` is the live context just retained.
         unsafe { cu::ctx::set_current(ctx) }.map_err(ce)?;
         let id = if info.rank == 0 { Some(nccl::get_uniqueid().map_err(|e| ne("get_uniqueid", 0, e))?) } else { None };
         let blob = id.map(|id| {
@@ -104,60 +175,52 @@ impl NcclComm {
             *d = *s as _;
         }
         let mut comm: ncclsys::ncclComm_t = std::ptr::null_mut();
+        // SAFETY: `comm` is a valid out-pointer; `uid` is rank 0's id on every rank; the current
+        // context is this rank's device.
         unsafe { nccl::comm_init_rank(&mut comm, info.world as i32, uid, info.rank as i32) }
             .map_err(|e| ne("comm_init_rank", info.rank, e))?;
-        let pending: Arc<Mutex<VecDeque<Pending>>> = Arc::new(Mutex::new(VecDeque::new()));
-        let watch = pending.clone();
-        let (rank, comm_addr, ctx_addr) = (info.rank, comm as usize, ctx as usize);
-        std::thread::Builder::new()
+        let shared = Arc::new(Shared {
+            comm: Raw(comm),
+            ctx: Raw(ctx),
+            pending: Mutex::new(VecDeque::new()),
+            shutdown: AtomicBool::new(false),
+            timeout,
+            rank: info.rank,
+        });
+        let comm_stream = cu::stream::create(cu::stream::StreamKind::NonBlocking).map_err(ce)?;
+        let w = shared.clone();
+        let watchdog = std::thread::Builder::new()
             .name("idavlm-nccl-watchdog".into())
-            .spawn(move || {
-                unsafe { cu::ctx::set_current(ctx_addr as cusys::CUcontext) }.ok();
-                loop {
-                    std::thread::sleep(Duration::from_millis(200));
-                    let mut q = watch.lock().expect("watchdog lock");
-                    while let Some(p) = q.front() {
-                        match unsafe { cu::event::query(p.event as cusys::CUevent) } {
-                            Ok(()) => {
-                                let p = q.pop_front().expect("front");
-                                unsafe { cu::event::destroy(p.event as cusys::CUevent) }.ok();
-                            }
-                            Err(_) if p.started.elapsed() > timeout => {
-                                eprintln!(
-                                    "rank {rank}: NCCL {} did not complete within {}s; aborting the communicator and exiting (a peer probably died or hangs)",
-                                    p.what,
-                                    timeout.as_secs()
-                                );
-                                unsafe { nccl::comm_abort(comm_addr as ncclsys::ncclComm_t) }.ok();
-                                std::process::exit(3);
-                            }
-                            Err(_) => break,
-                        }
-                    }
-                }
-            })
+            .spawn(move || w.watch())
             .map_err(|e| Error::Comm(e.to_string()))?;
-        let comm_stream = cu::stream::create(cu::stream::StreamKind::NonBlocking).map_err(ce)? as usize;
-        Ok(Self { rank: info.rank, world: info.world, comm: comm as usize, device, comm_stream, pending, _keep: None })
+        Ok(Self {
+            rank: info.rank,
+            world: info.world,
+            device,
+            shared,
+            comm_stream: Raw(comm_stream),
+            watchdog: Some(watchdog),
+            _keep: None,
+        })
     }
 
     fn raw(&self) -> ncclsys::ncclComm_t {
-        self.comm as ncclsys::ncclComm_t
+        self.shared.comm.0
     }
 
     fn watch(&self, what: &'static str) -> Result<()> {
         self.watch_on(what, std::ptr::null_mut())
     }
 
+    /// Records an event after everything queued on `stream` for the watchdog to check.
     fn watch_on(&self, what: &'static str, stream: cusys::CUstream) -> Result<()> {
         let ev = cu::event::create(cusys::CUevent_flags::CU_EVENT_DISABLE_TIMING).map_err(ce)?;
+        // SAFETY: `ev` was just created; `stream` is the legacy default stream (null) or our own.
         unsafe { cu::event::record(ev, stream) }.map_err(ce)?;
-        self.pending.lock().expect("watchdog lock").push_back(Pending { event: ev as usize, started: Instant::now(), what });
+        self.shared.pending.lock().expect("watchdog lock").push_back(Pending { event: Raw(ev), started: Instant::now(), what });
         Ok(())
     }
-}
 
-impl NcclComm {
     /// Runs `launch` on the communication stream after everything queued so far on libtorch's stream,
     /// and returns the collective's completion event with the tensors to keep alive.
     fn on_comm_stream(
@@ -166,20 +229,46 @@ impl NcclComm {
         keep: Vec<Tensor>,
         launch: impl FnOnce(ncclsys::cudaStream_t) -> std::result::Result<nccl::NcclStatus, nccl::NcclError>,
     ) -> Result<InFlight> {
-        let cs = self.comm_stream as cusys::CUstream;
+        let cs = self.comm_stream.0;
         // The inputs were produced on libtorch's stream: the communication stream waits for them.
         let ready = cu::event::create(cusys::CUevent_flags::CU_EVENT_DISABLE_TIMING).map_err(ce)?;
+        // SAFETY: `ready` was just created; `cs` lives until `Drop`. Destroying an event with a pending
+        // wait is allowed: the driver releases it once the wait completes.
         unsafe {
             cu::event::record(ready, std::ptr::null_mut()).map_err(ce)?;
             cu::stream::wait_event(cs, ready, cusys::CUevent_wait_flags::CU_EVENT_WAIT_DEFAULT).map_err(ce)?;
-            // Destroying an event with a pending wait is allowed: it is released once it completes.
             cu::event::destroy(ready).map_err(ce)?;
         }
-        launch(self.comm_stream as ncclsys::cudaStream_t).map_err(|e| ne(what, self.rank, e))?;
+        launch(cs as ncclsys::cudaStream_t).map_err(|e| ne(what, self.rank, e))?;
         let done = cu::event::create(cusys::CUevent_flags::CU_EVENT_DISABLE_TIMING).map_err(ce)?;
+        // SAFETY: as above.
         unsafe { cu::event::record(done, cs) }.map_err(ce)?;
         self.watch_on(what, cs)?;
-        Ok(InFlight { event: done as usize, keep })
+        Ok(InFlight { event: std::ptr::NonNull::new(done as *mut std::ffi::c_void), keep })
+    }
+}
+
+impl Drop for NcclComm {
+    /// Stops the watchdog, then tears the communicator down with `ncclCommAbort`: it never waits for
+    /// peers (`ncclCommDestroy` finalizes, which can block forever when another rank has already
+    /// failed), and every collective this rank issued has either completed or is abandoned with the job.
+    fn drop(&mut self) {
+        self.shared.shutdown.store(true, Ordering::Relaxed);
+        if let Some(w) = self.watchdog.take() {
+            let _ = w.join();
+        }
+        // SAFETY: the watchdog is gone, so this thread is the only user of every handle below, and
+        // nothing uses them after this.
+        unsafe {
+            for p in self.shared.pending.lock().expect("watchdog lock").drain(..) {
+                cu::event::destroy(p.event.0).ok();
+            }
+            nccl::comm_abort(self.shared.comm.0).ok();
+            cu::stream::destroy(self.comm_stream.0).ok();
+            if let Ok(dev) = cu::device::get(self.device as i32) {
+                cu::primary_ctx::release(dev).ok();
+            }
+        }
     }
 }
 
@@ -204,6 +293,10 @@ impl Communicator for NcclComm {
     fn all_reduce_sum(&self, t: &Tensor) -> Result<()> {
         check(t, "all_reduce")?;
         let p = t.data_ptr();
+        // SAFETY (every collective below): the pointers are the data of contiguous CUDA tensors on this
+        // rank's device (checked), `numel` elements of the given dtype, alive until the collective
+        // completes on libtorch's stream (the caller's tensors outlive the call, and libtorch frees
+        // memory in stream order) or, for the asynchronous ones, held in the returned `InFlight`.
         unsafe {
             nccl::all_reduce(p, p, t.numel(), dtype(t.kind())?, ncclsys::ncclRedOp_t::ncclSum, self.raw(), std::ptr::null_mut())
         }
@@ -271,8 +364,10 @@ impl Communicator for NcclComm {
     }
 
     fn wait(&self, f: InFlight) -> Result<()> {
-        if f.event != 0 {
-            let ev = f.event as cusys::CUevent;
+        if let Some(ev) = f.event {
+            let ev = ev.as_ptr() as cusys::CUevent;
+            // SAFETY: the event was created in `on_comm_stream` and is owned by this `InFlight`, which
+            // is consumed here: it is destroyed exactly once.
             unsafe {
                 // libtorch's stream continues only after the collective: later kernels see its result,
                 // and the kept tensors' memory is reused only after it (frees are ordered on that stream).

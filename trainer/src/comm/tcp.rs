@@ -2,7 +2,7 @@
 //! reduce-scatter and all-gather, all-reduce as the two in sequence. Sends run on a scoped thread so
 //! that two ranks sending large chunks to each other never block on full socket buffers.
 //!
-//! Tensors of any float dtype are staged through contiguous f32 (CPU training runs in f32 anyway).
+//! Tensors of any float dtype and device travel as f32 host copies (CPU training runs in f32 anyway).
 
 use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpListener, TcpStream};
@@ -23,31 +23,17 @@ pub struct TcpComm {
     timeout: Duration,
 }
 
-fn as_f32_mut(t: &Tensor) -> &mut [f32] {
-    assert!(t.kind() == Kind::Float && t.device() == Device::Cpu && t.is_contiguous());
-    let n = t.numel();
-    if n == 0 {
-        return &mut [];
-    }
-    // SAFETY: t is a contiguous CPU f32 tensor of n elements, alive for the borrow; no other Rust
-    // reference to its storage exists while a collective runs.
-    unsafe { std::slice::from_raw_parts_mut(t.data_ptr() as *mut f32, n) }
+/// `t`'s values as f32 on the host (a copy).
+fn to_f32_vec(t: &Tensor) -> Vec<f32> {
+    let c = tch::no_grad(|| t.to_device(Device::Cpu).to_kind(Kind::Float).contiguous().view([-1]));
+    Vec::<f32>::try_from(&c).expect("a contiguous f32 CPU tensor converts")
 }
 
-/// A contiguous f32 CPU tensor with t's values: t itself when it already is one.
-fn staged(t: &Tensor) -> (Tensor, bool) {
-    if t.kind() == Kind::Float && t.device() == Device::Cpu && t.is_contiguous() {
-        (t.shallow_clone(), false)
-    } else {
-        (tch::no_grad(|| t.to_device(Device::Cpu).to_kind(Kind::Float).contiguous()), true)
-    }
-}
-
-fn write_back(dst: &Tensor, staged: &Tensor, copied: bool) {
-    if copied {
-        let mut d = dst.shallow_clone();
-        tch::no_grad(|| d.copy_(staged));
-    }
+/// Writes `v` into `t` (cast to its dtype and device).
+fn write_f32(t: &Tensor, v: &[f32]) {
+    let src = Tensor::from_slice(v).view(t.size().as_slice());
+    let mut d = t.shallow_clone();
+    tch::no_grad(|| d.copy_(&src));
 }
 
 fn bytes(v: &[f32]) -> &[u8] {
@@ -203,42 +189,32 @@ impl Communicator for TcpComm {
         if self.world == 1 {
             return Ok(());
         }
-        let (st, copied) = staged(t);
-        let data = as_f32_mut(&st);
+        let data = to_f32_vec(t);
         // Pad to a multiple of world so the ring's chunks are equal.
-        let w = self.world;
-        let padded = data.len().div_ceil(w) * w;
-        let mut buf = vec![0f32; padded];
-        buf[..data.len()].copy_from_slice(data);
+        let mut buf = data.clone();
+        buf.resize(data.len().div_ceil(self.world) * self.world, 0.0);
         self.ring_reduce_scatter("all_reduce", &mut buf)?;
         self.ring_all_gather("all_reduce", &mut buf)?;
-        data.copy_from_slice(&buf[..data.len()]);
-        write_back(t, &st, copied);
+        write_f32(t, &buf[..data.len()]);
         Ok(())
     }
 
     fn reduce_scatter_sum(&self, input: &Tensor, output: &Tensor) -> Result<()> {
         let n = output.numel();
         assert_eq!(input.numel(), n * self.world, "reduce_scatter: input must be world x output");
-        let (si, _) = staged(input);
-        let mut buf = as_f32_mut(&si).to_vec();
+        let mut buf = to_f32_vec(input);
         self.ring_reduce_scatter("reduce_scatter", &mut buf)?;
-        let (so, copied) = staged(output);
-        as_f32_mut(&so).copy_from_slice(&buf[self.rank * n..(self.rank + 1) * n]);
-        write_back(output, &so, copied);
+        write_f32(output, &buf[self.rank * n..(self.rank + 1) * n]);
         Ok(())
     }
 
     fn all_gather(&self, input: &Tensor, output: &Tensor) -> Result<()> {
         let n = input.numel();
         assert_eq!(output.numel(), n * self.world, "all_gather: output must be world x input");
-        let (si, _) = staged(input);
         let mut buf = vec![0f32; n * self.world];
-        buf[self.rank * n..(self.rank + 1) * n].copy_from_slice(as_f32_mut(&si));
+        buf[self.rank * n..(self.rank + 1) * n].copy_from_slice(&to_f32_vec(input));
         self.ring_all_gather("all_gather", &mut buf)?;
-        let (so, copied) = staged(output);
-        as_f32_mut(&so).copy_from_slice(&buf);
-        write_back(output, &so, copied);
+        write_f32(output, &buf);
         Ok(())
     }
 
@@ -246,13 +222,11 @@ impl Communicator for TcpComm {
         if self.world == 1 {
             return Ok(());
         }
-        // Root's values as every rank's chunk contribution... simplest exact form: zero elsewhere, sum.
-        let (st, copied) = staged(t);
+        // An all-reduce in which every rank but the root contributes zeros: the sum is the root's values
+        // exactly (x + 0 = x).
         if self.rank != root {
-            as_f32_mut(&st).fill(0.0);
+            let _ = tch::no_grad(|| t.shallow_clone().zero_());
         }
-        self.all_reduce_sum(&st)?;
-        write_back(t, &st, copied);
-        Ok(())
+        self.all_reduce_sum(t)
     }
 }

@@ -133,7 +133,7 @@ impl ModelConfig {
     pub fn from_file(path: &Path) -> Result<Self> {
         let text = std::fs::read_to_string(path).map_err(|e| Error::io(path, e))?;
         let cfg: Self = if path.extension().is_some_and(|e| e == "yaml" || e == "yml") {
-            serde_yaml::from_str(&text).map_err(|e| Error::Config(format!("{}: {e}", path.display())))?
+            serde_yaml_ng::from_str(&text).map_err(|e| Error::Config(format!("{}: {e}", path.display())))?
         } else {
             serde_json::from_str(&text).map_err(|e| Error::Config(format!("{}: {e}", path.display())))?
         };

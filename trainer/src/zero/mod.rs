@@ -23,6 +23,7 @@ use crate::error::{Error, Result};
 use crate::model::{ModelConfig, ParamSet, ParamSpec};
 use crate::optim::{clip_coef, AdamW};
 use crate::profile;
+pub use crate::recipe::ZeroStage;
 pub use layout::{Bucket, Layout, Role};
 
 /// Outcome of one optimizer step.
@@ -32,8 +33,30 @@ pub struct StepStats {
     pub skipped: bool,
 }
 
+/// Where a bucket's compute-dtype parameters live between uses.
+enum Weights {
+    /// Stages 1/2: the full flat buffer, kept on every rank.
+    Replicated(Tensor),
+    /// Stage 3: only this rank's shard; the full buffer is all-gathered for each use.
+    Partitioned(Tensor),
+}
+
+/// How a bucket's gradients reach this rank's f32 partition.
+enum Grads {
+    /// Stage 1: the full f32 gradient accumulates over the step's micro-batches and is
+    /// reduce-scattered once, in [`Sharded::finish_grads`].
+    FullUntilStepEnd(Tensor),
+    /// Stages 2/3: each micro-batch's gradient is reduce-scattered as soon as its backward finishes.
+    ScatterEachMicroBatch,
+}
+
+struct BucketState {
+    weights: Weights,
+    grads: Grads,
+}
+
 pub struct Sharded {
-    pub stage: u8,
+    pub stage: ZeroStage,
     pub layout: Layout,
     pub cfg: ModelConfig,
     pub specs: Vec<ParamSpec>,
@@ -44,21 +67,45 @@ pub struct Sharded {
     frozen: HashMap<String, Tensor>,
     /// name -> (bucket, entry index).
     where_is: HashMap<String, (usize, usize)>,
-    /// Stages 1/2: full flat compute-dtype parameters per bucket.
-    full: Vec<Option<Tensor>>,
-    /// Stage 3: this rank's compute-dtype shard per bucket.
-    shard_params: Vec<Option<Tensor>>,
+    buckets: Vec<BucketState>,
     pub master: Vec<Tensor>,
     pub exp_avg: Vec<Tensor>,
     pub exp_avg_sq: Vec<Tensor>,
     /// f32 gradient partitions, accumulated over the step.
     grad_shard: Vec<Tensor>,
-    /// Stage 1: full f32 gradients, accumulated over the step.
-    full_grad: Vec<Option<Tensor>>,
     /// AdamW steps taken (bias correction counts these).
     pub adam_step: u64,
     /// Reduce-scatters in flight: (collective, partition it writes, bucket).
     in_flight: std::collections::VecDeque<(InFlight, Tensor, usize)>,
+}
+
+/// A started gather of one bucket's parameters (see [`Sharded::prefetch`]); empty when the role has no
+/// trained bucket. Turned into parameters by [`Sharded::take`], which waits for the collective.
+#[must_use = "a prefetch holds its buffer until taken"]
+pub struct Prefetch(Option<(usize, Tensor, InFlight)>);
+
+impl Prefetch {
+    /// Nothing to gather.
+    pub fn none() -> Self {
+        Self(None)
+    }
+}
+
+/// How gathered parameters are used.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Use {
+    /// Views of the flat buffer, for a forward without a graph.
+    Views,
+    /// Separate autograd leaves sharing the buffer (see [`Sharded::take`]); their gradients go back
+    /// through [`Sharded::accumulate_grad`].
+    Leaves,
+}
+
+/// One bucket's parameters for one use (empty when the role has no trained bucket).
+#[derive(Default)]
+pub struct BucketParams {
+    bucket: Option<usize>,
+    tensors: Vec<Tensor>,
 }
 
 /// Gradient reduce-scatters allowed in flight at once: each overlaps the backward of the blocks after
@@ -81,7 +128,7 @@ impl Sharded {
         cfg: &ModelConfig,
         params: ParamSet,
         trainable: &dyn Fn(&ParamSpec) -> bool,
-        stage: u8,
+        stage: ZeroStage,
         comm: &dyn Communicator,
     ) -> Self {
         let (rank, world) = (comm.rank(), comm.world());
@@ -94,24 +141,25 @@ impl Sharded {
                 where_is.insert(e.name.clone(), (bi, ei));
             }
         }
-        let mut full = Vec::new();
-        let mut shard_params = Vec::new();
-        let (mut master, mut exp_avg, mut exp_avg_sq, mut grad_shard, mut full_grad) = (vec![], vec![], vec![], vec![], vec![]);
+        let mut buckets = Vec::new();
+        let (mut master, mut exp_avg, mut exp_avg_sq, mut grad_shard) = (vec![], vec![], vec![], vec![]);
+        let zeros = |n: usize| Tensor::zeros([n as i64], (Kind::Float, device));
         for b in &layout.buckets {
             let flat = flat_of(b, &params, kind, device);
             let mine = flat.narrow(0, (rank * b.shard) as i64, b.shard as i64);
             master.push(mine.to_kind(Kind::Float).copy());
-            exp_avg.push(Tensor::zeros([b.shard as i64], (Kind::Float, device)));
-            exp_avg_sq.push(Tensor::zeros([b.shard as i64], (Kind::Float, device)));
-            grad_shard.push(Tensor::zeros([b.shard as i64], (Kind::Float, device)));
-            full_grad.push((stage == 1).then(|| Tensor::zeros([b.padded as i64], (Kind::Float, device))));
-            if stage == 3 {
-                shard_params.push(Some(mine.copy()));
-                full.push(None);
-            } else {
-                shard_params.push(None);
-                full.push(Some(flat));
-            }
+            exp_avg.push(zeros(b.shard));
+            exp_avg_sq.push(zeros(b.shard));
+            grad_shard.push(zeros(b.shard));
+            let weights = match stage {
+                ZeroStage::Three => Weights::Partitioned(mine.copy()),
+                ZeroStage::One | ZeroStage::Two => Weights::Replicated(flat),
+            };
+            let grads = match stage {
+                ZeroStage::One => Grads::FullUntilStepEnd(zeros(b.padded)),
+                ZeroStage::Two | ZeroStage::Three => Grads::ScatterEachMicroBatch,
+            };
+            buckets.push(BucketState { weights, grads });
         }
         let frozen = params
             .specs
@@ -130,41 +178,49 @@ impl Sharded {
             rank,
             frozen,
             where_is,
-            full,
-            shard_params,
+            buckets,
             master,
             exp_avg,
             exp_avg_sq,
             grad_shard,
-            full_grad,
             adam_step: 0,
             in_flight: Default::default(),
         }
     }
 
-    pub fn bucket(&self, role: &Role) -> Option<usize> {
-        self.layout.bucket_index(role)
+    /// Starts gathering the parameters of `role`'s bucket: an asynchronous all-gather under stage 3
+    /// (overlapping whatever the caller computes until [`Self::take`]); the kept buffer under stages
+    /// 1/2; nothing when `role` has no trained bucket.
+    pub fn prefetch(&self, comm: &dyn Communicator, role: Role) -> Result<Prefetch> {
+        let Some(b) = self.layout.bucket_index(&role) else { return Ok(Prefetch(None)) };
+        let (flat, f) = self.gather_async(comm, b)?;
+        Ok(Prefetch(Some((b, flat, f))))
     }
 
-    /// The full compute-dtype flat parameters of bucket `b`: the kept buffer (stages 1/2) or a fresh
-    /// all-gather of the shards (stage 3; the caller drops it after use, which frees it).
-    pub fn gather(&self, comm: &dyn Communicator, b: usize) -> Result<Tensor> {
-        match &self.full[b] {
-            Some(f) => Ok(f.shallow_clone()),
-            None => {
-                let bk = &self.layout.buckets[b];
-                let out = Tensor::empty([bk.padded as i64], (self.kind, self.device));
-                let bytes = (bk.padded * self.kind.elt_size_in_bytes()) as f64;
-                profile::time(profile::ALL_GATHER, bytes, || {
-                    comm.all_gather(self.shard_params[b].as_ref().expect("stage 3 shard"), &out)
-                })?;
-                Ok(out)
-            }
-        }
+    /// Waits for a prefetch and returns its parameters for `usage`.
+    ///
+    /// Leaves: each parameter is its own leaf. Were they views of one flat leaf, autograd would expand
+    /// every parameter's gradient to a zero-filled tensor of the whole bucket before accumulating it
+    /// (measured: ~1.3 s of a 7.3 s W1 step on 4 x H100, and the largest memory peak).
+    pub fn take(&self, comm: &dyn Communicator, p: Prefetch, usage: Use) -> Result<BucketParams> {
+        let Some((b, flat, f)) = p.0 else { return Ok(BucketParams::default()) };
+        comm.wait(f)?;
+        let views = self.views(b, &flat);
+        let tensors = match usage {
+            Use::Views => views,
+            Use::Leaves => views.into_iter().map(|v| v.detach().set_requires_grad(true)).collect(),
+        };
+        Ok(BucketParams { bucket: Some(b), tensors })
     }
 
-    /// Bucket `b`'s parameters as views of its flat buffer (for forward passes without a graph).
-    pub fn views(&self, b: usize, flat: &Tensor) -> Vec<Tensor> {
+    /// [`Self::prefetch`] and [`Self::take`] at once.
+    pub fn gather_now(&self, comm: &dyn Communicator, role: Role, usage: Use) -> Result<BucketParams> {
+        let p = self.prefetch(comm, role)?;
+        self.take(comm, p, usage)
+    }
+
+    /// Bucket `b`'s parameters as views of its flat buffer.
+    fn views(&self, b: usize, flat: &Tensor) -> Vec<Tensor> {
         self.layout.buckets[b]
             .entries
             .iter()
@@ -172,41 +228,29 @@ impl Sharded {
             .collect()
     }
 
-    /// Bucket `b`'s parameters as separate autograd leaves that share the flat buffer's storage.
-    ///
-    /// Each parameter must be its own leaf: were they views of one flat leaf, autograd would expand
-    /// every parameter's gradient to a zero-filled tensor of the whole bucket before accumulating it
-    /// (measured: ~1.3 s of a 7.3 s W1 step on 4 x H100, and the largest memory peak).
-    pub fn leaves(&self, b: usize, flat: &Tensor) -> Vec<Tensor> {
-        self.views(b, flat).into_iter().map(|v| v.detach().set_requires_grad(true)).collect()
-    }
-
-    /// A name -> tensor getter over frozen parameters and the given buckets' parameters (from
-    /// [`Self::views`] or [`Self::leaves`]).
-    pub fn getter<'a>(&'a self, buckets: &'a [(usize, &'a [Tensor])]) -> impl Fn(&str) -> Tensor + 'a {
+    /// A name -> tensor getter over frozen parameters and the given buckets' parameters.
+    pub fn getter<'a>(&'a self, buckets: &'a [&'a BucketParams]) -> impl Fn(&str) -> Tensor + 'a {
         move |name: &str| {
             if let Some(t) = self.frozen.get(name) {
                 return t.shallow_clone();
             }
             let (b, e) = self.where_is.get(name).unwrap_or_else(|| panic!("parameter {name} is neither frozen nor trainable"));
-            let ts = buckets.iter().find(|(fb, _)| fb == b).unwrap_or_else(|| panic!("bucket of {name} not gathered")).1;
-            ts[*e].shallow_clone()
+            let p = buckets.iter().find(|p| p.bucket == Some(*b)).unwrap_or_else(|| panic!("bucket of {name} not gathered"));
+            p.tensors[*e].shallow_clone()
         }
     }
 
-    pub fn is_trainable(&self, name: &str) -> bool {
-        self.where_is.contains_key(name)
-    }
-
-    /// Hands bucket `b`'s gradients (the `.grad` of its parameter leaves, see [`Self::leaves`]) to the
-    /// strategy: packed once into a flat f32 buffer, then accumulated in full (stage 1) or
-    /// reduce-scattered into this rank's f32 partition right away (stages 2/3).
-    pub fn accumulate_grad(&mut self, comm: &dyn Communicator, b: usize, leaves: &[Tensor]) -> Result<()> {
+    /// Hands a bucket's gradients (the `.grad` of leaves from [`Self::take`] with [`Use::Leaves`]) to
+    /// the strategy: packed once into a flat f32 buffer, then accumulated in full (stage 1) or
+    /// reduce-scattered into this rank's f32 partition right away (stages 2/3). Empty parameters (no
+    /// trained bucket) are a no-op.
+    pub fn accumulate_grad(&mut self, comm: &dyn Communicator, p: &BucketParams) -> Result<()> {
+        let Some(b) = p.bucket else { return Ok(()) };
         let bk = &self.layout.buckets[b];
         let (padded, shard) = (bk.padded, bk.shard);
         let g32 = Tensor::empty([bk.padded as i64], (Kind::Float, self.device));
         tch::no_grad(|| {
-            for (e, leaf) in bk.entries.iter().zip(leaves) {
+            for (e, leaf) in bk.entries.iter().zip(&p.tensors) {
                 let mut dst = g32.narrow(0, e.offset as i64, e.numel as i64);
                 let g = leaf.grad();
                 // A parameter the loss did not reach (e.g. the ID-Former without test images) has no grad.
@@ -221,15 +265,19 @@ impl Sharded {
             }
         });
         tch::no_grad(|| -> Result<()> {
-            if let Some(fg) = self.full_grad[b].as_mut() {
-                let _ = fg.g_add_(&g32);
-            } else {
-                let part = Tensor::empty([shard as i64], (Kind::Float, self.device));
-                let f =
-                    profile::time(profile::REDUCE_SCATTER, (padded * 4) as f64, || comm.reduce_scatter_sum_async(&g32, &part))?;
-                self.in_flight.push_back((f, part, b));
-                while self.in_flight.len() > MAX_IN_FLIGHT {
-                    self.complete_one(comm)?;
+            match &mut self.buckets[b].grads {
+                Grads::FullUntilStepEnd(fg) => {
+                    let _ = fg.g_add_(&g32);
+                }
+                Grads::ScatterEachMicroBatch => {
+                    let part = Tensor::empty([shard as i64], (Kind::Float, self.device));
+                    let f = profile::time(profile::REDUCE_SCATTER, (padded * 4) as f64, || {
+                        comm.reduce_scatter_sum_async(&g32, &part)
+                    })?;
+                    self.in_flight.push_back((f, part, b));
+                    while self.in_flight.len() > MAX_IN_FLIGHT {
+                        self.complete_one(comm)?;
+                    }
                 }
             }
             Ok(())
@@ -246,16 +294,14 @@ impl Sharded {
 
     /// Starts gathering bucket `b` (stage 3) and returns the buffer with the collective to wait for;
     /// stages 1/2 return the kept buffer at once.
-    pub fn gather_async(&self, comm: &dyn Communicator, b: usize) -> Result<(Tensor, InFlight)> {
-        match &self.full[b] {
-            Some(f) => Ok((f.shallow_clone(), InFlight::done())),
-            None => {
+    fn gather_async(&self, comm: &dyn Communicator, b: usize) -> Result<(Tensor, InFlight)> {
+        match &self.buckets[b].weights {
+            Weights::Replicated(f) => Ok((f.shallow_clone(), InFlight::done())),
+            Weights::Partitioned(shard) => {
                 let bk = &self.layout.buckets[b];
                 let out = Tensor::empty([bk.padded as i64], (self.kind, self.device));
                 let bytes = (bk.padded * self.kind.elt_size_in_bytes()) as f64;
-                let f = profile::time(profile::ALL_GATHER, bytes, || {
-                    comm.all_gather_async(self.shard_params[b].as_ref().expect("stage 3 shard"), &out)
-                })?;
+                let f = profile::time(profile::ALL_GATHER, bytes, || comm.all_gather_async(shard, &out))?;
                 Ok((out, f))
             }
         }
@@ -267,11 +313,11 @@ impl Sharded {
         while !self.in_flight.is_empty() {
             self.complete_one(comm)?;
         }
-        for b in 0..self.layout.buckets.len() {
-            if let Some(fg) = self.full_grad[b].as_mut() {
-                let part = Tensor::empty([self.layout.buckets[b].shard as i64], (Kind::Float, self.device));
-                let bytes = (self.layout.buckets[b].padded * 4) as f64;
-                profile::time(profile::REDUCE_SCATTER, bytes, || comm.reduce_scatter_sum(fg, &part))?;
+        for (b, bs) in self.buckets.iter_mut().enumerate() {
+            if let Grads::FullUntilStepEnd(fg) = &mut bs.grads {
+                let bk = &self.layout.buckets[b];
+                let part = Tensor::empty([bk.shard as i64], (Kind::Float, self.device));
+                profile::time(profile::REDUCE_SCATTER, (bk.padded * 4) as f64, || comm.reduce_scatter_sum(fg, &part))?;
                 tch::no_grad(|| {
                     let _ = self.grad_shard[b].g_add_(&part);
                     let _ = fg.zero_();
@@ -315,14 +361,13 @@ impl Sharded {
 
     /// Compute-dtype parameters from the master partitions.
     pub fn refresh_params(&mut self, comm: &dyn Communicator) -> Result<()> {
-        for b in 0..self.layout.buckets.len() {
+        for (b, bs) in self.buckets.iter_mut().enumerate() {
             let cast = self.master[b].to_kind(self.kind);
-            match self.full[b].as_ref() {
-                Some(full) => comm.all_gather(&cast, full)?,
-                None => {
-                    let mut s = self.shard_params[b].as_ref().expect("stage 3 shard").shallow_clone();
-                    tch::no_grad(|| s.copy_(&cast));
-                }
+            match &mut bs.weights {
+                Weights::Replicated(full) => comm.all_gather(&cast, full)?,
+                Weights::Partitioned(shard) => tch::no_grad(|| {
+                    shard.copy_(&cast);
+                }),
             }
         }
         Ok(())
@@ -337,10 +382,11 @@ impl Sharded {
                 f(&s.name, t)?;
             }
         }
-        for b in 0..self.layout.buckets.len() {
-            let flat = self.gather(comm, b)?;
-            for (e, v) in self.layout.buckets[b].entries.iter().zip(self.views(b, &flat)) {
-                f(&e.name, &v)?;
+        for (b, bk) in self.layout.buckets.iter().enumerate() {
+            let p = self.gather_now(comm, bk.role.clone(), Use::Views)?;
+            debug_assert_eq!(p.bucket, Some(b));
+            for (e, v) in bk.entries.iter().zip(&p.tensors) {
+                f(&e.name, v)?;
             }
         }
         Ok(())

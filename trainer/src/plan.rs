@@ -1,0 +1,145 @@
+//! A recipe resolved for this process: the model config, the compute dtype on this device, the trainable
+//! set, the ZeRO stage and the run's length. Training, inference and the benchmark take these from here,
+//! so a recipe means the same thing in all three.
+
+use std::path::{Path, PathBuf};
+use std::str::FromStr;
+
+use tch::{Device, Kind};
+
+use crate::error::{Error, Result};
+use crate::model::weights::load_hf;
+use crate::model::{ModelConfig, ParamSet, ParamSpec};
+use crate::recipe::{glob_match, Dtype, LengthSection, Recipe, TrainableSection, ZeroStage};
+
+/// The trainable parameters: names matching an `include` glob and no `exclude` glob.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Trainable {
+    include: Vec<String>,
+    exclude: Vec<String>,
+}
+
+impl Trainable {
+    pub fn new(s: &TrainableSection) -> Self {
+        Self { include: s.include.clone(), exclude: s.exclude.clone() }
+    }
+
+    pub fn contains(&self, s: &ParamSpec) -> bool {
+        self.include.iter().any(|p| glob_match(p, &s.name)) && !self.exclude.iter().any(|p| glob_match(p, &s.name))
+    }
+}
+
+impl Default for Trainable {
+    /// SPEC §4's trainable set (see [`TrainableSection::default`]).
+    fn default() -> Self {
+        Self::new(&TrainableSection::default())
+    }
+}
+
+/// What a recipe means on this device.
+#[derive(Clone, Debug)]
+pub struct Plan {
+    pub cfg: ModelConfig,
+    /// Compute dtype of parameters and activations.
+    pub kind: Kind,
+    pub device: Device,
+    pub trainable: Trainable,
+    pub stage: ZeroStage,
+    pub checkpointing: bool,
+    length: LengthSection,
+}
+
+impl Recipe {
+    /// Resolves the recipe for `device` (reads `model.config` when the model is given by a file).
+    pub fn resolve(&self, device: Device) -> Result<Plan> {
+        let mut cfg = match (&self.model.preset, &self.model.config) {
+            (Some(p), _) => ModelConfig::preset(p)?,
+            (None, Some(c)) => ModelConfig::from_file(c)?,
+            (None, None) => unreachable!("validated recipe"),
+        };
+        cfg.id_former = self.model.id_former;
+        let trainable = Trainable::new(&self.trainable);
+        Ok(Plan {
+            cfg,
+            kind: compute_kind(self.model.dtype, device),
+            device,
+            trainable,
+            stage: self.zero.stage,
+            checkpointing: self.activation_checkpointing,
+            length: self.length.clone(),
+        })
+    }
+}
+
+impl Plan {
+    /// Optimizer steps of the run: `length.steps`, or `length.epochs` of the main sources' epoch
+    /// (`epoch_len` samples) at `global_batch` samples per step.
+    pub fn total_steps(&self, epoch_len: usize, global_batch: u64) -> u64 {
+        match (self.length.steps, self.length.epochs) {
+            (Some(s), _) => s,
+            (None, Some(e)) => ((e * epoch_len as f64) / global_batch as f64).ceil() as u64,
+            _ => unreachable!("validated recipe"),
+        }
+    }
+
+    /// Initial weights: from `init` (an HF checkpoint, or an idavlm checkpoint folder's `model/`), or
+    /// fresh from `seed`.
+    pub fn initial_params(&self, init: Option<&Path>, seed: u64) -> Result<ParamSet> {
+        match init {
+            Some(p) => {
+                let p = model_dir(p);
+                let (params, report) = load_hf(&p, &self.cfg, self.device, self.kind)?;
+                if !report.created_id_former.is_empty() {
+                    tracing::info!(
+                        "ID-Former not in {}: created zero-initialised ({} tensors)",
+                        p.display(),
+                        report.created_id_former.len()
+                    );
+                }
+                Ok(params)
+            }
+            None => Ok(ParamSet::init(&self.cfg, self.device, self.kind, seed as i64)),
+        }
+    }
+}
+
+/// The compute dtype: bf16 on GPUs and f32 on CPUs unless the recipe says.
+pub fn compute_kind(d: Dtype, device: Device) -> Kind {
+    match (d, device) {
+        (Dtype::F32, _) | (Dtype::Auto, Device::Cpu) => Kind::Float,
+        _ => Kind::BFloat16,
+    }
+}
+
+/// The HF-layout model of a path: an idavlm checkpoint folder's `model/`, or the path itself.
+pub fn model_dir(p: &Path) -> PathBuf {
+    if p.join("model").is_dir() {
+        p.join("model")
+    } else {
+        p.to_path_buf()
+    }
+}
+
+/// Where a run starts from.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Resume {
+    /// From step 0 (refused when the checkpoint folder already holds another run's checkpoints).
+    None,
+    /// The newest complete checkpoint in the recipe's folder, if any.
+    Auto,
+    Path(PathBuf),
+}
+
+impl FromStr for Resume {
+    type Err = Error;
+    /// `none`, `auto`, or a checkpoint folder (which must exist).
+    fn from_str(s: &str) -> Result<Self> {
+        match s {
+            "none" => Ok(Self::None),
+            "auto" => Ok(Self::Auto),
+            "" => Err(Error::Other("--resume: give auto, none or a checkpoint folder".into())),
+            p if Path::new(p).is_dir() => Ok(Self::Path(PathBuf::from(p))),
+            p => Err(Error::Other(format!("--resume {p}: no such checkpoint folder (or give auto or none)"))),
+        }
+    }
+}
