@@ -18,9 +18,10 @@ build: setup
 demo: build
 	$(ENV) && bash scripts/demo.sh
 
-# The tests also need a live Slurm (Debian's packages; tests/tests/slurm.rs starts the daemons itself).
+# The tests also need a live Slurm (Debian's packages; tests/tests/slurm.rs starts the daemons itself)
+# and the peft package (the oracle of the LoRA export).
 setup-test:
-	bash scripts/setup.sh --slurm
+	bash scripts/setup.sh --test
 
 ## The whole test suite (unit, cross-crate and multi-process tests, a live single-node Slurm).
 test: build setup-test

@@ -3,7 +3,9 @@
 # .carry/qwen.tiktoken and .carry/fsdp2_qwenvl.py). Usage:
 #   bash scripts/gpu-experiment.sh check            # devices, tiny model: 2 GPUs x ZeRO-1/2/3 vs 1 GPU, resume on 2 GPUs
 #   bash scripts/gpu-experiment.sh w1 LAYERS [ZERO...]   # W1 (LAYERS LLM layers) for idavlm and the FSDP2 peer, same call
+#                                                        # (PEER_FLAGS="--ac none --compile": the peer's fastest setting)
 #   bash scripts/gpu-experiment.sh ckpt [ZERO...]        # checkpoint stall and write speed, 4-layer model, raw disk speed
+#   bash scripts/gpu-experiment.sh lora [LAYERS]         # W1 with LoRA on one GPU (LAYERS LLM layers, default 32)
 # Logs and a table go to $OUT (or ./gpu-out).
 set -uo pipefail
 OUT=${OUT:-$PWD/gpu-out}
@@ -42,7 +44,8 @@ bench_peer() { # world layers zero
   local w=$1 layers=$2 zero=$3 flag=""
   [ "$zero" = 2 ] && flag=--zero2
   mem_start "$OUT/peer-w$w-l$layers-z$zero.mem"
-  torchrun --nproc-per-node "$w" --master-port $((30600 + RANDOM % 1000)) .carry/fsdp2_qwenvl.py --layers "$layers" $flag --steps 3 \
+  # PEER_FLAGS: the peer's settings (its fastest: "--ac none --compile").
+  torchrun --nproc-per-node "$w" --master-port $((30600 + RANDOM % 1000)) .carry/fsdp2_qwenvl.py --layers "$layers" $flag ${PEER_FLAGS:-} --steps 3 \
     >"$OUT/peer-w$w-l$layers-z$zero.json" 2>"$OUT/peer-w$w-l$layers-z$zero.log"
   local rc=$?
   mem_stop "$OUT/peer-w$w-l$layers-z$zero.mem" "peer FSDP2 ZeRO-$zero-like"
@@ -76,6 +79,15 @@ check)
   # Resume on 2 GPUs: stop at step 3 (checkpoint), continue to 6, compare with the straight run.
   r=$(mk res 3 2 3); idavlm-launch --nproc-per-node 2 "$r" --resume none >"$OUT/res-a.log" 2>&1
   sed -i "s|  steps: 3|  steps: 6|" "$r"; idavlm-launch --nproc-per-node 2 "$r" --resume auto >"$OUT/res-b.log" 2>&1; echo "resume rc=$?"
+  fi
+  # LoRA (r 8, no dropout) on the tiny model: 2 GPUs x ZeRO-2/3 (ZeRO-3 partitions the frozen block
+  # weights too) against 1 GPU.
+  if has lora; then
+  lora=(--set lora.r=8 --set lora.dropout=0.0)
+  idavlm-launch --nproc-per-node 1 "$(mk l1 2 4 6)" --resume none "${lora[@]}" >"$OUT/l1.log" 2>&1; echo "LoRA 1 GPU rc=$?"
+  for z in 2 3; do
+    idavlm-launch --nproc-per-node 2 "$(mk l2z$z $z 2 6)" --resume none "${lora[@]}" >"$OUT/l2z$z.log" 2>&1; echo "LoRA 2 GPUs ZeRO-$z rc=$?"
+  done
   fi
   # Medium: 4 LLM layers at full width (recipes/models/qwen-vl-4layers.json), 1 GPU vs 2 GPUs x ZeRO-1/2/3.
   # No checkpoints here: each would write ~28 GB of optimizer state.
@@ -116,10 +128,20 @@ def table(ref_name, names, title):
         print(f"{n:22s}", " ".join(f"{x:.5f}" for x in l), f"  max rel diff {rel:.2e} over {min(len(l), len(ref))} steps")
 table("g1", ["g2z1", "g2z2", "g2z3", "res", "mpi"], "tiny, 1 GPU (accum 4):")
 table("m1", ["m2z1", "m2z2", "m2z3"], "medium, 1 GPU:")
+table("l1", ["l2z2", "l2z3"], "LoRA tiny, 1 GPU:")
 if losses("allref"):
     table("allref", ["all"], "all GPUs, straight:")
 PY
   tar -czf "$OUT/check.tar.gz" -C "$OUT" --exclude check.tar.gz . 2>/dev/null
+  ;;
+lora)
+  # W1 with LoRA (the original Qwen-VL LoRA script's settings) on GPU 0 alone: speed and driver-level peak.
+  layers=${2:-32}
+  mem_start "$OUT/lora.mem"
+  CUDA_VISIBLE_DEVICES=0 idavlm-worker bench --layers "$layers" --zero 2 --steps 3 --lora >"$OUT/lora-l$layers.json" 2>"$OUT/lora-l$layers.log"
+  echo "LoRA W1 rc=$?"
+  mem_stop "$OUT/lora.mem" "idavlm LoRA W1 ($layers layers), 1 GPU"
+  tail -4 "$OUT/lora-l$layers.log"; cat "$OUT/lora-l$layers.json"
   ;;
 ckpt)
   # The 4-layer full-width model (29 GB per checkpoint at world 2) on the demo data, a save every 100 steps:

@@ -3,14 +3,15 @@
 #   - OpenMPI + clang (Debian) for the `mpi` feature (rsmpi's bindgen needs libclang)
 #   - a project-local venv .venv with torch==2.11.0 (libtorch for tch, and the PyTorch oracle of the tests)
 #   - qwen.tiktoken extracted from the dashscope==2.0.2 wheel into .deps/ (never committed)
-#   - with --slurm (the test suite): Debian's slurmctld, slurmd, slurm-client and munge, for the live
-#     single-node Slurm of tests/tests/slurm.rs (scripts/slurm-local.sh starts it)
+#   - with --test (the test suite; --slurm is the old name): Debian's slurmctld, slurmd, slurm-client and
+#     munge, for the live single-node Slurm of tests/tests/slurm.rs (scripts/slurm-local.sh starts it),
+#     and peft + transformers in .venv, the oracle of the LoRA export (tests/python/peft_check.py)
 set -euo pipefail
 with_slurm=0
 for a in "$@"; do
   case "$a" in
-    --slurm) with_slurm=1 ;;
-    *) echo "setup.sh: unknown argument $a (known: --slurm)" >&2; exit 2 ;;
+    --test | --slurm) with_slurm=1 ;;
+    *) echo "setup.sh: unknown argument $a (known: --test)" >&2; exit 2 ;;
   esac
 done
 root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
@@ -42,6 +43,13 @@ fi
 if ! .venv/bin/python -c 'import torch, numpy, PIL, safetensors; assert torch.__version__.startswith("2.11.0"); assert PIL.__version__ == "13.0.0"' 2>/dev/null; then
   log "installing torch==2.11.0 numpy pillow==13.0.0 safetensors into .venv (a few minutes, ~4.6 GB)"
   .venv/bin/pip install -q --disable-pip-version-check torch==2.11.0 numpy pillow==13.0.0 safetensors >&2
+fi
+
+# The LoRA tests compare the adapter layout and merge with PEFT's own (pinned: its file layout is the
+# contract).
+if [ "$with_slurm" -eq 1 ] && ! .venv/bin/python -c 'import peft; assert peft.__version__ == "0.21.2"' 2>/dev/null; then
+  log "installing peft==0.21.2 transformers==5.24.0 into .venv (test oracle)"
+  .venv/bin/pip install -q --disable-pip-version-check peft==0.21.2 transformers==5.24.0 >&2
 fi
 
 if [ ! -s .deps/qwen.tiktoken ]; then

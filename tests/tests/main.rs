@@ -2,6 +2,7 @@
 mod dist;
 mod integrity;
 mod layering;
+mod lora;
 mod mmid;
 mod model;
 mod shards;

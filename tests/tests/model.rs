@@ -40,7 +40,7 @@ fn tiny_id() -> ModelConfig {
 }
 
 /// A batch with a reference + test row and a general row.
-fn batch(cfg: &ModelConfig) -> ModelInput {
+pub(crate) fn batch(cfg: &ModelConfig) -> ModelInput {
     let tok = tokenizer();
     let rows = [
         vec![
@@ -101,7 +101,7 @@ fn write_inputs(input: &ModelInput, path: &Path) {
     safetensors::serialize_to_file(views, None, path).unwrap();
 }
 
-fn rel_err(a: &Tensor, b: &Tensor) -> f64 {
+pub(crate) fn rel_err(a: &Tensor, b: &Tensor) -> f64 {
     (a - b).norm().double_value(&[]) / b.norm().double_value(&[])
 }
 

@@ -154,6 +154,18 @@ fn the_shipped_recipes_parse() {
     assert_eq!(s2.data.inject_probability, 0.1);
     assert_eq!(s2.checkpoint.every_steps, Some(500));
     assert_eq!(demo.model.preset.as_deref(), Some("tiny"));
+    // LoRA: the original script's adapter settings, stage 2's data and length.
+    let lora = idavlm::recipe::load(&dir.join("lora.yaml"), &[]).unwrap();
+    let l = lora.lora.as_ref().expect("lora section");
+    assert_eq!((l.r, l.alpha, l.dropout, l.targets.len()), (64, 16.0, 0.05, 4));
+    assert_eq!((lora.length.epochs, lora.optimizer.lr, lora.optimizer.groups.len()), (Some(8.0), 1e-4, 2));
+    let plan = lora.resolve(tch::Device::Cpu).unwrap();
+    let specs = idavlm::model::param_specs(&plan.cfg);
+    let trained: Vec<&str> =
+        specs.iter().filter(|s| plan.trainable.contains(s)).map(|s| s.name.as_str()).filter(|n| !n.contains(".lora_")).collect();
+    assert!(trained.contains(&"transformer.wte.weight") && trained.contains(&"lm_head.weight"));
+    assert!(trained.contains(&"transformer.visual.attn_pool.attn1.in_proj_weight"), "{trained:?}");
+    assert!(trained.iter().all(|n| !n.starts_with("transformer.h.")), "{trained:?}");
 }
 
 #[test]

@@ -14,7 +14,7 @@ use crate::flops;
 use crate::model::{ModelConfig, ModelInput, ParamSet};
 use crate::optim::AdamW;
 use crate::plan::{compute_kind, Trainable};
-use crate::recipe::{Dtype, ZeroStage};
+use crate::recipe::{Dtype, LoraSection, ZeroStage};
 use crate::step::forward_backward;
 use crate::zero::Sharded;
 use idavlm_shards::chat::ImageRole;
@@ -31,6 +31,9 @@ pub struct W1 {
     pub steps: usize,
     pub zero: ZeroStage,
     pub id_former: bool,
+    /// LoRA with the original Qwen-VL script's settings (r 64, alpha 16, dropout 0.05, c_attn,
+    /// attn.c_proj, w1, w2; wte and lm_head in full) instead of full fine-tuning.
+    pub lora: bool,
 }
 
 #[derive(Debug, Serialize)]
@@ -145,8 +148,12 @@ pub fn run(w: &W1, comm: &dyn Communicator, device: Device, gpu_name: &str) -> R
     cfg.num_hidden_layers = w.layers;
     cfg.visual.layers = w.vit_layers;
     cfg.id_former = w.id_former;
+    cfg.lora = w.lora.then(|| LoraSection::default().spec());
     let params = ParamSet::init(&cfg, device, compute_kind(Dtype::Auto, device), 0);
-    let trainable = Trainable::default();
+    let trainable = match &cfg.lora {
+        Some(l) => Trainable::Lora(l.clone()),
+        None => Trainable::default(),
+    };
     let mut st = Sharded::new(&cfg, params, &|s| trainable.contains(s), w.zero, comm);
     let input = w1_input(w, cfg.vocab_size, cfg.visual.image_size, device, comm.rank());
     let opt = AdamW { beta1: 0.9, beta2: 0.95, eps: 1e-8, weight_decay: 0.1 };
@@ -164,7 +171,7 @@ pub fn run(w: &W1, comm: &dyn Communicator, device: Device, gpu_name: &str) -> R
         let t0 = Instant::now();
         let mut loss = 0.0;
         for _ in 0..w.accum {
-            loss = forward_backward(&mut st, comm, &cfg, &input, scale, true)?;
+            loss = forward_backward(&mut st, comm, &cfg, &input, scale, true, 0)?;
         }
         sync();
         let t1 = Instant::now();
@@ -186,7 +193,7 @@ pub fn run(w: &W1, comm: &dyn Communicator, device: Device, gpu_name: &str) -> R
     sync();
     let t0 = Instant::now();
     for _ in 0..w.accum {
-        forward_backward(&mut st, comm, &cfg, &input, scale, true)?;
+        forward_backward(&mut st, comm, &cfg, &input, scale, true, 0)?;
     }
     st.finish_grads(comm)?;
     crate::profile::time(crate::profile::OPTIMIZER, 0.0, || st.step(comm, &opt, 5e-6, Some(1.0)))?;
@@ -212,7 +219,7 @@ pub fn run(w: &W1, comm: &dyn Communicator, device: Device, gpu_name: &str) -> R
     comm.all_gather(&pk, &all)?;
     let peak_all = Vec::<f32>::try_from(all.to_device(Device::Cpu)).expect("peaks").into_iter().fold(0f32, f32::max) as f64;
     Ok(W1Result {
-        system: format!("idavlm-zero{}", w.zero),
+        system: format!("idavlm-zero{}{}", w.zero, if w.lora { "-lora" } else { "" }),
         gpus: comm.world(),
         gpu: gpu_name.to_string(),
         layers: w.layers,

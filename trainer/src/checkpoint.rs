@@ -34,6 +34,7 @@ use tch::{Device, Kind, Tensor};
 
 use crate::comm::Communicator;
 use crate::error::{Error, Result};
+use crate::model::lora::{self, LoraSpec};
 use crate::model::weights::{tree_sha256, tree_sha256_bytes, write_hf, write_safetensors, Written};
 use crate::recipe::ZeroStage;
 use crate::zero::Sharded;
@@ -291,6 +292,7 @@ impl Saver {
             part,
             model,
             cfg: serde_json::to_vec_pretty(&state.cfg).expect("config json"),
+            lora: state.cfg.lora.clone(),
             trainer: trainer.clone(),
             recipe_yaml: recipe_yaml.to_string(),
             zero_stage: state.stage,
@@ -336,6 +338,8 @@ struct Job {
     part: Vec<(String, Tensor)>,
     model: Vec<(String, Tensor)>,
     cfg: Vec<u8>,
+    /// LoRA runs: the adapters also go to `adapter/` in PEFT's layout, and `model/` holds the rest.
+    lora: Option<LoraSpec>,
     trainer: TrainerState,
     recipe_yaml: String,
     zero_stage: ZeroStage,
@@ -366,12 +370,30 @@ impl Job {
             let mut files = BTreeMap::new();
             let t = Instant::now();
             if !self.model.is_empty() {
-                for (name, w) in write_hf(&self.model, &self.tmp.join("model"), 4 << 30)? {
+                let (adapter, base): (Vec<_>, Vec<_>) = self.model.iter().partition(|(n, _)| lora::is_adapter(n));
+                let base: Vec<(String, Tensor)> = base.into_iter().map(|(n, t)| (n.clone(), t.shallow_clone())).collect();
+                for (name, w) in write_hf(&base, &self.tmp.join("model"), 4 << 30)? {
                     bytes += w.bytes;
                     files.insert(format!("model/{name}"), FileEntry { bytes: w.bytes, sha256: w.sha256 });
                 }
                 let w = write_atomic(&self.tmp.join("model").join("config.json"), &self.cfg)?;
                 files.insert("model/config.json".into(), FileEntry { bytes: w.bytes, sha256: w.sha256 });
+                if let Some(spec) = &self.lora {
+                    // PEFT's layout: the factors and the modules trained in full, under its key names.
+                    let named: Vec<(String, Tensor)> = adapter
+                        .into_iter()
+                        .map(|(n, t)| (lora::peft_key(n), t.shallow_clone()))
+                        .chain(base.iter().filter(|(n, _)| spec.saves(n)).map(|(n, t)| (lora::peft_key(n), t.shallow_clone())))
+                        .collect();
+                    let dir = self.tmp.join("adapter");
+                    std::fs::create_dir_all(&dir).map_err(|e| Error::io(&dir, e))?;
+                    let w = write_safetensors(&dir.join(lora::ADAPTER_WEIGHTS), &named, &HashMap::new())?;
+                    bytes += w.bytes;
+                    files.insert(format!("adapter/{}", lora::ADAPTER_WEIGHTS), FileEntry { bytes: w.bytes, sha256: w.sha256 });
+                    let cfg = serde_json::to_vec_pretty(&spec.peft_config()).expect("json");
+                    let w = write_atomic(&dir.join(lora::ADAPTER_CONFIG), &cfg)?;
+                    files.insert(format!("adapter/{}", lora::ADAPTER_CONFIG), FileEntry { bytes: w.bytes, sha256: w.sha256 });
+                }
             }
             for (name, data) in [
                 ("recipe.yaml", self.recipe_yaml.as_bytes().to_vec()),

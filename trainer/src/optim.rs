@@ -78,8 +78,23 @@ impl AdamW {
     /// One decoupled AdamW update of `param` (f32) in place, as torch.optim.AdamW: decay, moments,
     /// bias correction with the 1-based step `t`.
     pub fn update(&self, param: &mut Tensor, grad: &Tensor, m: &mut Tensor, v: &mut Tensor, lr: f64, t: u64) {
+        self.update_with(param, grad, m, v, lr, self.weight_decay, t)
+    }
+
+    /// [`Self::update`] with its own weight decay (a parameter group's).
+    #[allow(clippy::too_many_arguments)]
+    pub fn update_with(
+        &self,
+        param: &mut Tensor,
+        grad: &Tensor,
+        m: &mut Tensor,
+        v: &mut Tensor,
+        lr: f64,
+        weight_decay: f64,
+        t: u64,
+    ) {
         tch::no_grad(|| {
-            let _ = param.g_mul_scalar_(1.0 - lr * self.weight_decay);
+            let _ = param.g_mul_scalar_(1.0 - lr * weight_decay);
             let _ = m.lerp_(grad, 1.0 - self.beta1);
             let _ = v.g_mul_scalar_(self.beta2);
             let _ = v.g_add_(&(grad * grad * (1.0 - self.beta2)));

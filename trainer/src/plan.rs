@@ -8,24 +8,32 @@ use std::str::FromStr;
 use tch::{Device, Kind};
 
 use crate::error::{Error, Result};
+use crate::model::lora::LoraSpec;
 use crate::model::weights::load_hf;
-use crate::model::{ModelConfig, ParamSet, ParamSpec};
+use crate::model::{ModelConfig, ParamSet, ParamSpec, Part};
 use crate::recipe::{glob_match, Dtype, LengthSection, Recipe, TrainableSection, ZeroStage};
 
-/// The trainable parameters: names matching an `include` glob and no `exclude` glob.
+/// The trainable parameters.
 #[derive(Clone, Debug, PartialEq)]
-pub struct Trainable {
-    include: Vec<String>,
-    exclude: Vec<String>,
+pub enum Trainable {
+    /// Names matching an `include` glob and no `exclude` glob.
+    Globs { include: Vec<String>, exclude: Vec<String> },
+    /// LoRA: the adapter factors and the parameters of `modules_to_save`.
+    Lora(LoraSpec),
 }
 
 impl Trainable {
     pub fn new(s: &TrainableSection) -> Self {
-        Self { include: s.include.clone(), exclude: s.exclude.clone() }
+        Self::Globs { include: s.include.clone(), exclude: s.exclude.clone() }
     }
 
     pub fn contains(&self, s: &ParamSpec) -> bool {
-        self.include.iter().any(|p| glob_match(p, &s.name)) && !self.exclude.iter().any(|p| glob_match(p, &s.name))
+        match self {
+            Self::Globs { include, exclude } => {
+                include.iter().any(|p| glob_match(p, &s.name)) && !exclude.iter().any(|p| glob_match(p, &s.name))
+            }
+            Self::Lora(l) => s.part == Part::Lora || l.saves(&s.name),
+        }
     }
 }
 
@@ -58,7 +66,11 @@ impl Recipe {
             (None, None) => unreachable!("validated recipe"),
         };
         cfg.id_former = self.model.id_former;
-        let trainable = Trainable::new(&self.trainable);
+        cfg.lora = self.lora.as_ref().map(|l| l.spec());
+        let trainable = match &cfg.lora {
+            Some(l) => Trainable::Lora(l.clone()),
+            None => Trainable::new(&self.trainable),
+        };
         Ok(Plan {
             cfg,
             kind: compute_kind(self.model.dtype, device),
@@ -86,9 +98,15 @@ impl Plan {
     /// fresh from `seed`.
     pub fn initial_params(&self, init: Option<&Path>, seed: u64) -> Result<ParamSet> {
         match init {
-            Some(p) => {
-                let p = model_dir(p);
+            Some(init) => {
+                let p = model_dir(init);
+                // Adapters created here are drawn from the seed: the same on every rank.
+                tch::manual_seed(seed as i64);
                 let (params, report) = load_hf(&p, &self.cfg, self.device, self.kind)?;
+                if let Some(dir) = crate::model::lora::adapter_dir(init) {
+                    let (loaded, merged) = crate::model::weights::apply_adapter(&params, &dir)?;
+                    tracing::info!("{}: {loaded} adapter(s) loaded, {merged} merged into the base weights", dir.display());
+                }
                 if !report.created_id_former.is_empty() {
                     tracing::info!(
                         "ID-Former not in {}: created zero-initialised ({} tensors)",

@@ -41,6 +41,67 @@ pub struct Recipe {
     pub max_nonfinite_in_row: u32,
     #[serde(default)]
     pub comm: CommSection,
+    /// LoRA adapters instead of full fine-tuning (the `trainable` section then does not apply).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub lora: Option<LoraSection>,
+}
+
+/// LoRA fine-tuning, with the original Qwen-VL `finetune_lora_ds.sh` defaults.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct LoraSection {
+    #[serde(default = "default_lora_r")]
+    pub r: usize,
+    #[serde(default = "default_lora_alpha")]
+    pub alpha: f64,
+    #[serde(default = "default_lora_dropout")]
+    pub dropout: f64,
+    /// Module names as PEFT's `target_modules` list (a name or its dotted tail): LLM block linears.
+    #[serde(default = "default_lora_targets")]
+    pub targets: Vec<String>,
+    /// Modules trained in full beside the adapters (`attn_pool` for the resampler and ID-Former).
+    #[serde(default = "default_modules_to_save")]
+    pub modules_to_save: Vec<String>,
+}
+
+fn default_lora_r() -> usize {
+    64
+}
+fn default_lora_alpha() -> f64 {
+    16.0
+}
+fn default_lora_dropout() -> f64 {
+    0.05
+}
+fn default_lora_targets() -> Vec<String> {
+    ["c_attn", "attn.c_proj", "w1", "w2"].map(String::from).to_vec()
+}
+fn default_modules_to_save() -> Vec<String> {
+    ["wte", "lm_head"].map(String::from).to_vec()
+}
+
+impl Default for LoraSection {
+    fn default() -> Self {
+        Self {
+            r: default_lora_r(),
+            alpha: default_lora_alpha(),
+            dropout: default_lora_dropout(),
+            targets: default_lora_targets(),
+            modules_to_save: default_modules_to_save(),
+        }
+    }
+}
+
+impl LoraSection {
+    pub fn spec(&self) -> crate::model::lora::LoraSpec {
+        crate::model::lora::LoraSpec {
+            r: self.r as i64,
+            alpha: self.alpha,
+            dropout: self.dropout,
+            targets: self.targets.clone(),
+            modules_to_save: self.modules_to_save.clone(),
+        }
+    }
 }
 
 fn yes() -> bool {
@@ -167,6 +228,24 @@ pub struct OptimizerSection {
     /// Global-norm clipping threshold; none when absent.
     #[serde(default)]
     pub clip_grad_norm: Option<f64>,
+    /// Per-module learning rates and weight decay: the first group whose glob matches a parameter's
+    /// name sets its values; unmatched parameters keep `lr` and `weight_decay`. The schedule scales
+    /// every group's lr by the same factor.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub groups: Vec<OptimizerGroup>,
+}
+
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct OptimizerGroup {
+    /// `*`-glob over parameter names (e.g. `transformer.visual.attn_pool.*`).
+    #[serde(rename = "match")]
+    pub pattern: String,
+    /// Peak learning rate (default: `optimizer.lr`).
+    #[serde(default)]
+    pub lr: Option<f64>,
+    #[serde(default)]
+    pub weight_decay: Option<f64>,
 }
 
 fn default_betas() -> [f64; 2] {
@@ -643,6 +722,31 @@ impl Recipe {
         }
         if self.optimizer.weight_decay < 0.0 || !self.optimizer.weight_decay.is_finite() {
             return err("optimizer.weight_decay", format!("{} is not a finite non-negative number", self.optimizer.weight_decay));
+        }
+        for (i, g) in self.optimizer.groups.iter().enumerate() {
+            for (what, v) in [("lr", g.lr), ("weight_decay", g.weight_decay)] {
+                if let Some(v) = v.filter(|v| !(v.is_finite() && *v >= 0.0)) {
+                    return err(&format!("optimizer.groups[{i}].{what}"), format!("{v} is not a finite non-negative number"));
+                }
+            }
+            if g.lr.is_some() && self.optimizer.lr <= 0.0 {
+                return err(
+                    &format!("optimizer.groups[{i}].lr"),
+                    "group learning rates scale with optimizer.lr, which is 0".into(),
+                );
+            }
+        }
+        if let Some(l) = &self.lora {
+            if l.r == 0 {
+                return err("lora.r", "must be at least 1".into());
+            }
+            if !(l.alpha > 0.0 && l.alpha.is_finite()) {
+                return err("lora.alpha", format!("{} is not a finite positive number", l.alpha));
+            }
+            if !(0.0..1.0).contains(&l.dropout) {
+                return err("lora.dropout", format!("{} is not in [0, 1)", l.dropout));
+            }
+            l.spec().check().or_else(|m| err("lora.targets", m))?;
         }
         if let Some(c) = self.optimizer.clip_grad_norm {
             if !(c > 0.0 && c.is_finite()) {

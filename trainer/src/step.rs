@@ -44,6 +44,14 @@ pub fn model_input(mb: &MicroBatch, image_size: i64, device: tch::Device) -> Mod
     }
 }
 
+/// splitmix64's finaliser: well-spread seeds from small integers.
+pub fn mix(mut z: u64) -> u64 {
+    z = z.wrapping_add(0x9E37_79B9_7F4A_7C15);
+    z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+    z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+    z ^ (z >> 31)
+}
+
 fn leaf(t: &Tensor) -> Tensor {
     t.detach().set_requires_grad(true)
 }
@@ -52,6 +60,7 @@ fn leaf(t: &Tensor) -> Tensor {
 /// unscaled loss (mean over the micro-batch's supervised tokens).
 ///
 /// With `checkpointing` every block is recomputed in the backward; without, every block keeps its graph.
+/// `dropout_seed` seeds LoRA's dropout per block, so that a recomputed block draws the same mask.
 pub fn forward_backward(
     st: &mut Sharded,
     comm: &dyn Communicator,
@@ -59,7 +68,13 @@ pub fn forward_backward(
     input: &ModelInput,
     scale: f64,
     checkpointing: bool,
+    dropout_seed: u64,
 ) -> Result<f64> {
+    let seed_block = |i: usize| {
+        if cfg.lora.as_ref().is_some_and(|l| l.dropout > 0.0) {
+            tch::manual_seed(mix(dropout_seed ^ mix(i as u64 + 1)) as i64 & i64::MAX);
+        }
+    };
     let layers = cfg.num_hidden_layers as usize;
     let device = st.device;
     // ZeRO-3: block 0's all-gather runs during the stem (stages 1/2 hand back the kept buffer).
@@ -80,12 +95,14 @@ pub fn forward_backward(
         if checkpointing {
             let p = st.take(comm, cur, Use::Views)?;
             let blk = QwenVl::block_from(cfg, i, &st.getter(&[&p]));
+            seed_block(i);
             let out = profile::time(profile::BLOCKS_FWD, 0.0, || tch::no_grad(|| blk.forward(&x, &rope, None)));
             kept.push((x, None));
             x = out;
         } else {
             let p = st.take(comm, cur, Use::Leaves)?;
             let xin = leaf(&x);
+            seed_block(i);
             let out = profile::time(profile::BLOCKS_FWD, 0.0, || {
                 QwenVl::block_from(cfg, i, &st.getter(&[&p])).forward(&xin, &rope, None)
             });
@@ -118,6 +135,7 @@ pub fn forward_backward(
                 let before = if i > 0 { st.prefetch(comm, Role::Block(i - 1))? } else { Prefetch::none() };
                 let p = st.take(comm, std::mem::replace(&mut next, before), Use::Leaves)?;
                 let xin = leaf(&input_i);
+                seed_block(i);
                 let out = profile::time(profile::BLOCKS_BWD, 0.0, || {
                     QwenVl::block_from(cfg, i, &st.getter(&[&p])).forward(&xin, &rope, None)
                 });

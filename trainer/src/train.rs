@@ -17,7 +17,7 @@ use crate::optim::{AdamW, Schedule};
 use crate::plan::Plan;
 use crate::recipe::{LossMean, Recipe};
 use crate::report::{Reporter, StepRecord};
-use crate::step::{forward_backward, model_input};
+use crate::step::{forward_backward, mix, model_input};
 use crate::zero::{Sharded, StepStats};
 use idavlm_shards::reader::{BatchKind, LoadOptions, Reader, ReaderState, Source, StepBatches, StepShape, StepStream};
 use idavlm_shards::tokenizer::Tokenizer;
@@ -156,6 +156,7 @@ impl<'a> Trainer<'a> {
         let params = plan.initial_params(recipe.model.init.as_deref(), recipe.seed)?;
         let trainable = plan.trainable.clone();
         let mut st = Sharded::new(&plan.cfg, params, &|s| trainable.contains(s), plan.stage, comm);
+        st.set_groups(&recipe.optimizer.groups, recipe.optimizer.lr, recipe.optimizer.weight_decay);
         if st.layout.trainable_numel() == 0 {
             return Err(Error::Recipe("recipe key `trainable.include`: no parameter matches".into()));
         }
@@ -316,13 +317,16 @@ impl<'a> Trainer<'a> {
             }
         };
         let mut sums = StepSums::default();
-        for mb in &data.micro_batches {
+        for (j, mb) in data.micro_batches.iter().enumerate() {
             let input = model_input(mb, self.plan.cfg.visual.image_size, device);
             let (scale, weight) = match global_tokens {
                 None => (1.0 / (self.recipe.batch.accum * world) as f64, 1.0),
                 Some(n) => (mb.supervised_tokens() as f64 / n, mb.supervised_tokens() as f64),
             };
-            let loss = forward_backward(&mut self.st, self.comm, &self.plan.cfg, &input, scale, self.plan.checkpointing)?;
+            // LoRA dropout: a different mask per step, micro-batch and rank, the same in a block's recompute.
+            let dropout_seed = mix(mix(mix(self.recipe.seed) ^ data.step) ^ ((j as u64) << 32 | self.comm.rank() as u64));
+            let loss =
+                forward_backward(&mut self.st, self.comm, &self.plan.cfg, &input, scale, self.plan.checkpointing, dropout_seed)?;
             if mb.batch > 0 && weight > 0.0 {
                 let (l, w) = match mb.kind {
                     BatchKind::Id => (&mut sums.id_loss, &mut sums.id_weight),

@@ -120,6 +120,11 @@ fn run(cli: Cli) -> Result<()> {
     let device = device_default();
     let kind = idavlm::plan::compute_kind(idavlm::recipe::Dtype::Auto, device);
     let (params, _) = load_hf(&dir, &cfg, device, kind)?;
+    // A LoRA checkpoint: its adapter merged into the weights it was trained on.
+    if let Some(a) = idavlm::model::lora::adapter_dir(&cli.checkpoint) {
+        let (_, n) = idavlm::model::weights::apply_adapter(&params, &a)?;
+        eprintln!("{}: {n} LoRA adapters merged", a.display());
+    }
     let model = QwenVl::new(&cfg, &params);
     let tok = Tokenizer::load_default()?;
     let opts = GenOptions { max_new_tokens: cli.max_new_tokens, top_p: cli.top_p, seed: cli.seed, resize: cli.resize };

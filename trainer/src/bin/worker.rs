@@ -72,9 +72,20 @@ enum Cmd {
         zero: ZeroStage,
         #[arg(long)]
         no_id_former: bool,
+        /// LoRA with the original Qwen-VL script's settings (r 64, alpha 16, dropout 0.05 on c_attn,
+        /// attn.c_proj, w1, w2; wte and lm_head trained in full) instead of full fine-tuning.
+        #[arg(long)]
+        lora: bool,
     },
-    /// Verify a checkpoint folder and write its model in the Hugging Face layout.
-    Export { checkpoint: PathBuf, out: PathBuf },
+    /// Verify a checkpoint folder and write its model in the Hugging Face layout (bf16). A LoRA
+    /// checkpoint's adapter goes to OUT/adapter in PEFT's layout, or into the weights with --merge.
+    Export {
+        checkpoint: PathBuf,
+        out: PathBuf,
+        /// Merge LoRA adapters into the weights (W + alpha/r B A).
+        #[arg(long)]
+        merge: bool,
+    },
 }
 
 /// The communicator a worker uses.
@@ -229,7 +240,7 @@ fn run(cli: Cli) -> Result<i32> {
             println!("{}", serde_json::to_string_pretty(&count_params(&cfg))?);
             Ok(0)
         }
-        Cmd::Bench { layers, vit_layers, micro_batch, grad_accum, seq, images, steps, zero, no_id_former } => {
+        Cmd::Bench { layers, vit_layers, micro_batch, grad_accum, seq, images, steps, zero, no_id_former, lora } => {
             runtime::prepare_nccl();
             let info = RankInfo::from_env()?;
             let device = runtime::device_for(info.local_rank);
@@ -248,6 +259,7 @@ fn run(cli: Cli) -> Result<i32> {
                 steps,
                 zero,
                 id_former: !no_id_former,
+                lora,
             };
             let r = idavlm::bench::run(&w, comm.as_ref(), device, &name)?;
             if info.rank == 0 {
@@ -255,16 +267,35 @@ fn run(cli: Cli) -> Result<i32> {
             }
             Ok(0)
         }
-        Cmd::Export { checkpoint, out } => {
+        Cmd::Export { checkpoint, out, merge } => {
             idavlm::checkpoint::verify(&checkpoint)?;
             let model = checkpoint.join("model");
             anyhow::ensure!(model.is_dir(), "{}: no model/ folder (checkpoint.save_model was off)", checkpoint.display());
             let cfg: ModelConfig =
                 serde_json::from_slice(&std::fs::read(model.join("config.json")).context("model/config.json")?)?;
-            let (params, _) = idavlm::model::weights::load_hf(&model, &cfg, tch::Device::Cpu, tch::Kind::BFloat16)?;
+            // Merging happens in f32; the export is bf16.
+            let (params, _) = idavlm::model::weights::load_hf(&model, &cfg, tch::Device::Cpu, tch::Kind::Float)?;
+            let adapter = idavlm::model::lora::adapter_dir(&checkpoint);
+            let mut note = String::new();
+            match (&adapter, merge) {
+                (Some(a), true) => {
+                    let (_, n) = idavlm::model::weights::apply_adapter(&params, a)?;
+                    note = format!(", {n} LoRA adapters merged");
+                }
+                (Some(a), false) => {
+                    let dst = out.join("adapter");
+                    std::fs::create_dir_all(&dst)?;
+                    for f in [idavlm::model::lora::ADAPTER_CONFIG, idavlm::model::lora::ADAPTER_WEIGHTS] {
+                        std::fs::copy(a.join(f), dst.join(f)).with_context(|| format!("copying {}", a.join(f).display()))?;
+                    }
+                    note = format!(", the LoRA adapter (PEFT layout) in {}", dst.display());
+                }
+                (None, true) => note = " (no LoRA adapter to merge)".into(),
+                (None, false) => {}
+            }
             idavlm::model::weights::save_params(&params, &out, tch::Kind::BFloat16, 4 << 30)?;
             std::fs::write(out.join("config.json"), serde_json::to_vec_pretty(&cfg)?)?;
-            println!("wrote {} in the Hugging Face layout (bf16)", out.display());
+            println!("wrote {} in the Hugging Face layout (bf16){note}", out.display());
             Ok(0)
         }
     }

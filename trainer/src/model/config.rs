@@ -53,6 +53,9 @@ pub struct ModelConfig {
     /// IDA-VLM's ID-Former (`transformer.visual.attn_pool.attn1`); not in the HF file, set by the recipe.
     #[serde(default)]
     pub id_former: bool,
+    /// LoRA adapters on LLM block linears (set by the recipe; never part of the HF file).
+    #[serde(skip)]
+    pub lora: Option<super::lora::LoraSpec>,
 }
 
 fn default_eps() -> f64 {
@@ -90,6 +93,7 @@ impl ModelConfig {
                 n_queries: 256,
             },
             id_former: false,
+            lora: None,
         }
     }
 
@@ -117,6 +121,7 @@ impl ModelConfig {
                 n_queries: 256,
             },
             id_former: false,
+            lora: None,
         }
     }
 

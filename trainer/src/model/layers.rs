@@ -2,16 +2,21 @@
 
 use tch::{Kind, Tensor};
 
-/// `y = x W^T + b`.
+/// `y = x W^T + b`, plus a LoRA adapter's term when it has one.
 #[derive(Debug)]
 pub struct Linear {
     pub weight: Tensor,
     pub bias: Option<Tensor>,
+    pub lora: Option<super::lora::Adapter>,
 }
 
 impl Linear {
     pub fn forward(&self, x: &Tensor) -> Tensor {
-        x.linear(&self.weight, self.bias.as_ref())
+        let y = x.linear(&self.weight, self.bias.as_ref());
+        match &self.lora {
+            Some(a) => y + a.forward(x),
+            None => y,
+        }
     }
 }
 

@@ -8,6 +8,7 @@
 pub mod config;
 pub mod layers;
 pub mod llm;
+pub mod lora;
 pub mod params;
 pub mod resampler;
 pub mod vision;
@@ -69,6 +70,7 @@ pub fn init_tensor(spec: &ParamSpec, device: Device) -> Tensor {
         Init::Normal(std) => Tensor::randn(spec.shape.as_slice(), opts) * std,
         Init::Zeros => Tensor::zeros(spec.shape.as_slice(), opts),
         Init::Ones => Tensor::ones(spec.shape.as_slice(), opts),
+        Init::Uniform(bound) => Tensor::rand(spec.shape.as_slice(), opts) * (2.0 * bound) - bound,
         Init::SinCos2d => {
             let (n, d) = (spec.shape[0], spec.shape[1]);
             let grid = (n as f64).sqrt().round() as i64;
@@ -111,7 +113,7 @@ pub struct Head {
 pub type Getter<'a> = &'a dyn Fn(&str) -> Tensor;
 
 fn lin(g: Getter, p: &str, bias: bool) -> Linear {
-    Linear { weight: g(&format!("{p}.weight")), bias: bias.then(|| g(&format!("{p}.bias"))) }
+    Linear { weight: g(&format!("{p}.weight")), bias: bias.then(|| g(&format!("{p}.bias"))), lora: None }
 }
 fn ln(g: Getter, p: &str) -> LayerNorm {
     LayerNorm { weight: g(&format!("{p}.weight")), bias: g(&format!("{p}.bias")), eps: 1e-6 }
@@ -266,18 +268,32 @@ impl QwenVl {
         }
     }
 
-    /// LLM block `i` over tensors found by name (used to build blocks over flat ZeRO buffers too).
+    /// LLM block `i` over tensors found by name (used to build blocks over flat ZeRO buffers too), with
+    /// the LoRA adapters of `cfg.lora`.
     pub fn block_from(cfg: &ModelConfig, i: usize, g: Getter) -> QwenBlock {
         let p = format!("transformer.h.{i}");
         let eps = cfg.layer_norm_epsilon;
+        let lin = |m: &str, bias: bool| {
+            let module = format!("{p}.{m}");
+            let mut l = lin(g, &module, bias);
+            if let Some(spec) = cfg.lora.as_ref().filter(|s| s.adapts(&module)) {
+                l.lora = Some(lora::Adapter {
+                    a: g(&format!("{module}.lora_A.weight")),
+                    b: g(&format!("{module}.lora_B.weight")),
+                    scale: spec.scale(),
+                    dropout: spec.dropout,
+                });
+            }
+            l
+        };
         QwenBlock {
             ln_1: RmsNorm { weight: g(&format!("{p}.ln_1.weight")), eps },
-            c_attn: lin(g, &format!("{p}.attn.c_attn"), true),
-            c_proj: lin(g, &format!("{p}.attn.c_proj"), false),
+            c_attn: lin("attn.c_attn", true),
+            c_proj: lin("attn.c_proj", false),
             ln_2: RmsNorm { weight: g(&format!("{p}.ln_2.weight")), eps },
-            w1: lin(g, &format!("{p}.mlp.w1"), false),
-            w2: lin(g, &format!("{p}.mlp.w2"), false),
-            mlp_c_proj: lin(g, &format!("{p}.mlp.c_proj"), false),
+            w1: lin("mlp.w1", false),
+            w2: lin("mlp.w2", false),
+            mlp_c_proj: lin("mlp.c_proj", false),
             heads: cfg.num_attention_heads,
         }
     }

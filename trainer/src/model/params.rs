@@ -11,6 +11,8 @@ pub enum Init {
     Ones,
     /// The resampler's fixed 2-D sin-cos table.
     SinCos2d,
+    /// U(-bound, bound) (LoRA's A: PEFT's Kaiming-uniform with a = sqrt 5, bound 1/sqrt(fan_in)).
+    Uniform(f64),
 }
 
 /// Which part of the model a parameter belongs to (SPEC §1.6 rows).
@@ -22,6 +24,8 @@ pub enum Part {
     IdFormer,
     /// `ln_post` and `proj`.
     PostProj,
+    /// LoRA adapter factors (not part of the published model).
+    Lora,
 }
 
 #[derive(Clone, Debug, PartialEq)]
@@ -127,6 +131,23 @@ pub fn param_specs(cfg: &ModelConfig) -> Vec<ParamSpec> {
     b.block = None;
     b.add("transformer.ln_f.weight".into(), &[d], Init::Ones);
     b.linear("lm_head", d, cfg.vocab_size, false, STD);
+    // LoRA factors last, so that the base model's tensors (and their seeded init) do not depend on them.
+    if let Some(l) = &cfg.lora {
+        b.part = Part::Lora;
+        for i in 0..cfg.num_hidden_layers {
+            b.block = Some(i as usize);
+            for (m, _) in super::lora::BLOCK_LINEARS {
+                let module = format!("transformer.h.{i}.{m}");
+                if l.adapts(&module) {
+                    let w = b.out.iter().find(|s| s.name == format!("{module}.weight")).expect("block linear").shape.clone();
+                    let (dout, din) = (w[0], w[1]);
+                    b.add(format!("{module}.lora_A.weight"), &[l.r, din], Init::Uniform(1.0 / (din as f64).sqrt()));
+                    b.add(format!("{module}.lora_B.weight"), &[dout, l.r], Init::Zeros);
+                }
+            }
+        }
+        b.block = None;
+    }
     b.out
 }
 

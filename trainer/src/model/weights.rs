@@ -67,6 +67,8 @@ fn tensor_from_view(view: &TensorView<'_>, file: &Path, name: &str) -> Result<Te
 #[derive(Debug, Default)]
 pub struct LoadReport {
     pub created_id_former: Vec<String>,
+    /// LoRA factors created because the checkpoint has none.
+    pub created_lora: usize,
 }
 
 /// Loads weights for `cfg` from a HF checkpoint into `kind` on `device`.
@@ -120,6 +122,11 @@ pub fn load_hf(path: &Path, cfg: &ModelConfig, device: Device, kind: Kind) -> Re
             // IDA-VLM's ID-Former is new in stage 2: created with its init rule (zero out_proj).
             tracing::info!("{}: not in the checkpoint, created ({:?})", spec.name, spec.init);
             report.created_id_former.push(spec.name.clone());
+            tensors[i] = Some(tch::no_grad(|| init_tensor(spec, device).to_kind(kind)));
+        } else if spec.part == Part::Lora {
+            // New adapters on a base model: A drawn (from libtorch's generator, seeded by the caller),
+            // B zero, so the adapted model starts as the base.
+            report.created_lora += 1;
             tensors[i] = Some(tch::no_grad(|| init_tensor(spec, device).to_kind(kind)));
         } else {
             missing.push(spec.name.clone());
@@ -360,4 +367,69 @@ pub fn save_hf(named: &[(String, Tensor)], dir: &Path, kind: Kind, max_shard_byt
 pub fn save_params(params: &ParamSet, dir: &Path, kind: Kind, max_shard_bytes: usize) -> Result<()> {
     let named: Vec<(String, Tensor)> = params.iter().map(|(s, t)| (s.name.clone(), t.shallow_clone())).collect();
     save_hf(&named, dir, kind, max_shard_bytes)
+}
+
+/// Applies a PEFT LoRA adapter folder (`adapter_config.json`, `adapter_model.safetensors`) to `params`:
+/// each factor pair goes into the model's own factors when it has them (a LoRA run resuming from its
+/// adapters), and is merged into the base weight (`W + (alpha/r) B A`) when it has not; the weights of
+/// modules trained in full replace the model's. Every key must land somewhere. Returns
+/// (factor pairs loaded, pairs merged).
+pub fn apply_adapter(params: &ParamSet, dir: &Path) -> Result<(usize, usize)> {
+    use super::lora;
+    let cfg_path = dir.join(lora::ADAPTER_CONFIG);
+    let text = std::fs::read_to_string(&cfg_path).map_err(|e| Error::io(&cfg_path, e))?;
+    let v: serde_json::Value = serde_json::from_str(&text).map_err(|e| Error::weights(&cfg_path, e.to_string()))?;
+    let spec = lora::LoraSpec::from_peft_config(&v).map_err(|e| Error::weights(&cfg_path, e))?;
+    let file = dir.join(lora::ADAPTER_WEIGHTS);
+    let bytes = std::fs::read(&file).map_err(|e| Error::io(&file, e))?;
+    let st =
+        SafeTensors::deserialize(&bytes).map_err(|e| Error::weights(&file, format!("not a readable safetensors file: {e}")))?;
+    let mut factors: HashMap<String, Tensor> = HashMap::new();
+    for (key, view) in st.tensors() {
+        let name = lora::from_peft_key(&key)
+            .ok_or_else(|| Error::weights(&file, format!("{key}: not a PEFT key (base_model.model.*)")))?;
+        let t = tensor_from_view(&view, &file, &key)?;
+        if lora::is_adapter(name) {
+            factors.insert(name.to_string(), t);
+        } else {
+            let p =
+                params.position(name).ok_or_else(|| Error::weights(&file, format!("{key}: no such parameter in this model")))?;
+            let dst = &params.tensors[p];
+            if dst.size() != t.size() {
+                return Err(Error::weights(&file, format!("{key}: shape {:?}, the model has {:?}", t.size(), dst.size())));
+            }
+            tch::no_grad(|| dst.shallow_clone().copy_(&t));
+        }
+    }
+    let (mut loaded, mut merged) = (0, 0);
+    let modules: std::collections::BTreeSet<String> =
+        factors.keys().filter_map(|k| k.split_once(".lora_").map(|(m, _)| m.to_string())).collect();
+    for m in modules {
+        let get = |w: &str| {
+            factors.get(&format!("{m}.lora_{w}.weight")).ok_or_else(|| Error::weights(&file, format!("{m}: lora_{w} missing")))
+        };
+        let (a, b) = (get("A")?, get("B")?);
+        let (an, bn) = (format!("{m}.lora_A.weight"), format!("{m}.lora_B.weight"));
+        if let (Some(pa), Some(pb)) = (params.position(&an), params.position(&bn)) {
+            for (p, t, n) in [(pa, a, &an), (pb, b, &bn)] {
+                let dst = &params.tensors[p];
+                if dst.size() != t.size() {
+                    return Err(Error::weights(
+                        &file,
+                        format!("{n}: shape {:?}, the model has {:?} (another r?)", t.size(), dst.size()),
+                    ));
+                }
+                tch::no_grad(|| dst.shallow_clone().copy_(t));
+            }
+            loaded += 1;
+        } else {
+            let wn = format!("{m}.weight");
+            let p = params.position(&wn).ok_or_else(|| Error::weights(&file, format!("{m}: no such linear in this model")))?;
+            let w = &params.tensors[p];
+            let out = lora::merged(w, &a.to_device(w.device()), &b.to_device(w.device()), spec.scale());
+            tch::no_grad(|| w.shallow_clone().copy_(&out));
+            merged += 1;
+        }
+    }
+    Ok((loaded, merged))
 }

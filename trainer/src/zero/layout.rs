@@ -64,7 +64,7 @@ pub struct Layout {
     pub buckets: Vec<Bucket>,
 }
 
-fn role_of(spec: &ParamSpec) -> Role {
+pub fn role_of(spec: &ParamSpec) -> Role {
     match (spec.block, spec.part) {
         (Some(i), _) => Role::Block(i),
         (None, Part::Llm) if spec.name.starts_with("lm_head") || spec.name.starts_with("transformer.ln_f") => Role::Head,

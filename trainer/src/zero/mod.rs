@@ -24,6 +24,7 @@ use crate::model::{ModelConfig, ParamSet, ParamSpec};
 use crate::optim::{clip_coef, AdamW};
 use crate::profile;
 pub use crate::recipe::ZeroStage;
+use crate::recipe::{glob_match, OptimizerGroup};
 pub use layout::{Bucket, Layout, Role};
 
 /// Outcome of one optimizer step.
@@ -64,10 +65,20 @@ pub struct Sharded {
     /// Compute dtype of parameters and activations.
     pub kind: Kind,
     pub rank: usize,
+    /// Frozen parameters kept whole on every rank (the vision tower; every frozen one under stages 1/2).
     frozen: HashMap<String, Tensor>,
-    /// name -> (bucket, entry index).
+    /// Stage 3: frozen parameters of the LLM blocks and head (LoRA's base weights), packed per role
+    /// like the trained ones and partitioned: this rank's shard of each bucket. Gathered with their
+    /// role's trained bucket; no gradient, no optimizer state.
+    frozen_layout: Layout,
+    frozen_shards: Vec<Tensor>,
+    /// name -> (bucket, entry index), of trained and of partitioned frozen parameters.
     where_is: HashMap<String, (usize, usize)>,
+    frozen_where: HashMap<String, (usize, usize)>,
     buckets: Vec<BucketState>,
+    /// Per trained bucket, runs of this rank's shard with their own lr factor and weight decay
+    /// (`optimizer.groups`); empty: the whole shard takes the top-level values.
+    groups: Vec<Vec<Segment>>,
     pub master: Vec<Tensor>,
     pub exp_avg: Vec<Tensor>,
     pub exp_avg_sq: Vec<Tensor>,
@@ -82,13 +93,25 @@ pub struct Sharded {
 /// A started gather of one bucket's parameters (see [`Sharded::prefetch`]); empty when the role has no
 /// trained bucket. Turned into parameters by [`Sharded::take`], which waits for the collective.
 #[must_use = "a prefetch holds its buffer until taken"]
-pub struct Prefetch(Option<(usize, Tensor, InFlight)>);
+pub struct Prefetch {
+    trained: Option<(usize, Tensor, InFlight)>,
+    frozen: Option<(usize, Tensor, InFlight)>,
+}
 
 impl Prefetch {
     /// Nothing to gather.
     pub fn none() -> Self {
-        Self(None)
+        Self { trained: None, frozen: None }
     }
+}
+
+/// A run of a shard optimised with its own lr factor (group lr / optimizer.lr) and weight decay.
+#[derive(Clone, Copy, Debug, PartialEq)]
+struct Segment {
+    start: i64,
+    len: i64,
+    lr_scale: f64,
+    weight_decay: f64,
 }
 
 /// How gathered parameters are used.
@@ -106,11 +129,25 @@ pub enum Use {
 pub struct BucketParams {
     bucket: Option<usize>,
     tensors: Vec<Tensor>,
+    /// The role's partitioned frozen parameters (stage 3), as views.
+    frozen: Option<(usize, Vec<Tensor>)>,
+}
+
+impl BucketParams {
+    /// The trained parameters, in the bucket's entry order (empty when the role has no trained bucket).
+    pub fn tensors(&self) -> &[Tensor] {
+        &self.tensors
+    }
 }
 
 /// Gradient reduce-scatters allowed in flight at once: each overlaps the backward of the blocks after
 /// it, and each holds its bucket's f32 gradient until it completes.
 const MAX_IN_FLIGHT: usize = 2;
+
+/// A bucket's parameters as views of its flat buffer.
+fn views_of(b: &Bucket, flat: &Tensor) -> Vec<Tensor> {
+    b.entries.iter().map(|e| flat.narrow(0, e.offset as i64, e.numel as i64).view(e.shape.as_slice())).collect()
+}
 
 fn flat_of(b: &Bucket, params: &ParamSet, kind: Kind, device: Device) -> Tensor {
     let flat = Tensor::zeros([b.padded as i64], (kind, device));
@@ -161,13 +198,25 @@ impl Sharded {
             };
             buckets.push(BucketState { weights, grads });
         }
+        // Stage 3 also partitions the frozen parameters of the blocks and the head.
+        let partition_frozen = |s: &ParamSpec| stage == ZeroStage::Three && !trainable(s) && layout::role_of(s) != Role::Stem;
+        let frozen_layout = layout::layout(&params.specs, &partition_frozen, world);
+        let mut frozen_where = HashMap::new();
+        let mut frozen_shards = Vec::new();
+        for (bi, b) in frozen_layout.buckets.iter().enumerate() {
+            for (ei, e) in b.entries.iter().enumerate() {
+                frozen_where.insert(e.name.clone(), (bi, ei));
+            }
+            frozen_shards.push(flat_of(b, &params, kind, device).narrow(0, (rank * b.shard) as i64, b.shard as i64).copy());
+        }
         let frozen = params
             .specs
             .iter()
             .zip(params.tensors)
-            .filter(|(s, _)| !where_is.contains_key(&s.name))
+            .filter(|(s, _)| !where_is.contains_key(&s.name) && !frozen_where.contains_key(&s.name))
             .map(|(s, t)| (s.name.clone(), t))
             .collect();
+        let n_buckets = layout.buckets.len();
         Self {
             stage,
             layout,
@@ -177,7 +226,11 @@ impl Sharded {
             kind,
             rank,
             frozen,
+            frozen_layout,
+            frozen_shards,
             where_is,
+            frozen_where,
+            groups: vec![Vec::new(); n_buckets],
             buckets,
             master,
             exp_avg,
@@ -188,13 +241,72 @@ impl Sharded {
         }
     }
 
+    /// Per-module learning rates and weight decay (`optimizer.groups`): the first group whose glob
+    /// matches a parameter sets its values; the rest keep `base_lr` and `base_wd`. Padding follows the
+    /// top-level values (its gradient is zero).
+    pub fn set_groups(&mut self, groups: &[OptimizerGroup], base_lr: f64, base_wd: f64) {
+        if groups.is_empty() {
+            return;
+        }
+        let of = |name: &str| -> (f64, f64) {
+            match groups.iter().find(|g| glob_match(&g.pattern, name)) {
+                Some(g) => (g.lr.map_or(1.0, |lr| lr / base_lr), g.weight_decay.unwrap_or(base_wd)),
+                None => (1.0, base_wd),
+            }
+        };
+        for (b, bk) in self.layout.buckets.iter().enumerate() {
+            let (r0, r1) = (self.rank * bk.shard, (self.rank + 1) * bk.shard);
+            let mut runs: Vec<Segment> = Vec::new();
+            let mut push = |start: usize, end: usize, (lr_scale, weight_decay): (f64, f64)| {
+                if end <= start {
+                    return;
+                }
+                match runs.last_mut() {
+                    Some(l)
+                        if l.lr_scale == lr_scale && l.weight_decay == weight_decay && (l.start + l.len) as usize == start =>
+                    {
+                        l.len += (end - start) as i64
+                    }
+                    _ => runs.push(Segment { start: start as i64, len: (end - start) as i64, lr_scale, weight_decay }),
+                }
+            };
+            let mut at = r0;
+            for e in &bk.entries {
+                let (s, t) = (e.offset.max(r0), (e.offset + e.numel).min(r1));
+                if s >= t {
+                    continue;
+                }
+                push(at - r0, s - r0, (1.0, base_wd));
+                push(s - r0, t - r0, of(&e.name));
+                at = t;
+            }
+            push(at - r0, r1 - r0, (1.0, base_wd));
+            self.groups[b] = runs;
+        }
+    }
+
     /// Starts gathering the parameters of `role`'s bucket: an asynchronous all-gather under stage 3
     /// (overlapping whatever the caller computes until [`Self::take`]); the kept buffer under stages
     /// 1/2; nothing when `role` has no trained bucket.
     pub fn prefetch(&self, comm: &dyn Communicator, role: Role) -> Result<Prefetch> {
-        let Some(b) = self.layout.bucket_index(&role) else { return Ok(Prefetch(None)) };
-        let (flat, f) = self.gather_async(comm, b)?;
-        Ok(Prefetch(Some((b, flat, f))))
+        let trained = match self.layout.bucket_index(&role) {
+            Some(b) => {
+                let (flat, f) = self.gather_async(comm, b)?;
+                Some((b, flat, f))
+            }
+            None => None,
+        };
+        let frozen = match self.frozen_layout.bucket_index(&role) {
+            Some(b) => {
+                let bk = &self.frozen_layout.buckets[b];
+                let out = Tensor::empty([bk.padded as i64], (self.kind, self.device));
+                let bytes = (bk.padded * self.kind.elt_size_in_bytes()) as f64;
+                let f = profile::time(profile::ALL_GATHER, bytes, || comm.all_gather_async(&self.frozen_shards[b], &out))?;
+                Some((b, out, f))
+            }
+            None => None,
+        };
+        Ok(Prefetch { trained, frozen })
     }
 
     /// Waits for a prefetch and returns its parameters for `usage`.
@@ -203,14 +315,21 @@ impl Sharded {
     /// every parameter's gradient to a zero-filled tensor of the whole bucket before accumulating it
     /// (measured: ~1.3 s of a 7.3 s W1 step on 4 x H100, and the largest memory peak).
     pub fn take(&self, comm: &dyn Communicator, p: Prefetch, usage: Use) -> Result<BucketParams> {
-        let Some((b, flat, f)) = p.0 else { return Ok(BucketParams::default()) };
+        let frozen = match p.frozen {
+            Some((b, flat, f)) => {
+                comm.wait(f)?;
+                Some((b, views_of(&self.frozen_layout.buckets[b], &flat)))
+            }
+            None => None,
+        };
+        let Some((b, flat, f)) = p.trained else { return Ok(BucketParams { frozen, ..Default::default() }) };
         comm.wait(f)?;
-        let views = self.views(b, &flat);
+        let views = views_of(&self.layout.buckets[b], &flat);
         let tensors = match usage {
             Use::Views => views,
             Use::Leaves => views.into_iter().map(|v| v.detach().set_requires_grad(true)).collect(),
         };
-        Ok(BucketParams { bucket: Some(b), tensors })
+        Ok(BucketParams { bucket: Some(b), tensors, frozen })
     }
 
     /// [`Self::prefetch`] and [`Self::take`] at once.
@@ -219,20 +338,18 @@ impl Sharded {
         self.take(comm, p, usage)
     }
 
-    /// Bucket `b`'s parameters as views of its flat buffer.
-    fn views(&self, b: usize, flat: &Tensor) -> Vec<Tensor> {
-        self.layout.buckets[b]
-            .entries
-            .iter()
-            .map(|e| flat.narrow(0, e.offset as i64, e.numel as i64).view(e.shape.as_slice()))
-            .collect()
-    }
-
     /// A name -> tensor getter over frozen parameters and the given buckets' parameters.
     pub fn getter<'a>(&'a self, buckets: &'a [&'a BucketParams]) -> impl Fn(&str) -> Tensor + 'a {
         move |name: &str| {
             if let Some(t) = self.frozen.get(name) {
                 return t.shallow_clone();
+            }
+            if let Some((b, e)) = self.frozen_where.get(name) {
+                let p = buckets
+                    .iter()
+                    .find_map(|p| p.frozen.as_ref().filter(|(fb, _)| fb == b))
+                    .unwrap_or_else(|| panic!("frozen bucket of {name} not gathered"));
+                return p.1[*e].shallow_clone();
             }
             let (b, e) = self.where_is.get(name).unwrap_or_else(|| panic!("parameter {name} is neither frozen nor trainable"));
             let p = buckets.iter().find(|p| p.bucket == Some(*b)).unwrap_or_else(|| panic!("bucket of {name} not gathered"));
@@ -352,7 +469,16 @@ impl Sharded {
         self.adam_step += 1;
         for b in 0..self.layout.buckets.len() {
             let g = if coef < 1.0 { &self.grad_shard[b] * coef } else { self.grad_shard[b].shallow_clone() };
-            opt.update(&mut self.master[b], &g, &mut self.exp_avg[b], &mut self.exp_avg_sq[b], lr, self.adam_step);
+            if self.groups[b].is_empty() {
+                opt.update(&mut self.master[b], &g, &mut self.exp_avg[b], &mut self.exp_avg_sq[b], lr, self.adam_step);
+            } else {
+                for s in &self.groups[b] {
+                    let part = |t: &Tensor| t.narrow(0, s.start, s.len);
+                    let g = part(&g);
+                    let (mut p, mut m, mut v) = (part(&self.master[b]), part(&self.exp_avg[b]), part(&self.exp_avg_sq[b]));
+                    opt.update_with(&mut p, &g, &mut m, &mut v, lr * s.lr_scale, s.weight_decay, self.adam_step);
+                }
+            }
             let _ = tch::no_grad(|| self.grad_shard[b].zero_());
         }
         self.refresh_params(comm)?;
@@ -373,20 +499,28 @@ impl Sharded {
         Ok(())
     }
 
-    /// Visits every parameter of the model (compute dtype, on the device): frozen ones, then each
-    /// trainable bucket gathered one at a time (a collective under stage 3: every rank calls this), so
-    /// at most one gathered bucket exists at once.
+    /// Visits every parameter of the model (compute dtype, on the device): frozen replicated ones, then
+    /// role by role the trained and partitioned frozen ones, gathered one role at a time (a collective
+    /// under stage 3: every rank calls this), so at most one role's buckets exist at once.
     pub fn visit_full(&self, comm: &dyn Communicator, f: &mut dyn FnMut(&str, &Tensor) -> Result<()>) -> Result<()> {
         for s in &self.specs {
             if let Some(t) = self.frozen.get(&s.name) {
                 f(&s.name, t)?;
             }
         }
-        for (b, bk) in self.layout.buckets.iter().enumerate() {
-            let p = self.gather_now(comm, bk.role.clone(), Use::Views)?;
-            debug_assert_eq!(p.bucket, Some(b));
-            for (e, v) in bk.entries.iter().zip(&p.tensors) {
-                f(&e.name, v)?;
+        let roles: std::collections::BTreeSet<Role> =
+            self.layout.buckets.iter().chain(&self.frozen_layout.buckets).map(|b| b.role.clone()).collect();
+        for role in roles {
+            let p = self.gather_now(comm, role, Use::Views)?;
+            if let Some(b) = p.bucket {
+                for (e, v) in self.layout.buckets[b].entries.iter().zip(&p.tensors) {
+                    f(&e.name, v)?;
+                }
+            }
+            if let Some((b, views)) = &p.frozen {
+                for (e, v) in self.frozen_layout.buckets[*b].entries.iter().zip(views) {
+                    f(&e.name, v)?;
+                }
             }
         }
         Ok(())
