@@ -6,7 +6,7 @@
 #                                                        # (PEER_FLAGS="--ac none --compile": the peer's fastest setting)
 #   bash scripts/gpu-experiment.sh ckpt [ZERO...]        # checkpoint stall and write speed, 4-layer model, raw disk speed
 #   bash scripts/gpu-experiment.sh lora [LAYERS]         # W1 with LoRA on one GPU (LAYERS LLM layers, default 32)
-# Logs and a table go to $OUT (or ./gpu-out).
+# OURS_FLAGS: extra flags of `idavlm-worker bench` (e.g. "--ac auto"). Logs and a table go to $OUT (or ./gpu-out).
 set -uo pipefail
 OUT=${OUT:-$PWD/gpu-out}
 mkdir -p "$OUT"
@@ -29,7 +29,7 @@ bench_ours() { # world layers zero [alloc-conf]
   mem_start "$OUT/$tag.mem"
   for ((r = 0; r < w; r++)); do
     env ${alloc:+PYTORCH_CUDA_ALLOC_CONF=$alloc} RANK=$r WORLD_SIZE=$w LOCAL_RANK=$r MASTER_ADDR=127.0.0.1 MASTER_PORT=$port \
-      idavlm-worker bench --layers "$layers" --zero "$zero" --steps 3 >"$OUT/$tag.r$r.json" 2>"$OUT/$tag.r$r.log" &
+      idavlm-worker bench --layers "$layers" --zero "$zero" --steps 3 ${OURS_FLAGS:-} >"$OUT/$tag.r$r.json" 2>"$OUT/$tag.r$r.log" &
     pids+=($!)
   done
   local rc=0

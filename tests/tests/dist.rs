@@ -77,10 +77,12 @@ fn zero_1_2_3_on_2_and_3_ranks_equal_one_process() {
     }
     // Without recomputation (every block keeps its graph) the step is the same, also under ZeRO-3
     // where the gathered parameters of every block stay alive until its backward.
-    for (world, stage) in [(1, 2u8), (2, 3)] {
-        let name = format!("w{world}z{stage}-keep-activations");
+    // With one of the two blocks kept (`activation_checkpointing: 1`), block 0's ZeRO-3 gather for its
+    // recompute is prefetched across block 1's backward.
+    for (world, stage, keep) in [(1, 2u8, "false"), (2, 3, "false"), (2, 3, "1")] {
+        let name = format!("w{world}z{stage}-keep-{keep}");
         let r = setup(d.path(), &name, &data, 6, world, stage, 3);
-        run_ok(launch(&r, world, &["--set", "activation_checkpointing=false"]));
+        run_ok(launch(&r, world, &["--set", &format!("activation_checkpointing={keep}")]));
         assert_losses_close(&losses(&r.with_file_name("metrics.jsonl")), &want_losses, &name);
         assert_close(&state(&r.with_file_name("ckpt").join("step-00000003")), &want, &name);
     }

@@ -11,6 +11,7 @@ use tch::{Device, Kind, Tensor};
 use crate::comm::Communicator;
 use crate::error::Result;
 use crate::flops;
+use crate::memplan::{Checkpointing, Planner};
 use crate::model::{ModelConfig, ModelInput, ParamSet};
 use crate::optim::AdamW;
 use crate::plan::{compute_kind, Trainable};
@@ -31,6 +32,8 @@ pub struct W1 {
     pub steps: usize,
     pub zero: ZeroStage,
     pub id_former: bool,
+    /// Activation recomputation: `auto` plans from the memory in use after the first (warm-up) step.
+    pub ac: Checkpointing,
     /// LoRA with the original Qwen-VL script's settings (r 64, alpha 16, dropout 0.05, c_attn,
     /// attn.c_proj, w1, w2; wte and lm_head in full) instead of full fine-tuning.
     pub lora: bool,
@@ -39,6 +42,8 @@ pub struct W1 {
 #[derive(Debug, Serialize)]
 pub struct W1Result {
     pub system: String,
+    /// LLM blocks recomputed in the backward of each micro-batch (after the warm-up step).
+    pub recomputed_blocks: usize,
     pub gpus: usize,
     pub gpu: String,
     pub layers: i64,
@@ -163,6 +168,7 @@ pub fn run(w: &W1, comm: &dyn Communicator, device: Device, gpu_name: &str) -> R
             tch::Cuda::synchronize(i as i64);
         }
     };
+    let mut planner = Planner::new(w.ac, &cfg, w.zero, st.kind.elt_size_in_bytes(), st.block_numel(), None);
     let mut times = Vec::new();
     let mut opt_times = Vec::new();
     for step in 0..w.steps {
@@ -170,8 +176,10 @@ pub fn run(w: &W1, comm: &dyn Communicator, device: Device, gpu_name: &str) -> R
         comm.barrier()?;
         let t0 = Instant::now();
         let mut loss = 0.0;
+        let recomputed = planner.recomputed(w.micro, w.seq);
+        planner.log_once(w.micro, w.seq);
         for _ in 0..w.accum {
-            loss = forward_backward(&mut st, comm, &cfg, &input, scale, true, 0)?;
+            loss = forward_backward(&mut st, comm, &cfg, &input, scale, recomputed, 0)?;
         }
         sync();
         let t1 = Instant::now();
@@ -180,6 +188,7 @@ pub fn run(w: &W1, comm: &dyn Communicator, device: Device, gpu_name: &str) -> R
         sync();
         let dt = t0.elapsed().as_secs_f64();
         opt_times.push(t1.elapsed().as_secs_f64());
+        planner.calibrate(comm, device)?;
         times.push(dt);
         if comm.rank() == 0 {
             eprintln!("step {step} loss {loss:.4} time {dt:.2}s (optimizer + reduce {:.2}s)", t1.elapsed().as_secs_f64());
@@ -192,8 +201,9 @@ pub fn run(w: &W1, comm: &dyn Communicator, device: Device, gpu_name: &str) -> R
     crate::profile::enable(true, device);
     sync();
     let t0 = Instant::now();
+    let recomputed = planner.recomputed(w.micro, w.seq);
     for _ in 0..w.accum {
-        forward_backward(&mut st, comm, &cfg, &input, scale, true, 0)?;
+        forward_backward(&mut st, comm, &cfg, &input, scale, recomputed, 0)?;
     }
     st.finish_grads(comm)?;
     crate::profile::time(crate::profile::OPTIMIZER, 0.0, || st.step(comm, &opt, 5e-6, Some(1.0)))?;
@@ -219,7 +229,8 @@ pub fn run(w: &W1, comm: &dyn Communicator, device: Device, gpu_name: &str) -> R
     comm.all_gather(&pk, &all)?;
     let peak_all = Vec::<f32>::try_from(all.to_device(Device::Cpu)).expect("peaks").into_iter().fold(0f32, f32::max) as f64;
     Ok(W1Result {
-        system: format!("idavlm-zero{}{}", w.zero, if w.lora { "-lora" } else { "" }),
+        system: format!("idavlm-zero{}{}-ac-{:?}", w.zero, if w.lora { "-lora" } else { "" }, w.ac).to_lowercase(),
+        recomputed_blocks: planner.recomputed(w.micro, w.seq),
         gpus: comm.world(),
         gpu: gpu_name.to_string(),
         layers: w.layers,

@@ -16,6 +16,7 @@ pub mod comm;
 pub mod error;
 pub mod flops;
 pub mod infer;
+pub mod memplan;
 pub mod model;
 pub mod optim;
 pub mod plan;

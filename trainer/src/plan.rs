@@ -11,7 +11,7 @@ use crate::error::{Error, Result};
 use crate::model::lora::LoraSpec;
 use crate::model::weights::load_hf;
 use crate::model::{ModelConfig, ParamSet, ParamSpec, Part};
-use crate::recipe::{glob_match, Dtype, LengthSection, Recipe, TrainableSection, ZeroStage};
+use crate::recipe::{glob_match, Checkpointing, Dtype, LengthSection, Recipe, TrainableSection, ZeroStage};
 
 /// The trainable parameters.
 #[derive(Clone, Debug, PartialEq)]
@@ -53,7 +53,7 @@ pub struct Plan {
     pub device: Device,
     pub trainable: Trainable,
     pub stage: ZeroStage,
-    pub checkpointing: bool,
+    pub checkpointing: Checkpointing,
     length: LengthSection,
 }
 

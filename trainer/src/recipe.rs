@@ -26,8 +26,12 @@ pub struct Recipe {
     #[serde(default)]
     pub schedule: ScheduleSection,
     pub batch: BatchSection,
-    #[serde(default = "yes")]
-    pub activation_checkpointing: bool,
+    /// `auto` (keep as many blocks' activations as fit, recompute the rest; full recomputation on
+    /// CPUs), `full` or `none`; `true` / `false` read as `full` / `none`.
+    #[serde(default)]
+    pub activation_checkpointing: Checkpointing,
+    #[serde(default)]
+    pub memory: MemorySection,
     #[serde(default)]
     pub zero: ZeroSection,
     pub checkpoint: CheckpointSection,
@@ -44,6 +48,62 @@ pub struct Recipe {
     /// LoRA adapters instead of full fine-tuning (the `trainable` section then does not apply).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub lora: Option<LoraSection>,
+}
+
+/// `activation_checkpointing` in recipes (see [`crate::memplan`]): `auto`, `full`, `none` or a number of blocks to keep (`true`
+/// and `false` are read as `full` and `none`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub enum Checkpointing {
+    #[default]
+    Auto,
+    Full,
+    None,
+    /// Keep the last N blocks' graphs, recompute the others.
+    Keep(usize),
+}
+
+impl Serialize for Checkpointing {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> std::result::Result<S::Ok, S::Error> {
+        match self {
+            Self::Auto => s.serialize_str("auto"),
+            Self::Full => s.serialize_str("full"),
+            Self::None => s.serialize_str("none"),
+            Self::Keep(n) => s.serialize_u64(*n as u64),
+        }
+    }
+}
+
+impl<'de> Deserialize<'de> for Checkpointing {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> std::result::Result<Self, D::Error> {
+        #[derive(Deserialize)]
+        #[serde(untagged)]
+        enum Raw {
+            Bool(bool),
+            Keep(u64),
+            Name(String),
+        }
+        match Raw::deserialize(d)? {
+            Raw::Bool(true) => Ok(Self::Full),
+            Raw::Bool(false) => Ok(Self::None),
+            Raw::Keep(n) => Ok(Self::Keep(n as usize)),
+            Raw::Name(n) => match n.as_str() {
+                "auto" => Ok(Self::Auto),
+                "full" => Ok(Self::Full),
+                "none" => Ok(Self::None),
+                o => Err(serde::de::Error::custom(format!("{o:?} is not auto, full, none or a number of blocks to keep"))),
+            },
+        }
+    }
+}
+
+/// Device memory the run may plan with.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+pub struct MemorySection {
+    /// GiB of device memory per GPU that `activation_checkpointing: auto` plans up to (default: the
+    /// card's memory less 4 GiB).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub limit_gib: Option<f64>,
 }
 
 /// LoRA fine-tuning, with the original Qwen-VL `finetune_lora_ds.sh` defaults.
@@ -692,6 +752,9 @@ impl Recipe {
                 return err("model.preset", format!("unknown preset {p:?} (known: tiny, qwen-vl-chat)"))
             }
             _ => {}
+        }
+        if let Some(g) = self.memory.limit_gib.filter(|g| !(g.is_finite() && *g > 0.0)) {
+            return err("memory.limit_gib", format!("{g} is not a finite positive number"));
         }
         if self.batch.micro == 0 {
             return err("batch.micro", "must be at least 1".into());

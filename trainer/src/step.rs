@@ -59,15 +59,16 @@ fn leaf(t: &Tensor) -> Tensor {
 /// Forward + backward of one micro-batch; gradients (scaled by `scale`) go to the strategy. Returns the
 /// unscaled loss (mean over the micro-batch's supervised tokens).
 ///
-/// With `checkpointing` every block is recomputed in the backward; without, every block keeps its graph.
-/// `dropout_seed` seeds LoRA's dropout per block, so that a recomputed block draws the same mask.
+/// Blocks `0..recomputed` keep only their input and are recomputed in the backward; the others keep
+/// their graph (see [`crate::memplan`]). `dropout_seed` seeds LoRA's dropout per block, so that a
+/// recomputed block draws the same mask.
 pub fn forward_backward(
     st: &mut Sharded,
     comm: &dyn Communicator,
     cfg: &ModelConfig,
     input: &ModelInput,
     scale: f64,
-    checkpointing: bool,
+    recomputed: usize,
     dropout_seed: u64,
 ) -> Result<f64> {
     let seed_block = |i: usize| {
@@ -84,15 +85,15 @@ pub fn forward_backward(
     let x0 = profile::time(profile::STEM_FWD, 0.0, || Stem::new(cfg, &st.getter(&[&stem])).forward(input));
     let rope = QwenVl::rope(cfg, input.input_ids.size()[1], device);
 
-    // Blocks forward. With checkpointing only each block's input is kept; without, each block keeps its
-    // graph (input leaf, parameter leaves, output). Block i+1's gather (ZeRO-3) runs while block i
+    // Blocks forward. A recomputed block keeps only its input; the others keep their graph (input leaf,
+    // parameter leaves, output). Block i+1's gather (ZeRO-3) runs while block i
     // computes, and the head's during the last block.
     let mut x = x0.detach();
     let mut kept: Vec<(Tensor, Option<(BucketParams, Tensor)>)> = Vec::with_capacity(layers);
     for i in 0..layers {
         let after = if i + 1 < layers { Role::Block(i + 1) } else { Role::Head };
         let cur = std::mem::replace(&mut next, st.prefetch(comm, after)?);
-        if checkpointing {
+        if i < recomputed {
             let p = st.take(comm, cur, Use::Views)?;
             let blk = QwenVl::block_from(cfg, i, &st.getter(&[&p]));
             seed_block(i);
@@ -114,7 +115,8 @@ pub fn forward_backward(
     // Head: loss and the gradient at the last block's output. The last block's gather for its
     // recompute (ZeRO-3) runs meanwhile.
     let head = st.take(comm, next, Use::Leaves)?;
-    let mut next = if checkpointing { st.prefetch(comm, Role::Block(layers - 1))? } else { Prefetch::none() };
+    // The gather of the last recomputed block (ZeRO-3) runs during the head and the kept blocks' backward.
+    let mut next = if recomputed > 0 { st.prefetch(comm, Role::Block(recomputed - 1))? } else { Prefetch::none() };
     let xl = leaf(&x);
     let loss_value = profile::time(profile::HEAD, 0.0, || {
         let loss = Head::new(cfg, &st.getter(&[&head])).loss(&xl, &input.labels);
@@ -132,6 +134,7 @@ pub fn forward_backward(
         let (xin, p, out) = match graph {
             Some((p, out)) => (input_i, p, out),
             None => {
+                debug_assert!(i < recomputed);
                 let before = if i > 0 { st.prefetch(comm, Role::Block(i - 1))? } else { Prefetch::none() };
                 let p = st.take(comm, std::mem::replace(&mut next, before), Use::Leaves)?;
                 let xin = leaf(&input_i);

@@ -13,6 +13,7 @@ use crate::checkpoint::{self, FolderLock, Saver, TrainerState};
 use crate::comm::Communicator;
 use crate::error::{Error, Result};
 use crate::flops;
+use crate::memplan::{Checkpointing, Planner};
 use crate::optim::{AdamW, Schedule};
 use crate::plan::Plan;
 use crate::recipe::{LossMean, Recipe};
@@ -134,6 +135,8 @@ pub struct Trainer<'a> {
     part_bytes: u64,
     /// The device's peak FLOP/s, for MFU.
     peak: Option<f64>,
+    /// Which blocks each micro-batch recomputes.
+    planner: Planner,
     resumed_from: Option<PathBuf>,
     summary: Summary,
     /// Rank 0 holds the checkpoint folder's lock for the whole run.
@@ -207,6 +210,12 @@ impl<'a> Trainer<'a> {
             }
         }
         let peak = if let Device::Cuda(i) = device { flops::device_peak(&cuda_name(i)) } else { None };
+        let mode = match (plan.checkpointing, device) {
+            (Checkpointing::Auto, Device::Cpu) => Checkpointing::Full,
+            (m, _) => m,
+        };
+        let planner =
+            Planner::new(mode, &plan.cfg, plan.stage, plan.kind.elt_size_in_bytes(), st.block_numel(), recipe.memory.limit_gib);
         let reporter = Reporter::new(recipe, rank, total_steps, ts.step, st.layout.trainable_numel(), st.layout.shard_numel())?;
         let stream = reader.stream(ts.step, ts.reader, recipe.data.prefetch_steps);
         Ok(Self {
@@ -224,6 +233,7 @@ impl<'a> Trainer<'a> {
             recipe_yaml: recipe.to_yaml(),
             part_bytes,
             peak,
+            planner,
             resumed_from,
             summary: Summary::default(),
             _lock: lock,
@@ -256,6 +266,7 @@ impl<'a> Trainer<'a> {
         debug_assert_eq!(data.step, self.ts.step);
         let local = self.micro_batches(&data)?;
         self.st.finish_grads(self.comm)?;
+        self.planner.calibrate(self.comm, self.plan.device)?;
         let k = self.ts.step + 1;
         let lr = self.schedule.lr_at(k);
         let stats = self.st.step(self.comm, &self.opt, lr, self.recipe.optimizer.clip_grad_norm)?;
@@ -319,14 +330,15 @@ impl<'a> Trainer<'a> {
         let mut sums = StepSums::default();
         for (j, mb) in data.micro_batches.iter().enumerate() {
             let input = model_input(mb, self.plan.cfg.visual.image_size, device);
+            self.planner.log_once(mb.batch.max(1), mb.seq);
+            let recomputed = self.planner.recomputed(mb.batch.max(1), mb.seq);
             let (scale, weight) = match global_tokens {
                 None => (1.0 / (self.recipe.batch.accum * world) as f64, 1.0),
                 Some(n) => (mb.supervised_tokens() as f64 / n, mb.supervised_tokens() as f64),
             };
             // LoRA dropout: a different mask per step, micro-batch and rank, the same in a block's recompute.
             let dropout_seed = mix(mix(mix(self.recipe.seed) ^ data.step) ^ ((j as u64) << 32 | self.comm.rank() as u64));
-            let loss =
-                forward_backward(&mut self.st, self.comm, &self.plan.cfg, &input, scale, self.plan.checkpointing, dropout_seed)?;
+            let loss = forward_backward(&mut self.st, self.comm, &self.plan.cfg, &input, scale, recomputed, dropout_seed)?;
             if mb.batch > 0 && weight > 0.0 {
                 let (l, w) = match mb.kind {
                     BatchKind::Id => (&mut sums.id_loss, &mut sums.id_weight),

@@ -72,6 +72,9 @@ enum Cmd {
         zero: ZeroStage,
         #[arg(long)]
         no_id_former: bool,
+        /// Activation recomputation: auto (keep what fits after the warm-up step), full or none.
+        #[arg(long, default_value = "full", value_parser = parse_ac)]
+        ac: idavlm::memplan::Checkpointing,
         /// LoRA with the original Qwen-VL script's settings (r 64, alpha 16, dropout 0.05 on c_attn,
         /// attn.c_proj, w1, w2; wte and lm_head trained in full) instead of full fine-tuning.
         #[arg(long)]
@@ -97,6 +100,10 @@ enum CommKind {
     Tcp,
     Mpi,
     Nccl,
+}
+
+fn parse_ac(s: &str) -> std::result::Result<idavlm::memplan::Checkpointing, String> {
+    serde_yaml_ng::from_str(s).map_err(|_| format!("{s:?} is not auto, full or none"))
 }
 
 fn parse_resume(s: &str) -> std::result::Result<Resume, String> {
@@ -240,7 +247,7 @@ fn run(cli: Cli) -> Result<i32> {
             println!("{}", serde_json::to_string_pretty(&count_params(&cfg))?);
             Ok(0)
         }
-        Cmd::Bench { layers, vit_layers, micro_batch, grad_accum, seq, images, steps, zero, no_id_former, lora } => {
+        Cmd::Bench { layers, vit_layers, micro_batch, grad_accum, seq, images, steps, zero, no_id_former, ac, lora } => {
             runtime::prepare_nccl();
             let info = RankInfo::from_env()?;
             let device = runtime::device_for(info.local_rank);
@@ -260,6 +267,7 @@ fn run(cli: Cli) -> Result<i32> {
                 zero,
                 id_former: !no_id_former,
                 lora,
+                ac,
             };
             let r = idavlm::bench::run(&w, comm.as_ref(), device, &name)?;
             if info.rank == 0 {

@@ -241,6 +241,13 @@ impl Sharded {
         }
     }
 
+    /// Parameters of LLM block 0 (trained and partitioned frozen ones): what a kept graph holds gathered
+    /// under ZeRO-3.
+    pub fn block_numel(&self) -> usize {
+        let r = Role::Block(0);
+        [&self.layout, &self.frozen_layout].iter().filter_map(|l| l.bucket_index(&r).map(|b| l.buckets[b].numel)).sum()
+    }
+
     /// Per-module learning rates and weight decay (`optimizer.groups`): the first group whose glob
     /// matches a parameter sets its values; the rest keep `base_lr` and `base_wd`. Padding follows the
     /// top-level values (its gradient is zero).
