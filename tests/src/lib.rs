@@ -76,6 +76,31 @@ length:\n  steps: 4\n{extra}",
     p
 }
 
+/// [`recipe`] in its own folder `root/name`, for `world` ranks at a global batch of `global` micro-batches
+/// of one sample, with the ZeRO stage and step count given and `extra` appended.
+#[allow(clippy::too_many_arguments)]
+pub fn sized_recipe(
+    root: &Path,
+    name: &str,
+    data: &Path,
+    global: usize,
+    world: usize,
+    stage: u8,
+    steps: u64,
+    extra: &str,
+) -> PathBuf {
+    let d = root.join(name);
+    std::fs::create_dir_all(&d).expect("recipe folder");
+    let r = recipe(&d, data, extra);
+    let t = std::fs::read_to_string(&r)
+        .expect("recipe")
+        .replace("  accum: 2", &format!("  accum: {}", global / world))
+        .replace("  stage: 2", &format!("  stage: {stage}"))
+        .replace("  steps: 4", &format!("  steps: {steps}"));
+    std::fs::write(&r, t).expect("write recipe");
+    r
+}
+
 /// Losses per step from a metrics JSONL file.
 pub fn losses(metrics: &Path) -> Vec<(u64, f64)> {
     std::fs::read_to_string(metrics)
@@ -147,6 +172,51 @@ pub fn read_f32(path: &Path) -> std::collections::BTreeMap<String, Vec<f32>> {
         .into_iter()
         .map(|(n, v)| (n, v.data().chunks_exact(4).map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]])).collect()))
         .collect()
+}
+
+/// Runs a command to success; returns its stderr (the failure message shows both streams).
+pub fn run_ok(mut c: Command) -> String {
+    let out = c.output().expect("run");
+    let err = String::from_utf8_lossy(&out.stderr).into_owned();
+    assert!(out.status.success(), "failed ({:?}):\n{err}\n{}", out.status.code(), String::from_utf8_lossy(&out.stdout));
+    err
+}
+
+/// Optimizer state of a checkpoint as full vectors (rank files concatenated in rank order).
+pub fn ckpt_state(ckpt: &Path) -> std::collections::BTreeMap<String, Vec<f32>> {
+    let m = idavlm::checkpoint::verify(ckpt).expect("checkpoint verifies");
+    let mut out: std::collections::BTreeMap<String, Vec<f32>> = Default::default();
+    for r in 0..m.world {
+        for (k, v) in read_f32(&ckpt.join(format!("rank-{r:05}-of-{:05}.safetensors", m.world))) {
+            out.entry(k).or_default().extend(v);
+        }
+    }
+    out
+}
+
+/// Equal key sets and, per key, max |a - b| <= 1e-5 of the largest |a|.
+pub fn assert_state_close(
+    a: &std::collections::BTreeMap<String, Vec<f32>>,
+    b: &std::collections::BTreeMap<String, Vec<f32>>,
+    what: &str,
+) {
+    assert_eq!(a.keys().collect::<Vec<_>>(), b.keys().collect::<Vec<_>>(), "{what}: keys");
+    for (k, va) in a {
+        let vb = &b[k];
+        assert_eq!(va.len(), vb.len(), "{what}: {k} length");
+        let scale = va.iter().fold(0f32, |m, x| m.max(x.abs())).max(1e-30);
+        let diff = va.iter().zip(vb).fold(0f32, |m, (x, y)| m.max((x - y).abs()));
+        assert!(diff / scale <= 1e-5, "{what}: {k} differs by {diff} (scale {scale})");
+    }
+}
+
+/// The same steps, each loss within 1e-5 relative.
+pub fn assert_losses_close(a: &[(u64, f64)], b: &[(u64, f64)], what: &str) {
+    assert_eq!(a.len(), b.len(), "{what}: step counts");
+    for (x, y) in a.iter().zip(b) {
+        assert_eq!(x.0, y.0, "{what}: steps");
+        assert!(((x.1 - y.1) / y.1).abs() <= 1e-5, "{what}: step {} loss {} vs {}", x.0, x.1, y.1);
+    }
 }
 
 /// Waits until a run has logged its first optimizer step (its metrics file has a line), at most `secs`.

@@ -1,59 +1,13 @@
-use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
-use idavlm_tests::{launch, losses, read_f32, recipe, synth, worker_train};
-
-fn run_ok(mut c: Command) -> String {
-    let out = c.output().unwrap();
-    let err = String::from_utf8_lossy(&out.stderr).into_owned();
-    assert!(out.status.success(), "failed ({:?}):\n{err}", out.status.code());
-    err
-}
-
-/// Optimizer state of a checkpoint as full vectors (rank files concatenated in rank order).
-fn state(ckpt: &Path) -> BTreeMap<String, Vec<f32>> {
-    let m = idavlm::checkpoint::verify(ckpt).unwrap();
-    let mut out: BTreeMap<String, Vec<f32>> = BTreeMap::new();
-    for r in 0..m.world {
-        for (k, v) in read_f32(&ckpt.join(format!("rank-{r:05}-of-{:05}.safetensors", m.world))) {
-            out.entry(k).or_default().extend(v);
-        }
-    }
-    out
-}
-
-fn assert_close(a: &BTreeMap<String, Vec<f32>>, b: &BTreeMap<String, Vec<f32>>, what: &str) {
-    assert_eq!(a.keys().collect::<Vec<_>>(), b.keys().collect::<Vec<_>>());
-    for (k, va) in a {
-        let vb = &b[k];
-        assert_eq!(va.len(), vb.len(), "{what}: {k} length");
-        let scale = va.iter().fold(0f32, |m, x| m.max(x.abs())).max(1e-30);
-        let diff = va.iter().zip(vb).fold(0f32, |m, (x, y)| m.max((x - y).abs()));
-        assert!(diff / scale <= 1e-5, "{what}: {k} differs by {diff} (scale {scale})");
-    }
-}
-
-fn assert_losses_close(a: &[(u64, f64)], b: &[(u64, f64)], what: &str) {
-    assert_eq!(a.len(), b.len(), "{what}: step counts");
-    for (x, y) in a.iter().zip(b) {
-        assert_eq!(x.0, y.0);
-        assert!(((x.1 - y.1) / y.1).abs() <= 1e-5, "{what}: step {} loss {} vs {}", x.0, x.1, y.1);
-    }
-}
+use idavlm_tests::{
+    assert_losses_close, assert_state_close, ckpt_state, launch, losses, recipe, run_ok, sized_recipe, synth, worker_train,
+};
 
 fn setup(root: &Path, name: &str, data: &Path, global: usize, world: usize, stage: u8, steps: u64) -> PathBuf {
-    let d = root.join(name);
-    std::fs::create_dir_all(&d).unwrap();
-    let r = recipe(&d, data, "");
-    let t = std::fs::read_to_string(&r)
-        .unwrap()
-        .replace("  accum: 2", &format!("  accum: {}", global / world))
-        .replace("  stage: 2", &format!("  stage: {stage}"))
-        .replace("  steps: 4", &format!("  steps: {steps}"));
-    std::fs::write(&r, t).unwrap();
-    r
+    sized_recipe(root, name, data, global, world, stage, steps, "")
 }
 
 #[test]
@@ -65,14 +19,14 @@ fn zero_1_2_3_on_2_and_3_ranks_equal_one_process() {
     let out = worker_train(&single, &[]);
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
     let want_losses = losses(&single.with_file_name("metrics.jsonl"));
-    let want = state(&single.with_file_name("ckpt").join("step-00000003"));
+    let want = ckpt_state(&single.with_file_name("ckpt").join("step-00000003"));
     for world in [2, 3] {
         for stage in [1u8, 2, 3] {
             let name = format!("w{world}z{stage}");
             let r = setup(d.path(), &name, &data, 6, world, stage, 3);
             run_ok(launch(&r, world, &[]));
             assert_losses_close(&losses(&r.with_file_name("metrics.jsonl")), &want_losses, &name);
-            assert_close(&state(&r.with_file_name("ckpt").join("step-00000003")), &want, &name);
+            assert_state_close(&ckpt_state(&r.with_file_name("ckpt").join("step-00000003")), &want, &name);
         }
     }
     // Without recomputation (every block keeps its graph) the step is the same, also under ZeRO-3
@@ -84,7 +38,7 @@ fn zero_1_2_3_on_2_and_3_ranks_equal_one_process() {
         let r = setup(d.path(), &name, &data, 6, world, stage, 3);
         run_ok(launch(&r, world, &["--set", &format!("activation_checkpointing={keep}")]));
         assert_losses_close(&losses(&r.with_file_name("metrics.jsonl")), &want_losses, &name);
-        assert_close(&state(&r.with_file_name("ckpt").join("step-00000003")), &want, &name);
+        assert_state_close(&ckpt_state(&r.with_file_name("ckpt").join("step-00000003")), &want, &name);
     }
     // Under mpirun: the launcher becomes each rank's worker; MPI carries the collectives when the build
     // has the `mpi` feature (make test builds it and sets IDAVLM_EXPECT_MPI=1).
@@ -98,7 +52,7 @@ fn zero_1_2_3_on_2_and_3_ranks_equal_one_process() {
             assert!(err.contains("backend=\"mpi\""), "{err}");
         }
         assert_losses_close(&losses(&r.with_file_name("metrics.jsonl")), &want_losses, "mpirun");
-        assert_close(&state(&r.with_file_name("ckpt").join("step-00000003")), &want, "mpirun");
+        assert_state_close(&ckpt_state(&r.with_file_name("ckpt").join("step-00000003")), &want, "mpirun");
     }
 }
 
@@ -141,9 +95,9 @@ fn zero_with_injection_on_2_and_3_ranks_equals_one_process() {
             .collect();
         assert!(general.contains(&true), "{name}: no general micro-batch was injected: {general:?}");
         assert_losses_close(&losses(&r.with_file_name("metrics.jsonl")), &want_losses, &name);
-        assert_close(
-            &state(&r.with_file_name("ckpt").join("step-00000003")),
-            &state(&single.with_file_name("ckpt").join("step-00000003")),
+        assert_state_close(
+            &ckpt_state(&r.with_file_name("ckpt").join("step-00000003")),
+            &ckpt_state(&single.with_file_name("ckpt").join("step-00000003")),
             &name,
         );
     }
@@ -165,9 +119,9 @@ fn resume_from_2_ranks_on_3_ranks_and_two_launchers_form_one_job() {
     let err = run_ok(launch(&r, 3, &[]));
     assert!(err.contains("written by 2 ranks"), "{err}");
     assert_losses_close(&losses(&r.with_file_name("metrics.jsonl")), &want, "2 -> 3 ranks");
-    assert_close(
-        &state(&r.with_file_name("ckpt").join("step-00000004")),
-        &state(&straight.with_file_name("ckpt").join("step-00000004")),
+    assert_state_close(
+        &ckpt_state(&r.with_file_name("ckpt").join("step-00000004")),
+        &ckpt_state(&straight.with_file_name("ckpt").join("step-00000004")),
         "2 -> 3 ranks",
     );
     // Multi-node path on loopback: two launchers, one rank each.

@@ -2,13 +2,15 @@
 //! layout and merge (with the `peft` package), grouped AdamW against torch.optim.AdamW, and LoRA under
 //! ZeRO-3 on 2 ranks against 1.
 
-use std::collections::BTreeMap;
 use std::path::Path;
 use std::process::Command;
 
 use idavlm::model::lora::{self, LoraSpec};
 use idavlm::model::{ModelConfig, ParamSet, QwenVl};
-use idavlm_tests::{launch, losses, python, read_f32, recipe, root, synth, worker_train};
+use idavlm_tests::{
+    assert_losses_close, assert_state_close, ckpt_state, launch, losses, python, read_f32, root, run_ok, sized_recipe, synth,
+    worker_train,
+};
 use tch::{Device, Kind, Tensor};
 
 use crate::model::{batch, rel_err};
@@ -126,58 +128,11 @@ fn lora_forward_and_backward_equal_the_explicit_merged_model() {
     }
 }
 
-fn run_ok(mut c: Command) -> String {
-    let out = c.output().unwrap();
-    let err = String::from_utf8_lossy(&out.stderr).into_owned();
-    assert!(out.status.success(), "failed ({:?}):\n{err}\n{}", out.status.code(), String::from_utf8_lossy(&out.stdout));
-    err
-}
-
-/// Optimizer state of a checkpoint as full vectors (rank files concatenated in rank order).
-fn state(ckpt: &Path) -> BTreeMap<String, Vec<f32>> {
-    let m = idavlm::checkpoint::verify(ckpt).unwrap();
-    let mut out: BTreeMap<String, Vec<f32>> = BTreeMap::new();
-    for r in 0..m.world {
-        for (k, v) in read_f32(&ckpt.join(format!("rank-{r:05}-of-{:05}.safetensors", m.world))) {
-            out.entry(k).or_default().extend(v);
-        }
-    }
-    out
-}
-
-fn assert_close(a: &BTreeMap<String, Vec<f32>>, b: &BTreeMap<String, Vec<f32>>, what: &str) {
-    assert_eq!(a.keys().collect::<Vec<_>>(), b.keys().collect::<Vec<_>>(), "{what}");
-    for (k, va) in a {
-        let vb = &b[k];
-        assert_eq!(va.len(), vb.len(), "{what}: {k} length");
-        let scale = va.iter().fold(0f32, |m, x| m.max(x.abs())).max(1e-30);
-        let diff = va.iter().zip(vb).fold(0f32, |m, (x, y)| m.max((x - y).abs()));
-        assert!(diff / scale <= 1e-5, "{what}: {k} differs by {diff} (scale {scale})");
-    }
-}
-
-fn assert_losses_close(a: &[(u64, f64)], b: &[(u64, f64)], what: &str) {
-    assert_eq!(a.len(), b.len(), "{what}: step counts");
-    for (x, y) in a.iter().zip(b) {
-        assert!(((x.1 - y.1) / y.1).abs() <= 1e-5, "{what}: step {} loss {} vs {}", x.0, x.1, y.1);
-    }
-}
-
 const LORA: &str = "lora:\n  r: 4\n  alpha: 16\n  dropout: 0.0\n";
 
-/// A recipe in its own folder `root/name` with `extra` appended and the accumulation set for `world`
-/// ranks at a global batch of 6 micro-batches x 1 sample.
+/// A recipe for `world` ranks at a global batch of 6 micro-batches x 1 sample.
 fn setup(root: &Path, name: &str, data: &Path, world: usize, stage: u8, steps: u64, extra: &str) -> std::path::PathBuf {
-    let d = root.join(name);
-    std::fs::create_dir_all(&d).unwrap();
-    let r = recipe(&d, data, extra);
-    let t = std::fs::read_to_string(&r)
-        .unwrap()
-        .replace("  accum: 2", &format!("  accum: {}", 6 / world))
-        .replace("  stage: 2", &format!("  stage: {stage}"))
-        .replace("  steps: 4", &format!("  steps: {steps}"));
-    std::fs::write(&r, t).unwrap();
-    r
+    sized_recipe(root, name, data, 6, world, stage, steps, extra)
 }
 
 #[test]
@@ -188,7 +143,7 @@ fn lora_under_zero_3_on_2_ranks_equals_1_rank_and_dropout_survives_recomputation
     let single = setup(d.path(), "single", &data, 1, 2, 4, LORA);
     run_ok(idavlm_tests::worker_command(&single, &[]));
     let want_losses = losses(&single.with_file_name("metrics.jsonl"));
-    let want = state(&single.with_file_name("ckpt").join("step-00000004"));
+    let want = ckpt_state(&single.with_file_name("ckpt").join("step-00000004"));
     // Only the adapters and wte / lm_head are trained.
     assert!(
         want.keys().all(|k| k.starts_with("block.") || k.starts_with("head.") || k.starts_with("stem.")),
@@ -200,7 +155,7 @@ fn lora_under_zero_3_on_2_ranks_equals_1_rank_and_dropout_survives_recomputation
         let r = setup(d.path(), &name, &data, world, stage, 4, LORA);
         run_ok(launch(&r, world, &[]));
         assert_losses_close(&losses(&r.with_file_name("metrics.jsonl")), &want_losses, &name);
-        assert_close(&state(&r.with_file_name("ckpt").join("step-00000004")), &want, &name);
+        assert_state_close(&ckpt_state(&r.with_file_name("ckpt").join("step-00000004")), &want, &name);
     }
     // Dropout: the recomputed blocks draw the masks of the forward (equal to keeping every graph). B
     // leaves zero at step 3 (warmup_log runs steps 1-2 at lr 0), so step 4 is the first that dropout

@@ -77,6 +77,20 @@ pub trait Communicator {
     }
 }
 
+/// `t`'s values as f32 on the host (a copy): how the host backends (TCP, MPI) move tensors of any float
+/// dtype and device.
+pub(crate) fn host_f32(t: &Tensor) -> Vec<f32> {
+    let c = tch::no_grad(|| t.to_device(tch::Device::Cpu).to_kind(tch::Kind::Float).contiguous().view([-1]));
+    Vec::<f32>::try_from(&c).expect("a contiguous f32 CPU tensor converts")
+}
+
+/// Writes `v` into `t`, cast to its dtype and device.
+pub(crate) fn store_f32(t: &Tensor, v: &[f32]) {
+    let src = Tensor::from_slice(v).view(t.size().as_slice());
+    let mut d = t.shallow_clone();
+    tch::no_grad(|| d.copy_(&src));
+}
+
 /// World size 1: every collective is a copy.
 pub struct Local;
 

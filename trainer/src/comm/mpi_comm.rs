@@ -10,9 +10,9 @@ use std::time::{Duration, Instant};
 use mpi::collective::SystemOperation;
 use mpi::traits::Communicator as _;
 use mpi::traits::*;
-use tch::{Device, Kind, Tensor};
+use tch::Tensor;
 
-use super::Communicator;
+use super::{host_f32, store_f32, Communicator};
 use crate::error::{Error, Result};
 
 pub struct MpiComm {
@@ -26,17 +26,6 @@ pub struct MpiComm {
 }
 
 const NAMES: [&str; 5] = ["all_reduce", "reduce_scatter", "all_gather", "broadcast", "barrier"];
-
-fn host(t: &Tensor) -> Vec<f32> {
-    let c = tch::no_grad(|| t.to_device(Device::Cpu).to_kind(Kind::Float).contiguous().view([-1]));
-    Vec::<f32>::try_from(&c).expect("f32 tensor to vec")
-}
-
-fn store(dst: &Tensor, v: &[f32]) {
-    let src = Tensor::from_slice(v).view(dst.size().as_slice());
-    let mut d = dst.shallow_clone();
-    tch::no_grad(|| d.copy_(&src));
-}
 
 impl MpiComm {
     /// Initialises MPI (once per process) and starts the watchdog.
@@ -104,32 +93,32 @@ impl Communicator for MpiComm {
         "mpi"
     }
     fn all_reduce_sum(&self, t: &Tensor) -> Result<()> {
-        let send = host(t);
+        let send = host_f32(t);
         let mut recv = vec![0f32; send.len()];
         self.guard(0, || self.world.all_reduce_into(&send[..], &mut recv[..], SystemOperation::sum()));
-        store(t, &recv);
+        store_f32(t, &recv);
         Ok(())
     }
     fn reduce_scatter_sum(&self, input: &Tensor, output: &Tensor) -> Result<()> {
-        let send = host(input);
+        let send = host_f32(input);
         let mut recv = vec![0f32; output.numel()];
         assert_eq!(send.len(), recv.len() * self.size);
         self.guard(1, || self.world.reduce_scatter_block_into(&send[..], &mut recv[..], SystemOperation::sum()));
-        store(output, &recv);
+        store_f32(output, &recv);
         Ok(())
     }
     fn all_gather(&self, input: &Tensor, output: &Tensor) -> Result<()> {
-        let send = host(input);
+        let send = host_f32(input);
         let mut recv = vec![0f32; output.numel()];
         assert_eq!(send.len() * self.size, recv.len());
         self.guard(2, || self.world.all_gather_into(&send[..], &mut recv[..]));
-        store(output, &recv);
+        store_f32(output, &recv);
         Ok(())
     }
     fn broadcast(&self, t: &Tensor, root: usize) -> Result<()> {
-        let mut buf = host(t);
+        let mut buf = host_f32(t);
         self.guard(3, || self.world.process_at_rank(root as i32).broadcast_into(&mut buf[..]));
-        store(t, &buf);
+        store_f32(t, &buf);
         Ok(())
     }
     fn barrier(&self) -> Result<()> {

@@ -9,10 +9,10 @@ use std::net::{SocketAddr, TcpListener, TcpStream};
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
-use tch::{Device, Kind, Tensor};
+use tch::Tensor;
 
 use super::rendezvous::{local_ip_towards, rendezvous, BLOB};
-use super::{Communicator, RankInfo};
+use super::{host_f32, store_f32, Communicator, RankInfo};
 use crate::error::{Error, Result};
 
 pub struct TcpComm {
@@ -21,19 +21,6 @@ pub struct TcpComm {
     /// To rank+1 and from rank-1.
     links: Mutex<Option<(TcpStream, TcpStream)>>,
     timeout: Duration,
-}
-
-/// `t`'s values as f32 on the host (a copy).
-fn to_f32_vec(t: &Tensor) -> Vec<f32> {
-    let c = tch::no_grad(|| t.to_device(Device::Cpu).to_kind(Kind::Float).contiguous().view([-1]));
-    Vec::<f32>::try_from(&c).expect("a contiguous f32 CPU tensor converts")
-}
-
-/// Writes `v` into `t` (cast to its dtype and device).
-fn write_f32(t: &Tensor, v: &[f32]) {
-    let src = Tensor::from_slice(v).view(t.size().as_slice());
-    let mut d = t.shallow_clone();
-    tch::no_grad(|| d.copy_(&src));
 }
 
 fn bytes(v: &[f32]) -> &[u8] {
@@ -189,22 +176,22 @@ impl Communicator for TcpComm {
         if self.world == 1 {
             return Ok(());
         }
-        let data = to_f32_vec(t);
+        let data = host_f32(t);
         // Pad to a multiple of world so the ring's chunks are equal.
         let mut buf = data.clone();
         buf.resize(data.len().div_ceil(self.world) * self.world, 0.0);
         self.ring_reduce_scatter("all_reduce", &mut buf)?;
         self.ring_all_gather("all_reduce", &mut buf)?;
-        write_f32(t, &buf[..data.len()]);
+        store_f32(t, &buf[..data.len()]);
         Ok(())
     }
 
     fn reduce_scatter_sum(&self, input: &Tensor, output: &Tensor) -> Result<()> {
         let n = output.numel();
         assert_eq!(input.numel(), n * self.world, "reduce_scatter: input must be world x output");
-        let mut buf = to_f32_vec(input);
+        let mut buf = host_f32(input);
         self.ring_reduce_scatter("reduce_scatter", &mut buf)?;
-        write_f32(output, &buf[self.rank * n..(self.rank + 1) * n]);
+        store_f32(output, &buf[self.rank * n..(self.rank + 1) * n]);
         Ok(())
     }
 
@@ -212,9 +199,9 @@ impl Communicator for TcpComm {
         let n = input.numel();
         assert_eq!(output.numel(), n * self.world, "all_gather: output must be world x input");
         let mut buf = vec![0f32; n * self.world];
-        buf[self.rank * n..(self.rank + 1) * n].copy_from_slice(&to_f32_vec(input));
+        buf[self.rank * n..(self.rank + 1) * n].copy_from_slice(&host_f32(input));
         self.ring_all_gather("all_gather", &mut buf)?;
-        write_f32(output, &buf);
+        store_f32(output, &buf);
         Ok(())
     }
 
