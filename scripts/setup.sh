@@ -5,7 +5,8 @@
 #   - qwen.tiktoken extracted from the dashscope==2.0.2 wheel into .deps/ (never committed)
 #   - with --test (the test suite; --slurm is the old name): Debian's slurmctld, slurmd, slurm-client and
 #     munge, for the live single-node Slurm of tests/tests/slurm.rs (scripts/slurm-local.sh starts it),
-#     and peft + transformers in .venv, the oracle of the LoRA export (tests/python/peft_check.py)
+#     and peft + transformers (the oracle of the LoRA export, tests/python/peft_check.py) and tensorboard
+#     (its event reader checks logging.tensorboard) in .venv
 set -euo pipefail
 with_slurm=0
 for a in "$@"; do
@@ -47,9 +48,10 @@ fi
 
 # The LoRA tests compare the adapter layout and merge with PEFT's own (pinned: its file layout is the
 # contract).
-if [ "$with_slurm" -eq 1 ] && ! .venv/bin/python -c 'import peft; assert peft.__version__ == "0.21.2"' 2>/dev/null; then
-  log "installing peft==0.21.2 transformers==5.24.0 into .venv (test oracle)"
-  .venv/bin/pip install -q --disable-pip-version-check peft==0.21.2 transformers==5.24.0 >&2
+# TensorBoard's own event reader checks the event files (tests/tests/train.rs).
+if [ "$with_slurm" -eq 1 ] && ! .venv/bin/python -c 'import peft, tensorboard; assert peft.__version__ == "0.21.2"; assert tensorboard.__version__ == "2.21.0"' 2>/dev/null; then
+  log "installing peft==0.21.2 transformers==5.24.0 tensorboard==2.21.0 into .venv (test oracles)"
+  .venv/bin/pip install -q --disable-pip-version-check peft==0.21.2 transformers==5.24.0 tensorboard==2.21.0 >&2
 fi
 
 if [ ! -s .deps/qwen.tiktoken ]; then

@@ -227,6 +227,14 @@ fn recipe_values_are_checked_and_set_indexes_lists() {
     std::fs::write(&r, text.replace("  lr: 1.0e-3\n", "")).unwrap();
     let e = idavlm::recipe::load(&r, &[]).unwrap_err().to_string();
     assert!(e.contains("missing field `lr`") && e.contains(&format!("recipe.yaml:{}", line_of("optimizer:"))), "{e}");
+    // LoRA: targets that would adapt vision-tower linears, and a `trainable` section it would ignore.
+    std::fs::write(&r, &text).unwrap();
+    let e = idavlm::recipe::load(&r, &["lora.targets=[c_proj]".into()]).unwrap_err().to_string();
+    assert!(e.contains("`lora.targets` (--set lora.targets=[c_proj])") && e.contains("resblocks.0.mlp.c_proj"), "{e}");
+    let e = idavlm::recipe::load(&r, &["lora.r=8".into(), "trainable.include=[\"lm_head.*\"]".into()]).unwrap_err().to_string();
+    assert!(e.contains("`trainable`") && e.contains("lora.modules_to_save"), "{e}");
+    let e = idavlm::recipe::load(&r, &["activation_checkpointing=some".into()]).unwrap_err().to_string();
+    assert!(e.contains("`activation_checkpointing`") && e.contains("auto, full, none"), "{e}");
     // The recipe documented in stage1.yaml's header: its --set line works as written there.
     let s1 = idavlm_tests::root().join("recipes/stage1.yaml");
     let header = std::fs::read_to_string(&s1).unwrap();

@@ -347,3 +347,26 @@ fn a_group_with_lr_0_leaves_its_parameters_as_they_started() {
     }
     assert!(same > 0 && moved > 0, "same {same}, moved {moved}");
 }
+
+#[test]
+fn a_lora_run_resumed_on_another_world_size_equals_the_straight_run() {
+    let d = tempfile::tempdir().unwrap();
+    let data = d.path().join("data");
+    synth(&data, 40, 8, 5);
+    let straight = setup(d.path(), "straight", &data, 1, 2, 5, LORA);
+    run_ok(idavlm_tests::worker_command(&straight, &[]));
+    // 2 ranks under ZeRO-3 stop at step 3 (a checkpoint), 3 ranks under ZeRO-2 go on to step 5.
+    let r = setup(d.path(), "resumed", &data, 2, 3, 3, LORA);
+    run_ok(launch(&r, 2, &[]));
+    let t = std::fs::read_to_string(&r).unwrap().replace("  steps: 3", "  steps: 5").replace("  stage: 3", "  stage: 2");
+    std::fs::write(&r, t.replace("  accum: 3", "  accum: 2")).unwrap();
+    let err = run_ok(launch(&r, 3, &["--resume", "auto"]));
+    assert!(err.contains("resumed from"), "{err}");
+    let want = ckpt_state(&straight.with_file_name("ckpt").join("step-00000005"));
+    assert_state_close(&ckpt_state(&r.with_file_name("ckpt").join("step-00000005")), &want, "resumed");
+    assert_losses_close(
+        &losses(&r.with_file_name("metrics.jsonl")),
+        &losses(&straight.with_file_name("metrics.jsonl")),
+        "resumed",
+    );
+}

@@ -219,3 +219,39 @@ fn non_finite_steps_are_skipped_then_the_run_stops_with_exit_4() {
     assert_eq!(lines.len(), 3);
     assert!(lines.iter().all(|v| v["skipped"] == serde_json::Value::Bool(true)), "{lines:?}");
 }
+
+#[test]
+fn tensorboard_reads_the_event_files_the_run_writes() {
+    let d = tempfile::tempdir().unwrap();
+    let tb = d.path().join("tb");
+    let r = recipe(d.path(), &data(d.path()), "");
+    let text = std::fs::read_to_string(&r)
+        .unwrap()
+        .replace("  progress_bar: false\n", &format!("  progress_bar: false\n  tensorboard: {}\n", tb.display()));
+    std::fs::write(&r, text).unwrap();
+    ok(&worker_train(&r, &[]));
+    let o = std::process::Command::new(idavlm_tests::python())
+        .arg(idavlm_tests::root().join("tests/python/tb_read.py"))
+        .arg(&tb)
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let got: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
+    // Every step's loss, lr, grad norm and speed, equal (in f32) to the metrics file's.
+    let metrics: Vec<serde_json::Value> = std::fs::read_to_string(d.path().join("metrics.jsonl"))
+        .unwrap()
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    assert_eq!(metrics.len(), 4);
+    for (tag, key) in
+        [("loss", "loss"), ("loss/id", "loss_id"), ("lr", "lr"), ("grad_norm", "grad_norm"), ("tokens_per_s", "tokens_per_s")]
+    {
+        let series = got[tag].as_array().unwrap_or_else(|| panic!("no {tag} in {got}"));
+        let want: Vec<(u64, f32)> =
+            metrics.iter().map(|m| (m["step"].as_u64().unwrap(), m[key].as_f64().unwrap() as f32)).collect();
+        let have: Vec<(u64, f32)> = series.iter().map(|p| (p[0].as_u64().unwrap(), p[1].as_f64().unwrap() as f32)).collect();
+        assert_eq!(have, want, "{tag}");
+    }
+    assert!(got.get("mem_gib").is_some());
+}

@@ -25,6 +25,7 @@ pub mod recipe;
 pub mod report;
 pub mod runtime;
 pub mod step;
+pub mod tensorboard;
 pub mod train;
 pub mod zero;
 

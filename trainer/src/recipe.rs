@@ -466,13 +466,16 @@ pub struct LoggingSection {
     /// Loss-curve picture (SVG) written at the end.
     #[serde(default)]
     pub plot: Option<PathBuf>,
+    /// A folder for TensorBoard event files (rank 0 writes the scalars of every step).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tensorboard: Option<PathBuf>,
     #[serde(default = "yes")]
     pub progress_bar: bool,
 }
 
 impl Default for LoggingSection {
     fn default() -> Self {
-        Self { every_steps: 1, metrics_file: None, prometheus: None, plot: None, progress_bar: true }
+        Self { every_steps: 1, metrics_file: None, prometheus: None, plot: None, tensorboard: None, progress_bar: true }
     }
 }
 fn one() -> u64 {
@@ -800,6 +803,14 @@ impl Recipe {
             }
         }
         if let Some(l) = &self.lora {
+            if self.trainable != TrainableSection::default() {
+                return err(
+                    "trainable",
+                    "does not apply with `lora` (the adapters and lora.modules_to_save are trained): remove it, or list \
+                     modules to train in full in lora.modules_to_save"
+                        .into(),
+                );
+            }
             if l.r == 0 {
                 return err("lora.r", "must be at least 1".into());
             }

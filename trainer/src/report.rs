@@ -10,6 +10,7 @@ use serde::Serialize;
 
 use crate::error::{Error, Result};
 use crate::recipe::Recipe;
+use crate::tensorboard::EventWriter;
 
 /// What a run did, for the worker's exit code and the tests.
 #[derive(Clone, Debug, Default)]
@@ -43,6 +44,7 @@ pub struct Reporter {
     rank: usize,
     bar: Option<ProgressBar>,
     jsonl: Option<File>,
+    tensorboard: Option<EventWriter>,
     plot: Option<PathBuf>,
     every: u64,
     history: Vec<(u64, f64, f64, f64)>,
@@ -59,7 +61,15 @@ fn fmt(v: f64) -> String {
 impl Reporter {
     pub fn new(r: &Recipe, rank: usize, total_steps: u64, start_step: u64, trainable: usize, shard: usize) -> Result<Self> {
         if rank != 0 {
-            return Ok(Self { rank, bar: None, jsonl: None, plot: None, every: r.logging.every_steps.max(1), history: vec![] });
+            return Ok(Self {
+                rank,
+                bar: None,
+                jsonl: None,
+                tensorboard: None,
+                plot: None,
+                every: r.logging.every_steps.max(1),
+                history: vec![],
+            });
         }
         if let Some(addr) = &r.logging.prometheus {
             let addr: std::net::SocketAddr =
@@ -88,7 +98,23 @@ impl Reporter {
             b.set_position(start_step);
             b
         });
-        Ok(Self { rank, bar, jsonl, plot: r.logging.plot.clone(), every: r.logging.every_steps.max(1), history: vec![] })
+        let tensorboard = match &r.logging.tensorboard {
+            Some(d) => {
+                let w = EventWriter::create(d)?;
+                tracing::info!("TensorBoard events: {}", w.path().display());
+                Some(w)
+            }
+            None => None,
+        };
+        Ok(Self {
+            rank,
+            bar,
+            jsonl,
+            tensorboard,
+            plot: r.logging.plot.clone(),
+            every: r.logging.every_steps.max(1),
+            history: vec![],
+        })
     }
 
     pub fn record(&mut self, rec: &StepRecord) -> Result<()> {
@@ -101,6 +127,22 @@ impl Reporter {
             return Ok(());
         }
         self.history.push((rec.step, rec.loss, rec.loss_id, rec.loss_general));
+        if let Some(tb) = self.tensorboard.as_mut() {
+            tb.scalars(
+                rec.step,
+                &[
+                    ("loss", rec.loss),
+                    ("loss/id", rec.loss_id),
+                    ("loss/general", rec.loss_general),
+                    ("lr", rec.lr),
+                    ("grad_norm", rec.grad_norm),
+                    ("tokens_per_s", rec.tokens_per_s),
+                    ("mfu", rec.mfu.unwrap_or(f64::NAN)),
+                    ("mem_gib", rec.mem_gib),
+                    ("samples_dropped", rec.samples_dropped as f64),
+                ],
+            )?;
+        }
         if let Some(f) = self.jsonl.as_mut() {
             let line = serde_json::to_string(rec).expect("json");
             writeln!(f, "{line}").map_err(|e| Error::Other(format!("metrics file: {e}")))?;
@@ -185,19 +227,71 @@ pub fn loss_svg(h: &[(u64, f64, f64, f64)]) -> String {
             w - 140.0
         )
     };
+    // Five ticks on each axis, labelled with the loss and the step.
+    let mut ticks = String::new();
+    for k in 0..=4 {
+        let f = k as f64 / 4.0;
+        let (v, yy) = (lo + f * (hi - lo), ht - pad - f * (ht - 2.0 * pad));
+        ticks += &format!(
+            "<line x1=\"{a}\" y1=\"{yy:.1}\" x2=\"{pad}\" y2=\"{yy:.1}\" stroke=\"black\"/><text x=\"{tx}\" y=\"{ty:.1}\" font-size=\"11\" text-anchor=\"end\">{v:.3}</text>",
+            a = pad - 4.0,
+            tx = pad - 6.0,
+            ty = yy + 4.0
+        );
+        let st = s0 + f * (s1 - s0);
+        let xx = x(st.round() as u64);
+        ticks += &format!(
+            "<line x1=\"{xx:.1}\" y1=\"{b}\" x2=\"{xx:.1}\" y2=\"{b4}\" stroke=\"black\"/><text x=\"{xx:.1}\" y=\"{ty}\" font-size=\"11\" text-anchor=\"middle\">{st:.0}</text>",
+            b = ht - pad,
+            b4 = ht - pad + 4.0,
+            ty = ht - pad + 16.0
+        );
+    }
     format!(
         "<svg xmlns=\"http://www.w3.org/2000/svg\" width=\"{w}\" height=\"{ht}\" font-family=\"sans-serif\">\
 <rect width=\"100%\" height=\"100%\" fill=\"white\"/>\
 <line x1=\"{pad}\" y1=\"{b}\" x2=\"{r}\" y2=\"{b}\" stroke=\"black\"/><line x1=\"{pad}\" y1=\"{pad}\" x2=\"{pad}\" y2=\"{b}\" stroke=\"black\"/>\
-<text x=\"{pad}\" y=\"{t}\" font-size=\"12\">{hi:.3}</text><text x=\"{pad}\" y=\"{bl}\" font-size=\"12\">{lo:.3}</text>\
-<text x=\"{cx}\" y=\"{bl}\" font-size=\"12\">optimizer step {s0}..{s1}</text>{}{}{}</svg>",
+{ticks}<text x=\"{cx}\" y=\"{xl}\" font-size=\"12\">optimizer step</text>{}{}{}</svg>",
         line(&|r| r.1, "#222222", "loss (all)", 20.0),
         line(&|r| r.2, "#1f77b4", "loss (ID)", 36.0),
         line(&|r| r.3, "#d62728", "loss (general)", 52.0),
         b = ht - pad,
         r = w - pad,
-        t = pad - 6.0,
-        bl = ht - pad + 18.0,
-        cx = w / 2.0 - 60.0,
+        cx = w / 2.0 - 40.0,
+        xl = ht - 8.0,
     )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_loss_plot_has_ticks_on_both_axes() {
+        let h: Vec<(u64, f64, f64, f64)> = (1..=100).map(|s| (s, 12.0 / s as f64, 12.0 / s as f64, f64::NAN)).collect();
+        let svg = loss_svg(&h);
+        // Five loss labels from the lowest to the highest value, five step labels from 1 to 100.
+        for v in ["0.120", "3.090", "12.000"] {
+            assert!(svg.contains(&format!(">{v}</text>")), "no loss tick {v}");
+        }
+        for st in ["1", "26", "50", "75", "100"] {
+            assert!(svg.contains(&format!("text-anchor=\"middle\">{st}</text>")), "no step tick {st}");
+        }
+        assert_eq!(svg.matches("<line").count(), 2 + 10);
+        let python = concat!(env!("CARGO_MANIFEST_DIR"), "/../.venv/bin/python");
+        if std::path::Path::new(python).exists() {
+            // Well-formed XML by Python's parser.
+            let o = std::process::Command::new(python)
+                .args(["-c", "import sys, xml.etree.ElementTree as E; E.fromstring(sys.stdin.read())"])
+                .stdin(std::process::Stdio::piped())
+                .spawn()
+                .and_then(|mut c| {
+                    use std::io::Write;
+                    c.stdin.take().expect("stdin").write_all(svg.as_bytes())?;
+                    c.wait_with_output()
+                })
+                .expect("python");
+            assert!(o.status.success(), "the SVG does not parse");
+        }
+    }
 }
