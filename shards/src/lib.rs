@@ -17,5 +17,6 @@ pub mod convert;
 pub mod format;
 pub mod mmid;
 pub mod order;
+pub mod pack;
 pub mod reader;
 pub mod synth;

@@ -54,7 +54,18 @@ enum Cmd {
         workers: Option<usize>,
     },
     /// Counts and token / image-count histograms per source.
-    Inspect { dir: PathBuf },
+    Inspect {
+        dir: PathBuf,
+        /// Also report how samples would pack into micro-batches of this many tokens (best-fit over
+        /// windows of --pack-window samples in reading order), against padding every sample to max_len.
+        #[arg(long, value_name = "TOKENS")]
+        pack: Option<usize>,
+        #[arg(long, default_value_t = 1000)]
+        pack_window: usize,
+        /// The max_len the original pads every sample to (for the comparison).
+        #[arg(long, default_value_t = 2048)]
+        max_len: usize,
+    },
     /// Checks every shard's sha256 and footer against the manifest.
     Verify { dir: PathBuf },
     /// Converts an MM-ID-layout benchmark (JSON + image folder) into a Parquet eval dataset that
@@ -166,14 +177,16 @@ fn run(cli: Cli) -> Result<i32> {
                 }
             }
         }
-        Cmd::Inspect { dir } => {
+        Cmd::Inspect { dir, pack, pack_window, max_len } => {
             let m = Manifest::load(&dir)?;
+            let mut lengths: Vec<usize> = Vec::new();
             let mut per_source: BTreeMap<String, (u64, BTreeMap<u32, u64>, BTreeMap<usize, u64>)> = BTreeMap::new();
             for sh in &m.shards {
                 let f = dir.join(&sh.file);
                 let footer = load_footer(&f)?;
                 for rg in 0..footer.metadata().num_row_groups() {
                     for s in read_row_group_with(&f, &footer, rg)? {
+                        lengths.push(s.num_tokens as usize);
                         let e = per_source.entry(s.source.clone()).or_default();
                         e.0 += 1;
                         *e.1.entry((s.num_tokens as u32 / 256) * 256).or_default() += 1;
@@ -189,6 +202,18 @@ fn run(cli: Cli) -> Result<i32> {
                     toks.iter().map(|(k, v)| format!("{k}-{}: {v}", k + 255)).collect::<Vec<_>>().join(", ")
                 );
                 println!("  images per sample: {}", imgs.iter().map(|(k, v)| format!("{k}: {v}")).collect::<Vec<_>>().join(", "));
+            }
+            if let Some(budget) = pack {
+                let p = idavlm_shards::pack::pack(&lengths, budget, pack_window);
+                let total: usize = lengths.iter().sum();
+                println!(
+                    "packing into {budget}-token micro-batches (best fit over windows of {pack_window}): {} micro-batches, \
+                     efficiency {:.1}% ({} samples longer than {budget} tokens left out); padding every sample to {max_len}: {:.1}%",
+                    p.bins.len(),
+                    100.0 * p.efficiency(&lengths, budget),
+                    p.too_long.len(),
+                    100.0 * total as f64 / (lengths.len().max(1) * max_len) as f64
+                );
             }
             Ok(0)
         }
