@@ -101,16 +101,23 @@ pub fn sized_recipe(
     r
 }
 
+/// The records of a metrics JSONL file (none when it does not exist).
+pub fn metrics(path: &Path) -> Vec<serde_json::Value> {
+    std::fs::read_to_string(path).unwrap_or_default().lines().map(|l| serde_json::from_str(l).expect("json line")).collect()
+}
+
 /// Losses per step from a metrics JSONL file.
-pub fn losses(metrics: &Path) -> Vec<(u64, f64)> {
-    std::fs::read_to_string(metrics)
-        .unwrap_or_default()
-        .lines()
-        .map(|l| {
-            let v: serde_json::Value = serde_json::from_str(l).expect("json line");
-            (v["step"].as_u64().expect("step"), v["loss"].as_f64().unwrap_or(f64::NAN))
-        })
-        .collect()
+pub fn losses(path: &Path) -> Vec<(u64, f64)> {
+    metrics(path).iter().map(|v| (v["step"].as_u64().expect("step"), v["loss"].as_f64().unwrap_or(f64::NAN))).collect()
+}
+
+/// Runs `tests/python/SCRIPT` with the project venv's python; returns its stdout and stderr, asserting
+/// that it succeeded.
+pub fn python_script<A: AsRef<std::ffi::OsStr>>(script: &str, args: impl IntoIterator<Item = A>) -> (String, String) {
+    let o = Command::new(python()).arg(root().join("tests/python").join(script)).args(args).output().expect("run python");
+    let (out, err) = (String::from_utf8_lossy(&o.stdout).into_owned(), String::from_utf8_lossy(&o.stderr).into_owned());
+    assert!(o.status.success(), "{script} failed ({:?}):\n{out}\n{err}", o.status.code());
+    (out, err)
 }
 
 /// The command of `idavlm-worker train` as one process (world 1), CPU, one torch thread.

@@ -8,8 +8,8 @@ use std::process::Command;
 use idavlm::model::lora::{self, LoraSpec};
 use idavlm::model::{ModelConfig, ParamSet, QwenVl};
 use idavlm_tests::{
-    assert_losses_close, assert_state_close, ckpt_state, launch, losses, python, read_f32, root, run_ok, sized_recipe, synth,
-    worker_train,
+    assert_losses_close, assert_state_close, ckpt_state, launch, losses, python_script, read_f32, root, run_ok, sized_recipe,
+    synth, worker_train,
 };
 use tch::{Device, Kind, Tensor};
 
@@ -36,7 +36,7 @@ fn tiny_lora() -> (ModelConfig, ModelConfig) {
 fn adapted_modules(cfg: &ModelConfig) -> Vec<String> {
     let l = cfg.lora.as_ref().expect("lora");
     (0..cfg.num_hidden_layers)
-        .flat_map(|i| lora::BLOCK_LINEARS.iter().map(move |(m, _)| format!("transformer.h.{i}.{m}")))
+        .flat_map(|i| lora::BLOCK_LINEARS.iter().map(move |m| format!("transformer.h.{i}.{m}")))
         .filter(|m| l.adapts(m))
         .collect()
 }
@@ -222,21 +222,11 @@ fn lora_checkpoints_export_peft_adapters_that_peft_loads_and_merges() {
     }
     assert_eq!(n, 4 * cfg.num_hidden_layers as usize);
     // PEFT: the names and config it writes for the same targets, and its own merge of our adapter.
-    let o = Command::new(python())
-        .arg(root().join("tests/python/peft_check.py"))
-        .arg(ckpt.join("adapter"))
-        .arg(ckpt.join("model"))
-        .arg(&out)
-        .output()
-        .unwrap();
-    let text = String::from_utf8_lossy(&o.stdout).to_string() + &String::from_utf8_lossy(&o.stderr);
-    assert!(o.status.success(), "peft check failed:\n{text}");
+    let (text, _) = python_script("peft_check.py", [ckpt.join("adapter"), ckpt.join("model"), out.clone()]);
     assert!(text.contains("names and shapes as peft") && text.contains("equal peft's merge_and_unload"), "{text}");
     // idavlm-infer and a next stage read the adapter: a checkpoint with adapter/ loads as the merged model.
-    let p = idavlm::plan::model_dir(&ckpt);
-    let (with, _) = idavlm::model::weights::load_hf(&p, &cfg, Device::Cpu, Kind::Float).unwrap();
-    let (loaded, merged_n) = idavlm::model::weights::apply_adapter(&with, &lora::adapter_dir(&ckpt).unwrap()).unwrap();
-    assert_eq!((loaded, merged_n), (0, n));
+    let (with, report) = idavlm::plan::load_model(&ckpt, &cfg, Device::Cpu, Kind::Float).unwrap();
+    assert_eq!((report.adapters_loaded, report.adapters_merged), (0, n));
     for (s, w) in with.iter() {
         let m = merged.get(&s.name);
         let tol = m.abs() * 2f64.powi(-7) + 1e-6;
@@ -303,14 +293,7 @@ fn optimizer_groups_follow_torch_adamw_param_groups() {
     });
     std::fs::write(dir.path().join("spec.json"), spec.to_string()).unwrap();
     let out = dir.path().join("out.safetensors");
-    let o = Command::new(python())
-        .arg(root().join("tests/python/adamw_groups.py"))
-        .arg(&inp)
-        .arg(dir.path().join("spec.json"))
-        .arg(&out)
-        .output()
-        .unwrap();
-    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    python_script("adamw_groups.py", [inp.clone(), dir.path().join("spec.json"), out.clone()]);
     let torch = read_f32(&out);
     for (n, b, o, k, _) in &entries {
         for (which, ours) in [("param", &st.master[*b]), ("exp_avg", &st.exp_avg[*b]), ("exp_avg_sq", &st.exp_avg_sq[*b])] {

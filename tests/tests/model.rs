@@ -6,7 +6,7 @@ use idavlm::model::weights::{load_hf, save_hf, save_params};
 use idavlm::model::{count_params, ModelConfig, ModelInput, ParamSet, QwenVl};
 use idavlm_shards::chat::{encode_conversation, Overflow, Turn};
 use idavlm_shards::tokenizer::ENDOFTEXT;
-use idavlm_tests::{python, root, tokenizer};
+use idavlm_tests::{python, python_script, tokenizer};
 use safetensors::tensor::{Dtype, TensorView};
 use tch::{Device, Kind, Tensor};
 
@@ -129,15 +129,15 @@ fn logits_and_loss_match_an_independent_pytorch_reference() {
     write_inputs(&input, &dir.path().join("inputs.safetensors"));
     let cfg_json = dir.path().join("config.json");
     std::fs::write(&cfg_json, serde_json::to_vec(&cfg).unwrap()).unwrap();
-    let out = Command::new(python())
-        .arg(root().join("tests/python/qwenvl_ref.py"))
-        .arg(&cfg_json)
-        .arg(dir.path().join("model.safetensors"))
-        .arg(dir.path().join("inputs.safetensors"))
-        .arg(dir.path().join("out.safetensors"))
-        .output()
-        .unwrap();
-    assert!(out.status.success(), "reference failed: {}", String::from_utf8_lossy(&out.stderr));
+    python_script(
+        "qwenvl_ref.py",
+        [
+            cfg_json.clone(),
+            dir.path().join("model.safetensors"),
+            dir.path().join("inputs.safetensors"),
+            dir.path().join("out.safetensors"),
+        ],
+    );
     let refs = Tensor::read_safetensors(dir.path().join("out.safetensors")).unwrap();
     let refs: HashMap<String, Tensor> = refs.into_iter().collect();
     let model = QwenVl::new(&cfg, &params);
@@ -302,15 +302,9 @@ fn preprocessing_matches_pil() {
         image::save_buffer(&f, &px, w as u32, h as u32, image::ExtendedColorType::Rgb8).unwrap();
         imgs.push(f);
     }
-    let out = Command::new(python())
-        .arg(root().join("tests/python/pil_resize.py"))
-        .arg("448")
-        .arg(dir.path())
-        .args(&imgs)
-        .output()
-        .unwrap();
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
-    assert_eq!(String::from_utf8_lossy(&out.stdout).trim(), "13.0.0", "the venv's Pillow is the pinned one");
+    let args = [std::path::PathBuf::from("448"), dir.path().to_path_buf()].into_iter().chain(imgs.iter().cloned());
+    let (out, _) = python_script("pil_resize.py", args);
+    assert_eq!(out.trim(), "13.0.0", "the venv's Pillow is the pinned one");
     let mut orders_seen = std::collections::BTreeSet::new();
     for f in &imgs {
         let name = f.file_name().unwrap().to_string_lossy().into_owned();

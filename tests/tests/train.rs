@@ -211,11 +211,7 @@ fn non_finite_steps_are_skipped_then_the_run_stops_with_exit_4() {
     assert_eq!(out.status.code(), Some(4), "{err}");
     assert!(err.contains("non-finite") && err.contains("3 non-finite steps in a row"), "{err}");
     // Three steps ran, each logged as skipped; none updated the optimizer (adam_step stays 0).
-    let lines: Vec<serde_json::Value> = std::fs::read_to_string(d.path().join("metrics.jsonl"))
-        .unwrap()
-        .lines()
-        .map(|l| serde_json::from_str(l).unwrap())
-        .collect();
+    let lines = idavlm_tests::metrics(&d.path().join("metrics.jsonl"));
     assert_eq!(lines.len(), 3);
     assert!(lines.iter().all(|v| v["skipped"] == serde_json::Value::Bool(true)), "{lines:?}");
 }
@@ -230,19 +226,10 @@ fn tensorboard_reads_the_event_files_the_run_writes() {
         .replace("  progress_bar: false\n", &format!("  progress_bar: false\n  tensorboard: {}\n", tb.display()));
     std::fs::write(&r, text).unwrap();
     ok(&worker_train(&r, &[]));
-    let o = std::process::Command::new(idavlm_tests::python())
-        .arg(idavlm_tests::root().join("tests/python/tb_read.py"))
-        .arg(&tb)
-        .output()
-        .unwrap();
-    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
-    let got: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
+    let (out, _) = idavlm_tests::python_script("tb_read.py", [&tb]);
+    let got: serde_json::Value = serde_json::from_str(&out).unwrap();
     // Every step's loss, lr, grad norm and speed, equal (in f32) to the metrics file's.
-    let metrics: Vec<serde_json::Value> = std::fs::read_to_string(d.path().join("metrics.jsonl"))
-        .unwrap()
-        .lines()
-        .map(|l| serde_json::from_str(l).unwrap())
-        .collect();
+    let metrics = idavlm_tests::metrics(&d.path().join("metrics.jsonl"));
     assert_eq!(metrics.len(), 4);
     for (tag, key) in
         [("loss", "loss"), ("loss/id", "loss_id"), ("lr", "lr"), ("grad_norm", "grad_norm"), ("tokens_per_s", "tokens_per_s")]

@@ -155,10 +155,7 @@ pub fn run(w: &W1, comm: &dyn Communicator, device: Device, gpu_name: &str) -> R
     cfg.id_former = w.id_former;
     cfg.lora = w.lora.then(|| LoraSection::default().spec());
     let params = ParamSet::init(&cfg, device, compute_kind(Dtype::Auto, device), 0);
-    let trainable = match &cfg.lora {
-        Some(l) => Trainable::Lora(l.clone()),
-        None => Trainable::default(),
-    };
+    let trainable = Trainable::of(cfg.lora.as_ref(), &Default::default());
     let mut st = Sharded::new(&cfg, params, &|s| trainable.contains(s), w.zero, comm);
     let input = w1_input(w, cfg.vocab_size, cfg.visual.image_size, device, comm.rank());
     let opt = AdamW { beta1: 0.9, beta2: 0.95, eps: 1e-8, weight_decay: 0.1 };

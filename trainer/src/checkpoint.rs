@@ -63,6 +63,12 @@ pub struct Manifest {
     pub files: BTreeMap<String, FileEntry>,
 }
 
+impl From<Written> for FileEntry {
+    fn from(w: Written) -> Self {
+        Self { bytes: w.bytes, sha256: w.sha256 }
+    }
+}
+
 /// Trainer state besides tensors.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct TrainerState {
@@ -374,10 +380,10 @@ impl Job {
                 let base: Vec<(String, Tensor)> = base.into_iter().map(|(n, t)| (n.clone(), t.shallow_clone())).collect();
                 for (name, w) in write_hf(&base, &self.tmp.join("model"), 4 << 30)? {
                     bytes += w.bytes;
-                    files.insert(format!("model/{name}"), FileEntry { bytes: w.bytes, sha256: w.sha256 });
+                    files.insert(format!("model/{name}"), w.into());
                 }
                 let w = write_atomic(&self.tmp.join("model").join("config.json"), &self.cfg)?;
-                files.insert("model/config.json".into(), FileEntry { bytes: w.bytes, sha256: w.sha256 });
+                files.insert("model/config.json".into(), w.into());
                 if let Some(spec) = &self.lora {
                     // PEFT's layout: the factors and the modules trained in full, under its key names.
                     let named: Vec<(String, Tensor)> = adapter
@@ -389,10 +395,10 @@ impl Job {
                     std::fs::create_dir_all(&dir).map_err(|e| Error::io(&dir, e))?;
                     let w = write_safetensors(&dir.join(lora::ADAPTER_WEIGHTS), &named, &HashMap::new())?;
                     bytes += w.bytes;
-                    files.insert(format!("adapter/{}", lora::ADAPTER_WEIGHTS), FileEntry { bytes: w.bytes, sha256: w.sha256 });
+                    files.insert(format!("adapter/{}", lora::ADAPTER_WEIGHTS), w.into());
                     let cfg = serde_json::to_vec_pretty(&spec.peft_config()).expect("json");
                     let w = write_atomic(&dir.join(lora::ADAPTER_CONFIG), &cfg)?;
-                    files.insert(format!("adapter/{}", lora::ADAPTER_CONFIG), FileEntry { bytes: w.bytes, sha256: w.sha256 });
+                    files.insert(format!("adapter/{}", lora::ADAPTER_CONFIG), w.into());
                 }
             }
             for (name, data) in [
@@ -400,7 +406,7 @@ impl Job {
                 ("trainer.json", serde_json::to_vec_pretty(&self.trainer).expect("json")),
             ] {
                 let w = write_atomic(&self.tmp.join(name), &data)?;
-                files.insert(name.into(), FileEntry { bytes: w.bytes, sha256: w.sha256 });
+                files.insert(name.into(), w.into());
             }
             model_s = t.elapsed().as_secs_f64();
             // Every rank's part, from its marker.
@@ -422,7 +428,7 @@ impl Job {
                 };
                 let (name, w): (String, Written) =
                     serde_json::from_slice(&text).map_err(|e| Error::checkpoint(&self.tmp, format!("{}: {e}", mk.display())))?;
-                files.insert(name, FileEntry { bytes: w.bytes, sha256: w.sha256 });
+                files.insert(name, w.into());
                 std::fs::remove_file(&mk).map_err(|e| Error::io(&mk, e))?;
             }
             wait_s = t.elapsed().as_secs_f64();

@@ -9,7 +9,7 @@ use tch::{Device, Kind};
 
 use crate::error::{Error, Result};
 use crate::model::lora::LoraSpec;
-use crate::model::weights::load_hf;
+use crate::model::weights::{load_hf, LoadReport};
 use crate::model::{ModelConfig, ParamSet, ParamSpec, Part};
 use crate::recipe::{glob_match, Checkpointing, Dtype, LengthSection, Recipe, TrainableSection, ZeroStage};
 
@@ -25,6 +25,14 @@ pub enum Trainable {
 impl Trainable {
     pub fn new(s: &TrainableSection) -> Self {
         Self::Globs { include: s.include.clone(), exclude: s.exclude.clone() }
+    }
+
+    /// LoRA's set when the model has adapters, else the globs of `s`.
+    pub fn of(lora: Option<&LoraSpec>, s: &TrainableSection) -> Self {
+        match lora {
+            Some(l) => Self::Lora(l.clone()),
+            None => Self::new(s),
+        }
     }
 
     pub fn contains(&self, s: &ParamSpec) -> bool {
@@ -67,10 +75,7 @@ impl Recipe {
         };
         cfg.id_former = self.model.id_former;
         cfg.lora = self.lora.as_ref().map(|l| l.spec());
-        let trainable = match &cfg.lora {
-            Some(l) => Trainable::Lora(l.clone()),
-            None => Trainable::new(&self.trainable),
-        };
+        let trainable = Trainable::of(cfg.lora.as_ref(), &self.trainable);
         Ok(Plan {
             cfg,
             kind: compute_kind(self.model.dtype, device),
@@ -99,26 +104,42 @@ impl Plan {
     pub fn initial_params(&self, init: Option<&Path>, seed: u64) -> Result<ParamSet> {
         match init {
             Some(init) => {
-                let p = model_dir(init);
                 // Adapters created here are drawn from the seed: the same on every rank.
                 tch::manual_seed(seed as i64);
-                let (params, report) = load_hf(&p, &self.cfg, self.device, self.kind)?;
-                if let Some(dir) = crate::model::lora::adapter_dir(init) {
-                    let (loaded, merged) = crate::model::weights::apply_adapter(&params, &dir)?;
-                    tracing::info!("{}: {loaded} adapter(s) loaded, {merged} merged into the base weights", dir.display());
-                }
-                if !report.created_id_former.is_empty() {
-                    tracing::info!(
-                        "ID-Former not in {}: created zero-initialised ({} tensors)",
-                        p.display(),
-                        report.created_id_former.len()
-                    );
-                }
-                Ok(params)
+                Ok(load_model(init, &self.cfg, self.device, self.kind)?.0)
             }
             None => Ok(ParamSet::init(&self.cfg, self.device, self.kind, seed as i64)),
         }
     }
+}
+
+/// The weights of a model path (an HF folder or file, or an idavlm checkpoint folder): its `model/` (see
+/// [`model_dir`]) loaded for `cfg`, with the checkpoint's LoRA adapter applied when it has one (loaded
+/// into the model's own factors, or merged into the base weights when `cfg` has none). Tensors `cfg` has
+/// and the files lack (a new ID-Former, new adapters) are created; all of it is logged and reported.
+pub fn load_model(path: &Path, cfg: &ModelConfig, device: Device, kind: Kind) -> Result<(ParamSet, LoadReport)> {
+    let p = model_dir(path);
+    let (params, mut report) = load_hf(&p, cfg, device, kind)?;
+    if let Some(dir) = crate::model::lora::adapter_dir(path) {
+        (report.adapters_loaded, report.adapters_merged) = crate::model::weights::apply_adapter(&params, &dir)?;
+        tracing::info!(
+            "{}: {} adapter(s) loaded, {} merged into the base weights",
+            dir.display(),
+            report.adapters_loaded,
+            report.adapters_merged
+        );
+    }
+    if !report.created_id_former.is_empty() {
+        tracing::info!("ID-Former not in {}: created zero-initialised ({} tensors)", p.display(), report.created_id_former.len());
+    }
+    if report.created_lora > 0 {
+        tracing::info!(
+            "LoRA factors not in {}: {} created (B = 0: the model starts as the base)",
+            p.display(),
+            report.created_lora
+        );
+    }
+    Ok((params, report))
 }
 
 /// The compute dtype: bf16 on GPUs and f32 on CPUs unless the recipe says.

@@ -86,12 +86,20 @@ impl<'de> Deserialize<'de> for Checkpointing {
             Raw::Bool(true) => Ok(Self::Full),
             Raw::Bool(false) => Ok(Self::None),
             Raw::Keep(n) => Ok(Self::Keep(n as usize)),
-            Raw::Name(n) => match n.as_str() {
-                "auto" => Ok(Self::Auto),
-                "full" => Ok(Self::Full),
-                "none" => Ok(Self::None),
-                o => Err(serde::de::Error::custom(format!("{o:?} is not auto, full, none or a number of blocks to keep"))),
-            },
+            Raw::Name(n) => n.parse().map_err(serde::de::Error::custom),
+        }
+    }
+}
+
+impl std::str::FromStr for Checkpointing {
+    type Err = String;
+    /// `auto`, `full`, `none` or a number of blocks to keep (the command line's form).
+    fn from_str(s: &str) -> std::result::Result<Self, String> {
+        match s {
+            "auto" => Ok(Self::Auto),
+            "full" => Ok(Self::Full),
+            "none" => Ok(Self::None),
+            o => o.parse().map(Self::Keep).map_err(|_| format!("{o:?} is not auto, full, none or a number of blocks to keep")),
         }
     }
 }

@@ -2,11 +2,13 @@
 //! strategy's gathers and gradient hand-offs at block boundaries.
 //!
 //! tch has no autograd hooks, so the schedule is explicit. Forward: the stem (vision under no_grad,
-//! resampler and embedding with a graph), then each LLM block without a graph, keeping only its input.
-//! Backward: the head's loss, then for each block from the last, recompute it with a graph on a leaf
-//! copy of its input and back-propagate the incoming gradient (`(out * g).sum().backward()`); the
-//! block's parameter gradient lands on the leaf its views were taken from and is handed to the strategy
-//! at once. Finally the stem is back-propagated from the first block's input gradient.
+//! resampler and embedding with a graph), then each LLM block: the first `recomputed` blocks without a
+//! graph, keeping only their input, the others with their graph (see [`crate::memplan`]). Backward: the
+//! head's loss, then for each block from the last, back-propagate the incoming gradient
+//! (`(out * g).sum().backward()`) through its kept graph or through a recomputation with a graph on a
+//! leaf copy of its input; the block's parameter gradient lands on the leaves its views were taken from
+//! and is handed to the strategy at once. Finally the stem is back-propagated from the first block's
+//! input gradient.
 
 use tch::{Kind, Tensor};
 
@@ -86,8 +88,8 @@ pub fn forward_backward(
     let rope = QwenVl::rope(cfg, input.input_ids.size()[1], device);
 
     // Blocks forward. A recomputed block keeps only its input; the others keep their graph (input leaf,
-    // parameter leaves, output). Block i+1's gather (ZeRO-3) runs while block i
-    // computes, and the head's during the last block.
+    // parameter leaves, output). Block i+1's gather (ZeRO-3) runs while block i computes, and the
+    // head's during the last block.
     let mut x = x0.detach();
     let mut kept: Vec<(Tensor, Option<(BucketParams, Tensor)>)> = Vec::with_capacity(layers);
     for i in 0..layers {
@@ -112,10 +114,9 @@ pub fn forward_backward(
         }
     }
 
-    // Head: loss and the gradient at the last block's output. The last block's gather for its
-    // recompute (ZeRO-3) runs meanwhile.
+    // Head: loss and the gradient at the last block's output. The gather of the last recomputed block
+    // (ZeRO-3) runs during the head and the kept blocks' backward.
     let head = st.take(comm, next, Use::Leaves)?;
-    // The gather of the last recomputed block (ZeRO-3) runs during the head and the kept blocks' backward.
     let mut next = if recomputed > 0 { st.prefetch(comm, Role::Block(recomputed - 1))? } else { Prefetch::none() };
     let xl = leaf(&x);
     let loss_value = profile::time(profile::HEAD, 0.0, || {

@@ -11,7 +11,7 @@ use std::path::PathBuf;
 use anyhow::{Context, Result};
 use clap::Parser;
 use idavlm::infer::*;
-use idavlm::model::{weights::load_hf, ModelConfig, QwenVl};
+use idavlm::model::{ModelConfig, QwenVl};
 use idavlm_shards::preprocess::ResizeOrder;
 use idavlm_shards::tokenizer::Tokenizer;
 use indicatif::{ProgressBar, ProgressStyle};
@@ -119,11 +119,10 @@ fn run(cli: Cli) -> Result<()> {
     let cfg: ModelConfig = ModelConfig::from_file(&dir.join("config.json")).context("the model's config.json")?;
     let device = device_default();
     let kind = idavlm::plan::compute_kind(idavlm::recipe::Dtype::Auto, device);
-    let (params, _) = load_hf(&dir, &cfg, device, kind)?;
-    // A LoRA checkpoint: its adapter merged into the weights it was trained on.
-    if let Some(a) = idavlm::model::lora::adapter_dir(&cli.checkpoint) {
-        let (_, n) = idavlm::model::weights::apply_adapter(&params, &a)?;
-        eprintln!("{}: {n} LoRA adapters merged", a.display());
+    // A LoRA checkpoint's adapter is merged into the weights it was trained on.
+    let (params, report) = idavlm::plan::load_model(&cli.checkpoint, &cfg, device, kind)?;
+    if report.adapters_merged > 0 {
+        eprintln!("{}: {} LoRA adapters merged", cli.checkpoint.display(), report.adapters_merged);
     }
     let model = QwenVl::new(&cfg, &params);
     let tok = Tokenizer::load_default()?;

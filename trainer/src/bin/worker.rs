@@ -72,8 +72,9 @@ enum Cmd {
         zero: ZeroStage,
         #[arg(long)]
         no_id_former: bool,
-        /// Activation recomputation: auto (keep what fits after the warm-up step), full or none.
-        #[arg(long, default_value = "full", value_parser = parse_ac)]
+        /// Activation recomputation: auto (keep what fits after the warm-up step), full, none, or a number
+        /// of blocks to keep.
+        #[arg(long, default_value = "full")]
         ac: idavlm::memplan::Checkpointing,
         /// LoRA with the original Qwen-VL script's settings (r 64, alpha 16, dropout 0.05 on c_attn,
         /// attn.c_proj, w1, w2; wte and lm_head trained in full) instead of full fine-tuning.
@@ -100,10 +101,6 @@ enum CommKind {
     Tcp,
     Mpi,
     Nccl,
-}
-
-fn parse_ac(s: &str) -> std::result::Result<idavlm::memplan::Checkpointing, String> {
-    serde_yaml_ng::from_str(s).map_err(|_| format!("{s:?} is not auto, full or none"))
 }
 
 fn parse_resume(s: &str) -> std::result::Result<Resume, String> {

@@ -23,9 +23,8 @@ pub struct LoraSpec {
     pub modules_to_save: Vec<String>,
 }
 
-/// The linears of one LLM block, as (module suffix, bias).
-pub const BLOCK_LINEARS: [(&str, bool); 5] =
-    [("attn.c_attn", true), ("attn.c_proj", false), ("mlp.w1", false), ("mlp.w2", false), ("mlp.c_proj", false)];
+/// The linears of one LLM block (module names below `transformer.h.{i}`).
+pub const BLOCK_LINEARS: [&str; 5] = ["attn.c_attn", "attn.c_proj", "mlp.w1", "mlp.w2", "mlp.c_proj"];
 
 /// Linear modules of the stem and head (vision tower block `{i}` shown as `resblocks.0`) that LoRA
 /// cannot adapt here.
@@ -74,11 +73,11 @@ impl LoraSpec {
             if let Some(o) = OTHER_LINEARS.iter().find(|o| name_matches(t, o)) {
                 return Err(format!(
                     "{t:?} also names {o}: only the LLM blocks' linears ({}) take adapters here",
-                    BLOCK_LINEARS.map(|(m, _)| m).join(", ")
+                    BLOCK_LINEARS.join(", ")
                 ));
             }
-            if !BLOCK_LINEARS.iter().any(|(m, _)| name_matches(t, &format!("transformer.h.0.{m}"))) {
-                return Err(format!("{t:?} names no LLM block linear ({})", BLOCK_LINEARS.map(|(m, _)| m).join(", ")));
+            if !BLOCK_LINEARS.iter().any(|m| name_matches(t, &format!("transformer.h.0.{m}"))) {
+                return Err(format!("{t:?} names no LLM block linear ({})", BLOCK_LINEARS.join(", ")));
             }
         }
         Ok(())

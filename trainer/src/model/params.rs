@@ -136,7 +136,7 @@ pub fn param_specs(cfg: &ModelConfig) -> Vec<ParamSpec> {
         b.part = Part::Lora;
         for i in 0..cfg.num_hidden_layers {
             b.block = Some(i as usize);
-            for (m, _) in super::lora::BLOCK_LINEARS {
+            for m in super::lora::BLOCK_LINEARS {
                 let module = format!("transformer.h.{i}.{m}");
                 if l.adapts(&module) {
                     let w = b.out.iter().find(|s| s.name == format!("{module}.weight")).expect("block linear").shape.clone();

@@ -69,6 +69,10 @@ pub struct LoadReport {
     pub created_id_former: Vec<String>,
     /// LoRA factors created because the checkpoint has none.
     pub created_lora: usize,
+    /// Adapters of a PEFT folder loaded into the model's own factors, and merged into base weights
+    /// (filled by [`crate::plan::load_model`]).
+    pub adapters_loaded: usize,
+    pub adapters_merged: usize,
 }
 
 /// Loads weights for `cfg` from a HF checkpoint into `kind` on `device`.
@@ -118,19 +122,21 @@ pub fn load_hf(path: &Path, cfg: &ModelConfig, device: Device, kind: Kind) -> Re
         if tensors[i].is_some() {
             continue;
         }
-        if spec.part == Part::IdFormer {
+        match spec.part {
             // IDA-VLM's ID-Former is new in stage 2: created with its init rule (zero out_proj).
-            tracing::info!("{}: not in the checkpoint, created ({:?})", spec.name, spec.init);
-            report.created_id_former.push(spec.name.clone());
-            tensors[i] = Some(tch::no_grad(|| init_tensor(spec, device).to_kind(kind)));
-        } else if spec.part == Part::Lora {
+            Part::IdFormer => {
+                tracing::info!("{}: not in the checkpoint, created ({:?})", spec.name, spec.init);
+                report.created_id_former.push(spec.name.clone());
+            }
             // New adapters on a base model: A drawn (from libtorch's generator, seeded by the caller),
             // B zero, so the adapted model starts as the base.
-            report.created_lora += 1;
-            tensors[i] = Some(tch::no_grad(|| init_tensor(spec, device).to_kind(kind)));
-        } else {
-            missing.push(spec.name.clone());
+            Part::Lora => report.created_lora += 1,
+            _ => {
+                missing.push(spec.name.clone());
+                continue;
+            }
         }
+        tensors[i] = Some(tch::no_grad(|| init_tensor(spec, device).to_kind(kind)));
     }
     if !missing.is_empty() {
         return Err(Error::weights(path, format!("missing keys: {}", missing.join(", "))));
@@ -384,6 +390,16 @@ pub fn apply_adapter(params: &ParamSet, dir: &Path) -> Result<(usize, usize)> {
     let bytes = std::fs::read(&file).map_err(|e| Error::io(&file, e))?;
     let st =
         SafeTensors::deserialize(&bytes).map_err(|e| Error::weights(&file, format!("not a readable safetensors file: {e}")))?;
+    // Copies `t` into the model's parameter `name`, refusing another shape.
+    let copy_into = |name: &str, t: &Tensor, hint: &str| -> Result<()> {
+        let p = params.position(name).ok_or_else(|| Error::weights(&file, format!("{name}: no such parameter in this model")))?;
+        let dst = &params.tensors[p];
+        if dst.size() != t.size() {
+            return Err(Error::weights(&file, format!("{name}: shape {:?}, the model has {:?}{hint}", t.size(), dst.size())));
+        }
+        tch::no_grad(|| dst.shallow_clone().copy_(t));
+        Ok(())
+    };
     let mut factors: HashMap<String, Tensor> = HashMap::new();
     for (key, view) in st.tensors() {
         let name = lora::from_peft_key(&key)
@@ -392,13 +408,7 @@ pub fn apply_adapter(params: &ParamSet, dir: &Path) -> Result<(usize, usize)> {
         if lora::is_adapter(name) {
             factors.insert(name.to_string(), t);
         } else {
-            let p =
-                params.position(name).ok_or_else(|| Error::weights(&file, format!("{key}: no such parameter in this model")))?;
-            let dst = &params.tensors[p];
-            if dst.size() != t.size() {
-                return Err(Error::weights(&file, format!("{key}: shape {:?}, the model has {:?}", t.size(), dst.size())));
-            }
-            tch::no_grad(|| dst.shallow_clone().copy_(&t));
+            copy_into(name, &t, "")?;
         }
     }
     let (mut loaded, mut merged) = (0, 0);
@@ -410,17 +420,9 @@ pub fn apply_adapter(params: &ParamSet, dir: &Path) -> Result<(usize, usize)> {
         };
         let (a, b) = (get("A")?, get("B")?);
         let (an, bn) = (format!("{m}.lora_A.weight"), format!("{m}.lora_B.weight"));
-        if let (Some(pa), Some(pb)) = (params.position(&an), params.position(&bn)) {
-            for (p, t, n) in [(pa, a, &an), (pb, b, &bn)] {
-                let dst = &params.tensors[p];
-                if dst.size() != t.size() {
-                    return Err(Error::weights(
-                        &file,
-                        format!("{n}: shape {:?}, the model has {:?} (another r?)", t.size(), dst.size()),
-                    ));
-                }
-                tch::no_grad(|| dst.shallow_clone().copy_(t));
-            }
+        if params.position(&an).is_some() && params.position(&bn).is_some() {
+            copy_into(&an, a, " (another r?)")?;
+            copy_into(&bn, b, " (another r?)")?;
             loaded += 1;
         } else {
             let wn = format!("{m}.weight");

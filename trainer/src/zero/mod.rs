@@ -149,6 +149,22 @@ fn views_of(b: &Bucket, flat: &Tensor) -> Vec<Tensor> {
     b.entries.iter().map(|e| flat.narrow(0, e.offset as i64, e.numel as i64).view(e.shape.as_slice())).collect()
 }
 
+/// name -> (bucket, entry index) of a layout.
+fn index_of(layout: &Layout) -> HashMap<String, (usize, usize)> {
+    let mut at = HashMap::new();
+    for (bi, b) in layout.buckets.iter().enumerate() {
+        for (ei, e) in b.entries.iter().enumerate() {
+            at.insert(e.name.clone(), (bi, ei));
+        }
+    }
+    at
+}
+
+/// `rank`'s shard of a bucket's flat buffer (a view).
+fn shard_of(flat: &Tensor, b: &Bucket, rank: usize) -> Tensor {
+    flat.narrow(0, (rank * b.shard) as i64, b.shard as i64)
+}
+
 fn flat_of(b: &Bucket, params: &ParamSet, kind: Kind, device: Device) -> Tensor {
     let flat = Tensor::zeros([b.padded as i64], (kind, device));
     tch::no_grad(|| {
@@ -172,18 +188,13 @@ impl Sharded {
         let layout = layout::layout(&params.specs, trainable, world);
         let kind = params.tensors[0].kind();
         let device = params.tensors[0].device();
-        let mut where_is = HashMap::new();
-        for (bi, b) in layout.buckets.iter().enumerate() {
-            for (ei, e) in b.entries.iter().enumerate() {
-                where_is.insert(e.name.clone(), (bi, ei));
-            }
-        }
+        let where_is = index_of(&layout);
         let mut buckets = Vec::new();
         let (mut master, mut exp_avg, mut exp_avg_sq, mut grad_shard) = (vec![], vec![], vec![], vec![]);
         let zeros = |n: usize| Tensor::zeros([n as i64], (Kind::Float, device));
         for b in &layout.buckets {
             let flat = flat_of(b, &params, kind, device);
-            let mine = flat.narrow(0, (rank * b.shard) as i64, b.shard as i64);
+            let mine = shard_of(&flat, b, rank);
             master.push(mine.to_kind(Kind::Float).copy());
             exp_avg.push(zeros(b.shard));
             exp_avg_sq.push(zeros(b.shard));
@@ -201,14 +212,9 @@ impl Sharded {
         // Stage 3 also partitions the frozen parameters of the blocks and the head.
         let partition_frozen = |s: &ParamSpec| stage == ZeroStage::Three && !trainable(s) && layout::role_of(s) != Role::Stem;
         let frozen_layout = layout::layout(&params.specs, &partition_frozen, world);
-        let mut frozen_where = HashMap::new();
-        let mut frozen_shards = Vec::new();
-        for (bi, b) in frozen_layout.buckets.iter().enumerate() {
-            for (ei, e) in b.entries.iter().enumerate() {
-                frozen_where.insert(e.name.clone(), (bi, ei));
-            }
-            frozen_shards.push(flat_of(b, &params, kind, device).narrow(0, (rank * b.shard) as i64, b.shard as i64).copy());
-        }
+        let frozen_where = index_of(&frozen_layout);
+        let frozen_shards: Vec<Tensor> =
+            frozen_layout.buckets.iter().map(|b| shard_of(&flat_of(b, &params, kind, device), b, rank).copy()).collect();
         let frozen = params
             .specs
             .iter()
@@ -305,10 +311,7 @@ impl Sharded {
         };
         let frozen = match self.frozen_layout.bucket_index(&role) {
             Some(b) => {
-                let bk = &self.frozen_layout.buckets[b];
-                let out = Tensor::empty([bk.padded as i64], (self.kind, self.device));
-                let bytes = (bk.padded * self.kind.elt_size_in_bytes()) as f64;
-                let f = profile::time(profile::ALL_GATHER, bytes, || comm.all_gather_async(&self.frozen_shards[b], &out))?;
+                let (out, f) = self.all_gather_shard(comm, &self.frozen_layout.buckets[b], &self.frozen_shards[b])?;
                 Some((b, out, f))
             }
             None => None,
@@ -421,14 +424,16 @@ impl Sharded {
     fn gather_async(&self, comm: &dyn Communicator, b: usize) -> Result<(Tensor, InFlight)> {
         match &self.buckets[b].weights {
             Weights::Replicated(f) => Ok((f.shallow_clone(), InFlight::done())),
-            Weights::Partitioned(shard) => {
-                let bk = &self.layout.buckets[b];
-                let out = Tensor::empty([bk.padded as i64], (self.kind, self.device));
-                let bytes = (bk.padded * self.kind.elt_size_in_bytes()) as f64;
-                let f = profile::time(profile::ALL_GATHER, bytes, || comm.all_gather_async(shard, &out))?;
-                Ok((out, f))
-            }
+            Weights::Partitioned(shard) => self.all_gather_shard(comm, &self.layout.buckets[b], shard),
         }
+    }
+
+    /// Starts the all-gather of a partitioned bucket's shards into a fresh full buffer.
+    fn all_gather_shard(&self, comm: &dyn Communicator, bk: &Bucket, shard: &Tensor) -> Result<(Tensor, InFlight)> {
+        let out = Tensor::empty([bk.padded as i64], (self.kind, self.device));
+        let bytes = (bk.padded * self.kind.elt_size_in_bytes()) as f64;
+        let f = profile::time(profile::ALL_GATHER, bytes, || comm.all_gather_async(shard, &out))?;
+        Ok((out, f))
     }
 
     /// Completes the step's gradient reduction: waits for the reduce-scatters in flight (stages 2/3)
