@@ -6,6 +6,8 @@
 #                                                        # (PEER_FLAGS="--ac none --compile": the peer's fastest setting)
 #   bash scripts/gpu-experiment.sh ckpt [ZERO...]        # checkpoint stall and write speed, 4-layer model, raw disk speed
 #   bash scripts/gpu-experiment.sh lora [LAYERS]         # W1 with LoRA on one GPU (LAYERS LLM layers, default 32)
+#   bash scripts/gpu-experiment.sh w2 LAYERS [ZERO...]   # W2 (.carry/w2_lengths.json): ours packed (--pack-tokens
+#                                                        # 4096) against the peer's --lengths, same call
 # OURS_FLAGS: extra flags of `idavlm-worker bench` (e.g. "--ac auto"). Logs and a table go to $OUT (or ./gpu-out).
 set -uo pipefail
 OUT=${OUT:-$PWD/gpu-out}
@@ -25,7 +27,7 @@ mem_stop() { # file label
 }
 
 bench_ours() { # world layers zero [alloc-conf]
-  local w=$1 layers=$2 zero=$3 alloc=${4:-} port=$((29600 + RANDOM % 1000)) pids=() tag="ours-w$1-l$2-z$3${4:+-fixed}"
+  local w=$1 layers=$2 zero=$3 alloc=${4:-} port=$((29600 + RANDOM % 1000)) pids=() tag="ours${TAG:-}-w$1-l$2-z$3${4:+-fixed}"
   mem_start "$OUT/$tag.mem"
   for ((r = 0; r < w; r++)); do
     env ${alloc:+PYTORCH_CUDA_ALLOC_CONF=$alloc} RANK=$r WORLD_SIZE=$w LOCAL_RANK=$r MASTER_ADDR=127.0.0.1 MASTER_PORT=$port \
@@ -41,15 +43,15 @@ bench_ours() { # world layers zero [alloc-conf]
 }
 
 bench_peer() { # world layers zero
-  local w=$1 layers=$2 zero=$3 flag=""
+  local w=$1 layers=$2 zero=$3 flag="" tag="peer${TAG:-}-w$1-l$2-z$3"
   [ "$zero" = 2 ] && flag=--zero2
-  mem_start "$OUT/peer-w$w-l$layers-z$zero.mem"
+  mem_start "$OUT/$tag.mem"
   # PEER_FLAGS: the peer's settings (its fastest: "--ac none --compile").
   torchrun --nproc-per-node "$w" --master-port $((30600 + RANDOM % 1000)) .carry/fsdp2_qwenvl.py --layers "$layers" $flag ${PEER_FLAGS:-} --steps 3 \
-    >"$OUT/peer-w$w-l$layers-z$zero.json" 2>"$OUT/peer-w$w-l$layers-z$zero.log"
+    >"$OUT/$tag.json" 2>"$OUT/$tag.log"
   local rc=$?
-  mem_stop "$OUT/peer-w$w-l$layers-z$zero.mem" "peer FSDP2 ZeRO-$zero-like"
-  tail -1 "$OUT/peer-w$w-l$layers-z$zero.json"
+  mem_stop "$OUT/$tag.mem" "peer FSDP2 ZeRO-$zero-like${TAG:-}"
+  tail -1 "$OUT/$tag.json"
   return $rc
 }
 
@@ -88,6 +90,18 @@ check)
   for z in 2 3; do
     idavlm-launch --nproc-per-node 2 "$(mk l2z$z $z 2 6)" --resume none "${lora[@]}" >"$OUT/l2z$z.log" 2>&1; echo "LoRA 2 GPUs ZeRO-$z rc=$?"
   done
+  fi
+  # Packing (issue #15), tiny model in bf16 (varlen flash attention): a window of 4 samples packed into
+  # one micro-batch against the same 4 samples padded (token-mean loss both), then real packing (2048
+  # tokens, windows of 16) on 2 GPUs under ZeRO-3 against 1 GPU.
+  if has packed; then
+  pad=(--set batch.micro=4 --set batch.accum=1 --set batch.loss_mean=tokens)
+  pk=(--set batch.micro=1 --set batch.accum=1 --set batch.packing.tokens=8192 --set data.pack_window=4)
+  idavlm-launch --nproc-per-node 1 "$(mk p1pad 2 1 6)" --resume none "${pad[@]}" >"$OUT/p1pad.log" 2>&1; echo "padded 1 GPU rc=$?"
+  idavlm-launch --nproc-per-node 1 "$(mk p1pk 2 1 6)" --resume none "${pk[@]}" >"$OUT/p1pk.log" 2>&1; echo "packed 1 GPU rc=$?"
+  real=(--set batch.micro=1 --set batch.packing.tokens=2048 --set data.pack_window=16)
+  idavlm-launch --nproc-per-node 1 "$(mk q1 2 2 6)" --resume none "${real[@]}" >"$OUT/q1.log" 2>&1; echo "packed 1 GPU accum 2 rc=$?"
+  idavlm-launch --nproc-per-node 2 "$(mk q2z3 3 1 6)" --resume none "${real[@]}" >"$OUT/q2z3.log" 2>&1; echo "packed 2 GPUs ZeRO-3 rc=$?"
   fi
   # Medium: 4 LLM layers at full width (recipes/models/qwen-vl-4layers.json), 1 GPU vs 2 GPUs x ZeRO-1/2/3.
   # No checkpoints here: each would write ~28 GB of optimizer state.
@@ -129,6 +143,8 @@ def table(ref_name, names, title):
 table("g1", ["g2z1", "g2z2", "g2z3", "res", "mpi"], "tiny, 1 GPU (accum 4):")
 table("m1", ["m2z1", "m2z2", "m2z3"], "medium, 1 GPU:")
 table("l1", ["l2z2", "l2z3"], "LoRA tiny, 1 GPU:")
+table("p1pad", ["p1pk"], "padded (4 samples):")
+table("q1", ["q2z3"], "packed 1 GPU accum 2:")
 if losses("allref"):
     table("allref", ["all"], "all GPUs, straight:")
 PY
@@ -205,5 +221,18 @@ w1)
   done
   cat "$OUT/memory.txt"
   tar -czf "$OUT/w1.tar.gz" -C "$OUT" --exclude w1.tar.gz --exclude '*.mem' . 2>/dev/null
+  ;;
+w2)
+  # W2: ours packs the 585 MM-ID-shaped samples into micro-batches of 4096 tokens (accum 4: ~15 samples
+  # per GPU and step, as the peer's 2 x 8); the peer pads each to 2048 (--lengths). Real tokens/s/GPU.
+  layers=${2:-32}; shift 2 || true
+  zs=${*:-"2 3"}
+  for z in $zs; do
+    echo "== idavlm ZeRO-$z, W2 packed, $ngpu GPUs, $layers layers"
+    TAG=-w2 OURS_FLAGS="--lengths .carry/w2_lengths.json --grad-accum ${W2_ACCUM:-4} ${OURS_FLAGS:-}" bench_ours "$ngpu" "$layers" "$z"
+    echo "== peer FSDP2 (ZeRO-$z-like), W2 padded"
+    TAG=-w2 PEER_FLAGS="--lengths .carry/w2_lengths.json ${PEER_FLAGS:-}" bench_peer "$ngpu" "$layers" "$z"
+  done
+  cat "$OUT/memory.txt"
   ;;
 esac

@@ -132,7 +132,8 @@ pub enum BatchKind {
     General,
 }
 
-/// One micro-batch, padded on the right to its longest sample. Tensors are flat row-major vectors.
+/// One micro-batch, padded on the right to its longest sample, or one packed row of several samples
+/// (`seq_lens` non-empty). Tensors are flat row-major vectors.
 #[derive(Clone, Debug)]
 pub struct MicroBatch {
     pub kind: BatchKind,
@@ -150,6 +151,12 @@ pub struct MicroBatch {
     pub image_rows: Vec<usize>,
     pub image_starts: Vec<usize>,
     pub image_roles: Vec<ImageRole>,
+    /// Each image's sample: its row, or its place in the packed row.
+    pub image_groups: Vec<usize>,
+    /// A packed micro-batch: the lengths of the samples one after another in its single row (each
+    /// sample's first label is -100, so no loss crosses into it from the sample before). Empty when
+    /// each row is one sample.
+    pub seq_lens: Vec<usize>,
     /// Samples dropped from this micro-batch: undecodable image, or over max length.
     pub dropped_bad_image: usize,
     pub dropped_overlong: usize,
@@ -178,6 +185,13 @@ pub struct ReaderState {
     pub main_position: u64,
     /// Global position in the general-data stream of the injection.
     pub general_position: u64,
+    /// With packing: micro-batches already taken from the packing window that starts at
+    /// `main_position` (the window is packed again on resume; the packing depends only on its samples).
+    #[serde(default)]
+    pub pack_bins: u64,
+    /// The packing those micro-batches came from (None: not packed).
+    #[serde(default)]
+    pub packing: Option<PackShape>,
 }
 
 type RowGroupKey = (usize, u32, u32);
@@ -282,6 +296,15 @@ impl SampleLoader {
         }
     }
 
+    /// The token length of a sample as training encodes it, None when it is over `max_len` (dropped).
+    pub fn length(&self, src: usize, loc: Locator) -> Result<Option<usize>> {
+        let rows = self.rows_blocking(src, loc)?;
+        let s = &rows[self.check_row(&rows, src, loc)?];
+        Ok(encode_conversation(&self.tok, &s.id, &s.conversations, self.opts.max_len, Overflow::TruncateOutsideImages)
+            .ok()
+            .map(|e| e.input_ids.len()))
+    }
+
     /// Tokenises the samples of a micro-batch; over-long ones are dropped and counted.
     fn prepare(&self, fetched: Vec<(usize, Locator, Rows)>) -> Result<(Vec<Prepared>, usize)> {
         let mut out = Vec::new();
@@ -327,13 +350,12 @@ impl SampleLoader {
         )
     }
 
-    /// Pads the kept samples into one micro-batch; `pixels[i][k]` is image k of sample i.
-    #[allow(clippy::too_many_arguments)]
+    /// Pads the kept samples into one micro-batch, or packs them into one row; `pixels[i][k]` is image
+    /// k of sample i.
     fn assemble(
         &self,
-        kind: BatchKind,
+        req: &MicroRequest,
         step: u64,
-        micro: usize,
         prepared: Vec<Prepared>,
         pixels: Vec<Vec<Result<Vec<f32>>>>,
         overlong: usize,
@@ -355,15 +377,17 @@ impl SampleLoader {
                 }
             }
         }
-        let seq = kept.iter().map(|(p, _)| p.enc.input_ids.len()).max().unwrap_or(0);
+        let lens: Vec<usize> = kept.iter().map(|(p, _)| p.enc.input_ids.len()).collect();
+        let packed = req.packed && !kept.is_empty();
+        let (batch, seq) = if packed { (1, lens.iter().sum()) } else { (kept.len(), lens.iter().copied().max().unwrap_or(0)) };
         let n_images: usize = kept.iter().map(|(_, px)| px.len()).sum();
         let size = self.opts.image_size;
         let mut mb = MicroBatch {
-            kind,
+            kind: req.kind,
             step,
-            micro,
+            micro: req.micro,
             sample_ids: Vec::new(),
-            batch: kept.len(),
+            batch,
             seq,
             input_ids: Vec::with_capacity(kept.len() * seq),
             labels: Vec::with_capacity(kept.len() * seq),
@@ -371,38 +395,44 @@ impl SampleLoader {
             image_rows: Vec::new(),
             image_starts: Vec::new(),
             image_roles: Vec::new(),
+            image_groups: Vec::new(),
+            seq_lens: if packed { lens } else { Vec::new() },
             dropped_bad_image: bad,
-            dropped_overlong: overlong,
+            dropped_overlong: overlong + req.dropped_overlong,
             state_after,
         };
-        for (row, (p, px)) in kept.into_iter().enumerate() {
+        let mut offset = 0;
+        for (i, (p, px)) in kept.into_iter().enumerate() {
             let e = &p.enc;
             mb.sample_ids.push(p.sample().id.clone());
             mb.input_ids.extend(e.input_ids.iter().map(|&t| t as i64));
-            mb.input_ids.extend(std::iter::repeat_n(ENDOFTEXT as i64, seq - e.input_ids.len()));
+            let first_label = mb.labels.len();
             mb.labels.extend(&e.labels);
-            mb.labels.extend(std::iter::repeat_n(IGNORE_INDEX, seq - e.labels.len()));
+            if packed {
+                // The previous sample's last position must not learn to predict this sample's first token.
+                mb.labels[first_label] = IGNORE_INDEX;
+            } else {
+                mb.input_ids.extend(std::iter::repeat_n(ENDOFTEXT as i64, seq - e.input_ids.len()));
+                mb.labels.extend(std::iter::repeat_n(IGNORE_INDEX, seq - e.labels.len()));
+            }
+            let (row, at) = if packed { (0, offset) } else { (i, 0) };
             for (k, img) in px.into_iter().enumerate() {
                 mb.pixels.extend_from_slice(&img);
                 mb.image_rows.push(row);
-                mb.image_starts.push(e.image_starts[k]);
+                mb.image_starts.push(at + e.image_starts[k]);
                 mb.image_roles.push(e.image_roles[k]);
+                mb.image_groups.push(i);
             }
+            offset += e.input_ids.len();
         }
         Ok(mb)
     }
 
     /// Builds one micro-batch on the calling thread (blocking reads, images decoded on `workers` scoped
     /// threads). The training stream uses [`Reader::stream`] instead.
-    pub fn build(
-        &self,
-        kind: BatchKind,
-        step: u64,
-        micro: usize,
-        reqs: &[(usize, Locator)],
-        state_after: ReaderState,
-    ) -> Result<MicroBatch> {
-        let fetched = reqs.iter().map(|&(src, loc)| Ok((src, loc, self.rows_blocking(src, loc)?))).collect::<Result<Vec<_>>>()?;
+    pub fn build(&self, req: &MicroRequest, step: u64, state_after: ReaderState) -> Result<MicroBatch> {
+        let fetched =
+            req.samples.iter().map(|&(src, loc)| Ok((src, loc, self.rows_blocking(src, loc)?))).collect::<Result<Vec<_>>>()?;
         let (prepared, overlong) = self.prepare(fetched)?;
         let jobs: Vec<(usize, usize)> =
             prepared.iter().enumerate().flat_map(|(i, p)| (0..p.enc.image_paths.len()).map(move |k| (i, k))).collect();
@@ -424,22 +454,20 @@ impl SampleLoader {
         for (j, r) in results.into_iter().enumerate() {
             pixels[jobs[j].0].push(r.into_inner().expect("result lock").expect("every job ran"));
         }
-        self.assemble(kind, step, micro, prepared, pixels, overlong, state_after)
+        self.assemble(req, step, prepared, pixels, overlong, state_after)
     }
 
     /// As [`Self::build`], on the reader's runtime: row groups read asynchronously, tokenisation and
     /// each image's decode on the blocking pool, at most `decode` images at a time across the rank.
     async fn build_async(
         self: Arc<Self>,
-        kind: BatchKind,
+        req: MicroRequest,
         step: u64,
-        micro: usize,
-        reqs: Vec<(usize, Locator)>,
         state_after: ReaderState,
         decode: Arc<tokio::sync::Semaphore>,
     ) -> Result<MicroBatch> {
         let join = |e: tokio::task::JoinError| Error::Invalid(format!("reader task failed: {e}"));
-        let fetched = futures::future::try_join_all(reqs.iter().map(|&(src, loc)| {
+        let fetched = futures::future::try_join_all(req.samples.iter().map(|&(src, loc)| {
             let this = self.clone();
             async move { Ok::<_, Error>((src, loc, this.rows_async(src, loc).await?)) }
         }))
@@ -464,7 +492,7 @@ impl SampleLoader {
         for (i, r) in decoded {
             pixels[i].push(r);
         }
-        tokio::task::spawn_blocking(move || self.assemble(kind, step, micro, prepared, pixels, overlong, state_after))
+        tokio::task::spawn_blocking(move || self.assemble(&req, step, prepared, pixels, overlong, state_after))
             .await
             .map_err(join)?
     }
@@ -487,6 +515,39 @@ pub struct StepShape {
     pub world: usize,
     pub rank: usize,
     pub inject_probability: f64,
+    /// Packed ID micro-batches (issue #15); None: `micro_batch` samples per micro-batch, padded.
+    pub packing: Option<PackShape>,
+}
+
+/// Packing of ID micro-batches: each holds whole samples of at most `tokens` tokens in all, chosen by
+/// [`crate::pack::pack`] over windows of `window` samples of the global order. A step takes
+/// `accum * world` micro-batches from the windows in order (micro-batch m of the step is rank
+/// `m % world`'s micro `m / world`), so the number of samples per step varies and the state is the
+/// window's start plus the micro-batches taken from it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PackShape {
+    pub tokens: usize,
+    pub window: usize,
+}
+
+/// One micro-batch to load: its samples (source, locator) and how to lay them out.
+#[derive(Clone, Debug)]
+pub struct MicroRequest {
+    pub kind: BatchKind,
+    pub micro: usize,
+    pub samples: Vec<(usize, Locator)>,
+    /// One row holding every sample (packing) instead of one row per sample.
+    pub packed: bool,
+    /// Samples of the packing window dropped before packing (over `max_len`), reported with this
+    /// micro-batch (the window's first).
+    pub dropped_overlong: usize,
+}
+
+/// A packed window: its micro-batches as (source, locator) lists, and how many of its samples were
+/// too long to place.
+struct Window {
+    bins: Vec<Vec<(usize, Locator)>>,
+    overlong: usize,
 }
 
 /// The reader of one rank: the main mixture, the optional general stream, and the loader.
@@ -497,6 +558,8 @@ pub struct Reader {
     general: Option<(usize, Mixture)>,
     main_sources: Vec<usize>,
     pub shape: StepShape,
+    /// Packed windows by their first global position (a few: a step spans one or two).
+    windows: HashMap<u64, Arc<Window>>,
 }
 
 impl Reader {
@@ -527,42 +590,152 @@ impl Reader {
             (g, Mixture::new(seed, vec![sources[g].layout.clone()], vec![sources[g].layout.len()], vec![key(&sources[g])]))
         });
         let main_sources = main.iter().map(|&(s, _)| s).collect();
-        Ok(Self { loader: Arc::new(SampleLoader::new(sources, tok, opts)), main: main_mix, general, main_sources, shape })
+        if let Some(p) = shape.packing {
+            if p.tokens < opts.max_len {
+                return Err(Error::Invalid(format!(
+                    "packing budget {} tokens is below max_len {}: a sample could fit no micro-batch",
+                    p.tokens, opts.max_len
+                )));
+            }
+        }
+        let loader = Arc::new(SampleLoader::new(sources, tok, opts));
+        Ok(Self { loader, main: main_mix, general, main_sources, shape, windows: HashMap::new() })
+    }
+
+    /// Whether training can go on from `state` (a checkpoint's): a packing window left part-way can only
+    /// be resumed with the packing it was cut with.
+    pub fn check_resume(&self, state: &ReaderState) -> Result<()> {
+        if state.pack_bins > 0 && state.packing != self.shape.packing {
+            let show = |p: Option<PackShape>| match p {
+                Some(p) => format!("batch.packing.tokens {} with data.pack_window {}", p.tokens, p.window),
+                None => "no packing".to_string(),
+            };
+            return Err(Error::Invalid(format!(
+                "the checkpoint stopped {} micro-batches into a packing window of {}; this recipe has {}: \
+                 resume with the checkpoint's packing (it may change at a window's end)",
+                state.pack_bins,
+                show(state.packing),
+                show(self.shape.packing)
+            )));
+        }
+        Ok(())
+    }
+
+    /// ID samples an optimizer step takes: `micro * accum * world`, or with packing an estimate from how
+    /// the first window packs (the number varies from step to step).
+    pub fn samples_per_step(&mut self) -> Result<f64> {
+        let sh = self.shape.clone();
+        let Some(p) = sh.packing else { return Ok((sh.micro_batch * sh.accum * sh.world) as f64) };
+        let w = self.window(0, p)?;
+        let placed: usize = w.bins.iter().map(Vec::len).sum();
+        Ok((placed.max(1) as f64 / w.bins.len().max(1) as f64) * (sh.accum * sh.world) as f64)
     }
 
     pub fn main_epoch_len(&self) -> u64 {
         self.main.epoch_len()
     }
 
-    /// The requests of one optimizer step for this rank, and the state after it.
-    #[allow(clippy::type_complexity)]
-    pub fn plan_step(&mut self, step: u64, state: ReaderState) -> (Vec<(BatchKind, usize, Vec<(usize, Locator)>)>, ReaderState) {
+    /// The requests of one optimizer step for this rank, and the state after it. With packing this reads
+    /// and tokenises the samples of the windows the step draws from (every rank packs the same windows).
+    pub fn plan_step(&mut self, step: u64, state: ReaderState) -> Result<(Vec<MicroRequest>, ReaderState)> {
         let sh = self.shape.clone();
+        let (main, mut after) = match sh.packing {
+            None => {
+                let main = (0..sh.accum)
+                    .map(|j| {
+                        micro_positions(state.main_position, j, sh.rank, sh.world, sh.micro_batch)
+                            .map(|g| {
+                                let (s, _, loc) = self.main.at(g);
+                                (self.main_sources[s], loc)
+                            })
+                            .collect()
+                    })
+                    .map(|samples| (samples, 0))
+                    .collect::<Vec<_>>();
+                let pos = state.main_position + (sh.accum * sh.world * sh.micro_batch) as u64;
+                (main, ReaderState { main_position: pos, pack_bins: 0, packing: None, ..state })
+            }
+            Some(p) => self.plan_packed(p, state)?,
+        };
         let mut out = Vec::new();
         let mut general_pos = state.general_position;
-        for j in 0..sh.accum {
-            let reqs = micro_positions(state.main_position, j, sh.rank, sh.world, sh.micro_batch)
-                .map(|g| {
-                    let (s, _, loc) = self.main.at(g);
-                    (self.main_sources[s], loc)
-                })
-                .collect();
-            out.push((BatchKind::Id, j, reqs));
+        for (j, (samples, dropped_overlong)) in main.into_iter().enumerate() {
+            out.push(MicroRequest { kind: BatchKind::Id, micro: j, samples, packed: sh.packing.is_some(), dropped_overlong });
             if let Some((gsrc, gmix)) = self.general.as_mut() {
                 if inject(state.seed, step, j, sh.inject_probability) {
                     let start = general_pos + (sh.rank * sh.micro_batch) as u64;
-                    let reqs = (start..start + sh.micro_batch as u64).map(|g| (*gsrc, gmix.at(g).2)).collect();
-                    out.push((BatchKind::General, j, reqs));
+                    let samples = (start..start + sh.micro_batch as u64).map(|g| (*gsrc, gmix.at(g).2)).collect();
+                    out.push(MicroRequest { kind: BatchKind::General, micro: j, samples, packed: false, dropped_overlong: 0 });
                     general_pos += (sh.world * sh.micro_batch) as u64;
                 }
             }
         }
-        let after = ReaderState {
-            seed: state.seed,
-            main_position: state.main_position + (sh.accum * sh.world * sh.micro_batch) as u64,
-            general_position: general_pos,
-        };
-        (out, after)
+        after.general_position = general_pos;
+        Ok((out, after))
+    }
+
+    /// This rank's packed micro-batches of a step (with the overlong count each reports) and the state
+    /// after the step.
+    #[allow(clippy::type_complexity)]
+    fn plan_packed(&mut self, p: PackShape, state: ReaderState) -> Result<(Vec<(Vec<(usize, Locator)>, usize)>, ReaderState)> {
+        let sh = &self.shape;
+        let (accum, world, rank) = (sh.accum, sh.world, sh.rank);
+        let need = accum * world;
+        let (mut start, mut taken) = (state.main_position, state.pack_bins as usize);
+        let mut global: Vec<(Vec<(usize, Locator)>, usize)> = Vec::with_capacity(need);
+        let mut empty_windows = 0;
+        while global.len() < need {
+            let w = self.window(start, p)?;
+            if w.bins.is_empty() {
+                empty_windows += 1;
+                if empty_windows >= 16 {
+                    return Err(Error::Invalid(format!(
+                        "16 packing windows in a row from global position {} hold no sample of at most max_len tokens",
+                        start
+                    )));
+                }
+            }
+            let n = (w.bins.len().saturating_sub(taken)).min(need - global.len());
+            for b in taken..taken + n {
+                global.push((w.bins[b].clone(), if b == 0 { w.overlong } else { 0 }));
+            }
+            taken += n;
+            if taken >= w.bins.len() {
+                start += p.window as u64;
+                taken = 0;
+            }
+        }
+        // Keep the windows this step or the next can still use.
+        self.windows.retain(|&k, _| k >= start.saturating_sub(p.window as u64));
+        let mine = (0..accum).map(|j| std::mem::take(&mut global[j * world + rank])).collect();
+        Ok((mine, ReaderState { main_position: start, pack_bins: taken as u64, packing: Some(p), ..state }))
+    }
+
+    /// The packing of the window of `p.window` samples starting at global position `start` (cached).
+    fn window(&mut self, start: u64, p: PackShape) -> Result<Arc<Window>> {
+        if let Some(w) = self.windows.get(&start) {
+            return Ok(w.clone());
+        }
+        let mut samples = Vec::with_capacity(p.window);
+        let mut lengths = Vec::with_capacity(p.window);
+        let mut overlong = 0;
+        for g in start..start + p.window as u64 {
+            let (s, _, loc) = self.main.at(g);
+            let src = self.main_sources[s];
+            match self.loader.length(src, loc)? {
+                Some(len) => {
+                    samples.push((src, loc));
+                    lengths.push(len);
+                }
+                None => overlong += 1,
+            }
+        }
+        let packing = crate::pack::pack(&lengths, p.tokens, p.window);
+        debug_assert!(packing.too_long.is_empty(), "tokens >= max_len is checked at construction");
+        let bins = packing.bins.iter().map(|b| b.iter().map(|&i| samples[i]).collect()).collect();
+        let w = Arc::new(Window { bins, overlong });
+        self.windows.insert(start, w.clone());
+        Ok(w)
     }
 
     /// Starts loading steps `first_step..` from `state` on the reader's own tokio runtime: up to
@@ -586,13 +759,15 @@ impl Reader {
             let mut state = state;
             let steps = futures::stream::iter(first_step..)
                 .map(|step| {
-                    let (reqs, after) = self.plan_step(step, state);
-                    state = after;
+                    // With packing, planning reads and tokenises the window's samples: blocking work.
+                    let planned = tokio::task::block_in_place(|| self.plan_step(step, state));
+                    if let Ok((_, after)) = &planned {
+                        state = *after;
+                    }
                     let (loader, decode) = (loader.clone(), decode.clone());
                     async move {
-                        let micro = reqs
-                            .into_iter()
-                            .map(|(kind, micro, r)| loader.clone().build_async(kind, step, micro, r, after, decode.clone()));
+                        let (reqs, after) = planned?;
+                        let micro = reqs.into_iter().map(|r| loader.clone().build_async(r, step, after, decode.clone()));
                         let micro_batches = futures::future::try_join_all(micro).await?;
                         Ok(StepBatches { step, micro_batches, state_after: after })
                     }

@@ -5,6 +5,7 @@ mod layering;
 mod lora;
 mod mmid;
 mod model;
+mod packing;
 mod shards;
 mod slurm;
 mod tokenizer;

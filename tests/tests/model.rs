@@ -76,9 +76,11 @@ pub(crate) fn batch(cfg: &ModelConfig) -> ModelInput {
         input_ids: Tensor::from_slice(&ids).view([2, s as i64]),
         labels: Tensor::from_slice(&labels).view([2, s as i64]),
         pixels: Tensor::randn([n, 3, size, size], (Kind::Float, Device::Cpu)),
+        image_groups: img_rows.clone(),
         image_rows: img_rows,
         image_starts: starts,
         image_roles: roles,
+        seq_lens: vec![],
     }
 }
 
@@ -382,6 +384,8 @@ fn greedy_generation_with_the_kv_cache_equals_recomputing_everything() {
             image_rows: vec![0; n as usize],
             image_starts: enc.image_starts.clone(),
             image_roles: enc.image_roles.clone(),
+            image_groups: vec![0; n as usize],
+            seq_lens: vec![],
         };
         let logits = tch::no_grad(|| m.forward_logits(&input));
         let next = logits.select(1, l - 1).argmax(-1, false).int64_value(&[0]);

@@ -19,7 +19,7 @@ fn reader(dir: &std::path::Path, world: usize, rank: usize, micro: usize, accum:
         5,
         &[(0, n)],
         Some(1),
-        StepShape { micro_batch: micro, accum, world, rank, inject_probability: inject },
+        StepShape { micro_batch: micro, accum, world, rank, inject_probability: inject, packing: None },
     )
     .unwrap()
 }
@@ -28,9 +28,9 @@ fn reader(dir: &std::path::Path, world: usize, rank: usize, micro: usize, accum:
 fn ids(r: &mut Reader, first: u64, steps: u64, mut state: ReaderState) -> (Vec<String>, ReaderState) {
     let mut out = Vec::new();
     for s in first..first + steps {
-        let (reqs, after) = r.plan_step(s, state);
-        for (kind, micro, locs) in reqs {
-            let mb = r.loader.build(kind, s, micro, &locs, after).unwrap();
+        let (reqs, after) = r.plan_step(s, state).unwrap();
+        for req in reqs {
+            let mb = r.loader.build(&req, s, after).unwrap();
             out.extend(mb.sample_ids);
         }
         state = after;
@@ -42,7 +42,7 @@ fn ids(r: &mut Reader, first: u64, steps: u64, mut state: ReaderState) -> (Vec<S
 fn global_order_is_deterministic_and_rank_shares_partition_it() {
     let d = tempfile::tempdir().unwrap();
     synth(d.path(), 60, 10, 7);
-    let st = ReaderState { seed: 5, main_position: 0, general_position: 0 };
+    let st = ReaderState { seed: 5, ..Default::default() };
     let (single, _) = ids(&mut reader(d.path(), 1, 0, 2, 6, 0.0), 0, 5, st);
     assert_eq!(single, ids(&mut reader(d.path(), 1, 0, 2, 6, 0.0), 0, 5, st).0, "same order twice");
     // One epoch (60 samples = 5 steps of 12) is a permutation of the dataset.
@@ -67,7 +67,7 @@ fn global_order_is_deterministic_and_rank_shares_partition_it() {
 fn resume_continues_exactly_and_survives_a_world_size_change() {
     let d = tempfile::tempdir().unwrap();
     synth(d.path(), 50, 10, 8);
-    let st = ReaderState { seed: 5, main_position: 0, general_position: 0 };
+    let st = ReaderState { seed: 5, ..Default::default() };
     // Uninterrupted: 6 steps of global batch 12 at world 2.
     let mut straight = Vec::new();
     for rank in 0..2 {
@@ -103,15 +103,15 @@ fn resume_continues_exactly_and_survives_a_world_size_change() {
 fn injection_is_agreed_by_every_rank_and_mixtures_keep_their_proportions() {
     let d = tempfile::tempdir().unwrap();
     synth(d.path(), 40, 20, 8);
-    let st = ReaderState { seed: 5, main_position: 0, general_position: 0 };
+    let st = ReaderState { seed: 5, ..Default::default() };
     let mut plans = Vec::new();
     for rank in 0..2 {
         let mut r = reader(d.path(), 2, rank, 1, 4, 0.3);
         let mut kinds = Vec::new();
         let mut s = st;
         for step in 0..20 {
-            let (reqs, after) = r.plan_step(step, s);
-            kinds.extend(reqs.iter().map(|q| (q.0, q.1)));
+            let (reqs, after) = r.plan_step(step, s).unwrap();
+            kinds.extend(reqs.iter().map(|q| (q.kind, q.micro)));
             s = after;
         }
         plans.push((kinds, s));
@@ -255,7 +255,7 @@ fn a_corrupt_image_at_training_time_is_skipped_or_fatal() {
             0,
             &[(0, 4)],
             None,
-            StepShape { micro_batch: 4, accum: 1, world: 1, rank: 0, inject_probability: 0.0 },
+            StepShape { micro_batch: 4, accum: 1, world: 1, rank: 0, inject_probability: 0.0, packing: None },
         )
         .unwrap();
         let mut rx = r.stream(0, ReaderState::default(), 1);

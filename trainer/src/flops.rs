@@ -8,13 +8,25 @@ use crate::model::ModelConfig;
 pub const H100_PEAK_BF16: f64 = 989e12;
 
 pub fn micro_batch_flops(cfg: &ModelConfig, batch: usize, seq: usize, images: usize) -> f64 {
-    let (b, s, i) = (batch as f64, seq as f64, images as f64);
+    rows_flops(cfg, batch as f64 * seq as f64, batch as f64 * (seq as f64).powi(2), images)
+}
+
+/// A packed row of samples of lengths `lens`: attention only within each sample.
+pub fn packed_flops(cfg: &ModelConfig, lens: &[usize], images: usize) -> f64 {
+    let tokens: usize = lens.iter().sum();
+    rows_flops(cfg, tokens as f64, lens.iter().map(|&l| (l as f64).powi(2)).sum(), images)
+}
+
+/// `tokens` LLM tokens whose attention spans `pairs` (query, key) pairs counted as in PERF.md (B x S^2
+/// for padded rows).
+fn rows_flops(cfg: &ModelConfig, tokens: f64, pairs: f64, images: usize) -> f64 {
+    let i = images as f64;
     let d = cfg.hidden_size as f64;
     let l = cfg.num_hidden_layers as f64;
     let ff = cfg.mlp_width() as f64;
     let v = cfg.vocab_size as f64;
     let llm_mat = l * (d * 3.0 * d + d * d + 3.0 * d * ff) + d * v;
-    let llm = 6.0 * llm_mat * b * s + 12.0 * l * d * s * b * s;
+    let llm = 6.0 * llm_mat * tokens + 12.0 * l * d * pairs;
     let vd = cfg.visual.width as f64;
     let vff = cfg.vit_mlp_width() as f64;
     let vl = cfg.visual.layers as f64;

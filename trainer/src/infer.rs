@@ -84,9 +84,11 @@ pub fn generate_batch(
         input_ids: Tensor::from_slice(&ids).view([b as i64, l]).to_device(device),
         labels: Tensor::full([b as i64, l], -100, (Kind::Int64, device)),
         pixels: Tensor::from_slice(&pixels).view([n, 3, size as i64, size as i64]).to_device(device),
+        image_groups: rows.clone(),
         image_rows: rows,
         image_starts: starts,
         image_roles: roles,
+        seq_lens: vec![],
     };
     let alphas: Vec<f64> = pads.iter().map(|&p| model.ntk_alpha(l - p)).collect();
     // Which key positions are real tokens; None when no row is padded.

@@ -90,11 +90,11 @@ impl Recipe {
 
 impl Plan {
     /// Optimizer steps of the run: `length.steps`, or `length.epochs` of the main sources' epoch
-    /// (`epoch_len` samples) at `global_batch` samples per step.
-    pub fn total_steps(&self, epoch_len: usize, global_batch: u64) -> u64 {
+    /// (`epoch_len` samples) at `samples_per_step` (with packing, as the first window packs).
+    pub fn total_steps(&self, epoch_len: usize, samples_per_step: f64) -> u64 {
         match (self.length.steps, self.length.epochs) {
             (Some(s), _) => s,
-            (None, Some(e)) => ((e * epoch_len as f64) / global_batch as f64).ceil() as u64,
+            (None, Some(e)) => ((e * epoch_len as f64) / samples_per_step).ceil().max(1.0) as u64,
             _ => unreachable!("validated recipe"),
         }
     }

@@ -268,8 +268,15 @@ pub struct DataSection {
     /// trusted storage).
     #[serde(default = "yes")]
     pub verify_checksums: bool,
+    /// With `batch.packing`: samples packed together (best fit, longest first) before the next ones
+    /// are looked at. Larger packs tighter; every rank reads and tokenises each window's samples.
+    #[serde(default = "default_pack_window")]
+    pub pack_window: usize,
 }
 
+fn default_pack_window() -> usize {
+    512
+}
 fn default_max_len() -> usize {
     2048
 }
@@ -350,13 +357,31 @@ pub struct ScheduleSection {
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct BatchSection {
-    /// Samples per micro-batch per rank.
+    /// Samples per micro-batch per rank (with packing: of the injected general micro-batches only).
     pub micro: usize,
     /// Micro-batches per optimizer step per rank.
     pub accum: usize,
-    /// How token losses are averaged into the step's loss.
+    /// How token losses are averaged into the step's loss: `micro_batch` (the original's) by default,
+    /// `tokens` (the only choice with packing, and its default).
     #[serde(default)]
-    pub loss_mean: LossMean,
+    pub loss_mean: Option<LossMean>,
+    /// Packed ID micro-batches: whole samples one after another in one row of at most `tokens` tokens,
+    /// each attending only to itself with positions from 0 (off by default: one padded row per sample).
+    #[serde(default)]
+    pub packing: Option<PackingSection>,
+}
+
+impl BatchSection {
+    pub fn loss_mean(&self) -> LossMean {
+        self.loss_mean.unwrap_or(if self.packing.is_some() { LossMean::Tokens } else { LossMean::MicroBatch })
+    }
+}
+
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PackingSection {
+    /// Token budget of a packed micro-batch; at least `data.max_len`.
+    pub tokens: usize,
 }
 
 /// How the loss of a step averages its tokens.
@@ -772,6 +797,28 @@ impl Recipe {
         }
         if self.batch.accum == 0 {
             return err("batch.accum", "must be at least 1".into());
+        }
+        if let Some(p) = &self.batch.packing {
+            if p.tokens < self.data.max_len {
+                return err(
+                    "batch.packing.tokens",
+                    format!(
+                        "{} is below data.max_len {}: a sample that long could fit no micro-batch",
+                        p.tokens, self.data.max_len
+                    ),
+                );
+            }
+            if self.batch.loss_mean == Some(LossMean::MicroBatch) {
+                return err(
+                    "batch.loss_mean",
+                    "micro_batch averages per micro-batch, and packed micro-batches hold varying numbers of samples: \
+                     use tokens (the default with packing)"
+                        .into(),
+                );
+            }
+            if self.data.pack_window == 0 {
+                return err("data.pack_window", "must be at least 1".into());
+            }
         }
         if self.data.sources.is_empty() {
             return err("data.sources", "at least one source".into());

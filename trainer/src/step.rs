@@ -32,6 +32,8 @@ pub fn model_input(mb: &MicroBatch, image_size: i64, device: tch::Device) -> Mod
             image_rows: vec![],
             image_starts: vec![],
             image_roles: vec![],
+            image_groups: vec![],
+            seq_lens: vec![],
         };
     }
     let (b, s) = (mb.batch as i64, mb.seq as i64);
@@ -43,6 +45,8 @@ pub fn model_input(mb: &MicroBatch, image_size: i64, device: tch::Device) -> Mod
         image_rows: mb.image_rows.clone(),
         image_starts: mb.image_starts.clone(),
         image_roles: mb.image_roles.clone(),
+        image_groups: mb.image_groups.clone(),
+        seq_lens: mb.seq_lens.clone(),
     }
 }
 
@@ -85,7 +89,7 @@ pub fn forward_backward(
     // Stem, with a graph through the trainable resampler and embedding.
     let stem = st.gather_now(comm, Role::Stem, Use::Leaves)?;
     let x0 = profile::time(profile::STEM_FWD, 0.0, || Stem::new(cfg, &st.getter(&[&stem])).forward(input));
-    let rope = QwenVl::rope(cfg, input.input_ids.size()[1], device);
+    let rope = QwenVl::rope_for(cfg, input, device);
 
     // Blocks forward. A recomputed block keeps only its input; the others keep their graph (input leaf,
     // parameter leaves, output). Block i+1's gather (ZeRO-3) runs while block i computes, and the

@@ -20,7 +20,7 @@ use crate::recipe::{LossMean, Recipe};
 use crate::report::{Reporter, StepRecord};
 use crate::step::{forward_backward, mix, model_input};
 use crate::zero::{Sharded, StepStats};
-use idavlm_shards::reader::{BatchKind, LoadOptions, Reader, ReaderState, Source, StepBatches, StepShape, StepStream};
+use idavlm_shards::reader::{BatchKind, LoadOptions, PackShape, Reader, ReaderState, Source, StepBatches, StepShape, StepStream};
 use idavlm_shards::tokenizer::Tokenizer;
 
 pub use crate::plan::Resume;
@@ -163,9 +163,8 @@ impl<'a> Trainer<'a> {
         if st.layout.trainable_numel() == 0 {
             return Err(Error::Recipe("recipe key `trainable.include`: no parameter matches".into()));
         }
-        let reader = open_data(recipe, &plan, rank, world)?;
-        let global_batch = (recipe.batch.micro * recipe.batch.accum * world) as u64;
-        let total_steps = plan.total_steps(reader.main_epoch_len() as usize, global_batch);
+        let mut reader = open_data(recipe, &plan, rank, world)?;
+        let total_steps = plan.total_steps(reader.main_epoch_len() as usize, reader.samples_per_step()?);
 
         let ckpt_root = recipe.checkpoint.dir.clone();
         let lock = take_folder_lock(comm, &ckpt_root, device)?;
@@ -173,7 +172,7 @@ impl<'a> Trainer<'a> {
         let mut ts = TrainerState {
             step: 0,
             adam_step: 0,
-            reader: ReaderState { seed: recipe.seed, main_position: 0, general_position: 0 },
+            reader: ReaderState { seed: recipe.seed, ..Default::default() },
             seed: recipe.seed,
             nonfinite_in_row: 0,
             nonfinite_total: 0,
@@ -186,6 +185,7 @@ impl<'a> Trainer<'a> {
             if saved.seed != recipe.seed {
                 return Err(Error::checkpoint(dir, format!("written with seed {}, the recipe says {}", saved.seed, recipe.seed)));
             }
+            reader.check_resume(&saved.reader).map_err(|e| Error::checkpoint(dir, e.to_string()))?;
             checkpoint::load_optimizer(dir, &m, comm, &mut st, saved.adam_step)?;
             if rank == 0 {
                 tracing::info!("resumed from {} (step {}, written by {} ranks)", dir.display(), saved.step, m.world);
@@ -318,7 +318,7 @@ impl<'a> Trainer<'a> {
     fn micro_batches(&mut self, data: &StepBatches) -> Result<StepSums> {
         let (device, world) = (self.plan.device, self.comm.world());
         // Token-mean loss: every rank needs the step's supervised-token count before its first backward.
-        let global_tokens = match self.recipe.batch.loss_mean {
+        let global_tokens = match self.recipe.batch.loss_mean() {
             LossMean::MicroBatch => None,
             LossMean::Tokens => {
                 let local: usize = data.micro_batches.iter().map(|mb| mb.supervised_tokens()).sum();
@@ -348,7 +348,11 @@ impl<'a> Trainer<'a> {
                 *w += weight;
             }
             sums.tokens += (mb.batch * mb.seq) as f64;
-            sums.flops += flops::micro_batch_flops(&self.plan.cfg, mb.batch, mb.seq, mb.num_images());
+            sums.flops += if mb.seq_lens.is_empty() {
+                flops::micro_batch_flops(&self.plan.cfg, mb.batch, mb.seq, mb.num_images())
+            } else {
+                flops::packed_flops(&self.plan.cfg, &mb.seq_lens, mb.num_images())
+            };
             sums.dropped += (mb.dropped_bad_image + mb.dropped_overlong) as f64;
         }
         Ok(sums)
@@ -478,6 +482,7 @@ fn open_data(recipe: &Recipe, plan: &Plan, rank: usize, world: usize) -> Result<
         world,
         rank,
         inject_probability: d.inject_probability,
+        packing: recipe.batch.packing.as_ref().map(|p| PackShape { tokens: p.tokens, window: d.pack_window }),
     };
     let load = LoadOptions {
         image_size: plan.cfg.visual.image_size as usize,

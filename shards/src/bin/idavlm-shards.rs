@@ -382,7 +382,7 @@ fn bench(dir: &std::path::Path, size: usize, n_images: usize, workers: usize) ->
         0,
         &[(0, total)],
         None,
-        StepShape { micro_batch: 2, accum: 8, world: 1, rank: 0, inject_probability: 0.0 },
+        StepShape { micro_batch: 2, accum: 8, world: 1, rank: 0, inject_probability: 0.0, packing: None },
     )?;
     let mut rx = reader.stream(0, ReaderState::default(), 8);
     let t = Instant::now();

@@ -80,6 +80,14 @@ enum Cmd {
         /// attn.c_proj, w1, w2; wte and lm_head trained in full) instead of full fine-tuning.
         #[arg(long)]
         lora: bool,
+        /// Workload W2: PERF.md's w2_lengths.json; its samples are packed into micro-batches of
+        /// --pack-tokens and the result is real tokens/s/GPU (--micro-batch, --seq and --images unused).
+        #[arg(long)]
+        lengths: Option<PathBuf>,
+        #[arg(long, default_value_t = 4096)]
+        pack_tokens: usize,
+        #[arg(long, default_value_t = 512)]
+        pack_window: usize,
     },
     /// Verify a checkpoint folder and write its model in the Hugging Face layout (bf16). A LoRA
     /// checkpoint's adapter goes to OUT/adapter in PEFT's layout, or into the weights with --merge.
@@ -244,7 +252,22 @@ fn run(cli: Cli) -> Result<i32> {
             println!("{}", serde_json::to_string_pretty(&count_params(&cfg))?);
             Ok(0)
         }
-        Cmd::Bench { layers, vit_layers, micro_batch, grad_accum, seq, images, steps, zero, no_id_former, ac, lora } => {
+        Cmd::Bench {
+            layers,
+            vit_layers,
+            micro_batch,
+            grad_accum,
+            seq,
+            images,
+            steps,
+            zero,
+            no_id_former,
+            ac,
+            lora,
+            lengths,
+            pack_tokens,
+            pack_window,
+        } => {
             runtime::prepare_nccl();
             let info = RankInfo::from_env()?;
             let device = runtime::device_for(info.local_rank);
@@ -265,6 +288,9 @@ fn run(cli: Cli) -> Result<i32> {
                 id_former: !no_id_former,
                 lora,
                 ac,
+                lengths: lengths.as_deref().map(idavlm::bench::W2Lengths::load).transpose()?,
+                pack_tokens,
+                pack_window,
             };
             let r = idavlm::bench::run(&w, comm.as_ref(), device, &name)?;
             if info.rank == 0 {

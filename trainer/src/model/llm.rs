@@ -3,6 +3,7 @@
 
 use tch::{Kind, Tensor};
 
+use super::attention::{self, Segments};
 use super::layers::{apply_rope, Linear, RmsNorm};
 
 #[derive(Debug)]
@@ -34,6 +35,8 @@ pub struct Rope {
     /// (B, T) bool: which of all keys up to this call are real tokens (a left-padded generation batch);
     /// None when every key is.
     pub keys: Option<Tensor>,
+    /// A packed training row: its samples, each attending only to itself. None: each row is one sample.
+    pub segments: Option<Segments>,
 }
 
 impl QwenBlock {
@@ -55,6 +58,11 @@ impl QwenBlock {
             }
             None => q,
         };
+        if let Some(seg) = &rope.segments {
+            assert!(cache.is_none() && rope.keys.is_none(), "packed rows are for training only");
+            let a = attention::packed(&q, &k, &v, seg);
+            return self.finish(x, &a.reshape([b, s, d]));
+        }
         let (q, mut k, mut v) = (q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2));
         let mut past = 0;
         if let Some(cache) = cache {
@@ -83,7 +91,12 @@ impl QwenBlock {
                 Tensor::scaled_dot_product_attention(&q, &k, &v, Some(&mask), 0.0, false, None, false)
             }
         };
-        let x = x + self.c_proj.forward(&a.transpose(1, 2).reshape([b, s, d]));
+        self.finish(x, &a.transpose(1, 2).reshape([b, s, d]))
+    }
+
+    /// After attention (heads merged, (B, S, D)): output projection, residual, MLP, residual.
+    fn finish(&self, x: &Tensor, a: &Tensor) -> Tensor {
+        let x = x + self.c_proj.forward(a);
         let h = self.ln_2.forward(&x);
         let m = self.w1.forward(&h) * self.w2.forward(&h).silu();
         x + self.mlp_c_proj.forward(&m)

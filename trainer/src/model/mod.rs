@@ -5,6 +5,7 @@
 //! separately (vision, stem, each block, head) so that it can checkpoint activations and schedule
 //! communication block by block; [`QwenVl::forward_loss`] runs them in one go.
 
+pub mod attention;
 pub mod config;
 pub mod layers;
 pub mod llm;
@@ -91,6 +92,28 @@ pub struct ModelInput {
     /// Index of each image's `<img>` token in its row.
     pub image_starts: Vec<usize>,
     pub image_roles: Vec<ImageRole>,
+    /// Each image's sample, by which the ID-Former groups references and test images: the row when
+    /// rows are samples, the sample's place in the row when the row is packed.
+    pub image_groups: Vec<usize>,
+    /// A packed micro-batch (one row of several samples): the samples' lengths, in order; empty when
+    /// every row is one sample.
+    pub seq_lens: Vec<usize>,
+}
+
+impl ModelInput {
+    /// The same inputs, tensors shared.
+    pub fn shallow_clone(&self) -> Self {
+        Self {
+            input_ids: self.input_ids.shallow_clone(),
+            labels: self.labels.shallow_clone(),
+            pixels: self.pixels.shallow_clone(),
+            image_rows: self.image_rows.clone(),
+            image_starts: self.image_starts.clone(),
+            image_roles: self.image_roles.clone(),
+            image_groups: self.image_groups.clone(),
+            seq_lens: self.seq_lens.clone(),
+        }
+    }
 }
 
 /// Everything before the LLM blocks: the frozen vision tower, the resampler (+ ID-Former), ln_post,
@@ -180,9 +203,10 @@ impl Stem {
         self.vision.forward(&pixels.to_kind(self.vision.conv1.kind()))
     }
 
-    /// ViT features -> visual vectors (N, 256, D): resampler (+ ID-Former), ln_post, proj.
-    pub fn visual_tokens(&self, feats: &Tensor, rows: &[usize], roles: &[ImageRole]) -> Tensor {
-        let out = self.resampler.forward(&feats.to_kind(self.dtype()), rows, roles);
+    /// ViT features -> visual vectors (N, 256, D): resampler (+ ID-Former, which groups the images by
+    /// `groups`: one group per sample), ln_post, proj.
+    pub fn visual_tokens(&self, feats: &Tensor, groups: &[usize], roles: &[ImageRole]) -> Tensor {
+        let out = self.resampler.forward(&feats.to_kind(self.dtype()), groups, roles);
         self.ln_post.forward(&out.to_kind(self.ln_post.weight.kind())).matmul(&self.proj).to_kind(self.dtype())
     }
 
@@ -212,7 +236,7 @@ impl Stem {
     pub fn forward(&self, input: &ModelInput) -> Tensor {
         let visual = (!input.image_rows.is_empty()).then(|| {
             let feats = tch::no_grad(|| self.vision_features(&input.pixels));
-            self.visual_tokens(&feats, &input.image_rows, &input.image_roles)
+            self.visual_tokens(&feats, &input.image_groups, &input.image_roles)
         });
         self.embed(&input.input_ids, visual.as_ref(), &input.image_rows, &input.image_starts)
     }
@@ -308,7 +332,25 @@ impl QwenVl {
     /// Training RoPE for positions 0..seq_len.
     pub fn rope(cfg: &ModelConfig, seq_len: i64, device: Device) -> Rope {
         let (cos, sin) = layers::rope_tables(cfg.kv_channels, cfg.rotary_emb_base, 0, seq_len, 1.0, device);
-        Rope { cos, sin, logn: None, keys: None }
+        Rope { cos, sin, logn: None, keys: None, segments: None }
+    }
+
+    /// Training RoPE of a packed row: positions restart at 0 for each sample (lengths `lens`), whose
+    /// attention is confined to itself.
+    pub fn rope_packed(cfg: &ModelConfig, lens: &[usize], device: Device) -> Rope {
+        let seg = attention::Segments::new(lens, device);
+        let (cos, sin) = layers::rope_tables(cfg.kv_channels, cfg.rotary_emb_base, 0, seg.max_len.max(1), 1.0, device);
+        let pos = Tensor::from_slice(&seg.positions()).to_device(device);
+        Rope { cos: cos.index_select(0, &pos), sin: sin.index_select(0, &pos), logn: None, keys: None, segments: Some(seg) }
+    }
+
+    /// The training RoPE of a micro-batch: per sample when it is packed.
+    pub fn rope_for(cfg: &ModelConfig, input: &ModelInput, device: Device) -> Rope {
+        if input.seq_lens.is_empty() {
+            Self::rope(cfg, input.input_ids.size()[1], device)
+        } else {
+            Self::rope_packed(cfg, &input.seq_lens, device)
+        }
     }
 
     /// Inference RoPE for positions `start..start+len` with Qwen's dynamic NTK (alpha fixed from the
@@ -323,7 +365,7 @@ impl QwenVl {
                 .collect();
             Tensor::from_slice(&f).to_device(self.device())
         });
-        Rope { cos, sin, logn, keys: None }
+        Rope { cos, sin, logn, keys: None, segments: None }
     }
 
     /// Inference RoPE for a left-padded batch: row r's columns hold its positions `starts[r]..` (negative
@@ -341,7 +383,7 @@ impl QwenVl {
             let ones = Tensor::ones([len], (Kind::Float, self.device()));
             Tensor::stack(&rows.iter().map(|r| r.logn.as_ref().unwrap_or(&ones)).collect::<Vec<_>>(), 0)
         });
-        Rope { cos, sin, logn, keys }
+        Rope { cos, sin, logn, keys, segments: None }
     }
 
     /// Qwen's dynamic NTK alpha for a prompt of `len` tokens: 2^ceil(log2(len/seq_length)+1) - 1, at least 1.
@@ -361,7 +403,7 @@ impl QwenVl {
     /// Full forward to logits (B, S, V).
     pub fn forward_logits(&self, input: &ModelInput) -> Tensor {
         let mut x = self.stem.forward(input);
-        let rope = Self::rope(&self.cfg, input.input_ids.size()[1], self.device());
+        let rope = Self::rope_for(&self.cfg, input, self.device());
         for b in &self.blocks {
             x = b.forward(&x, &rope, None);
         }

@@ -24,7 +24,8 @@ impl Resampler {
         self.attn.forward(&q, &(h + pos_k), h)
     }
 
-    /// ViT features (N, P, W) -> visual tokens (N, 256, D). `rows[n]` is image n's sample row and
+    /// ViT features (N, P, W) -> visual tokens (N, 256, D). `rows[n]` is image n's sample (its row, or its
+    /// place in a packed row) and
     /// `roles[n]` its role; test images go through the ID-Former when the module is present.
     pub fn forward(&self, feats: &Tensor, rows: &[usize], roles: &[ImageRole]) -> Tensor {
         let n = feats.size()[0];

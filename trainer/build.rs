@@ -1,0 +1,22 @@
+//! Compiles the one C++ file tch's API lacks (csrc/varlen.cpp: packed flash attention) against the
+//! libtorch that torch-sys found, with torch-sys's flags.
+
+use std::path::PathBuf;
+
+fn main() {
+    println!("cargo:rerun-if-changed=csrc/varlen.cpp");
+    let lib = PathBuf::from(std::env::var("DEP_TCH_LIBTORCH_LIB").expect("torch-sys passes DEP_TCH_LIBTORCH_LIB"));
+    let root = lib.parent().expect("libtorch's lib folder has a parent").to_path_buf();
+    cc::Build::new()
+        .cpp(true)
+        .pic(true)
+        .warnings(false)
+        .include(root.join("include"))
+        .include(root.join("include/torch/csrc/api/include"))
+        .flag("-std=c++17")
+        // pip's torch (the only libtorch this project builds against) uses the C++11 ABI.
+        .flag("-D_GLIBCXX_USE_CXX11_ABI=1")
+        .flag("-DGLOG_USE_GLOG_EXPORT")
+        .file("csrc/varlen.cpp")
+        .compile("idavlm_varlen");
+}

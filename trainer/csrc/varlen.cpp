@@ -1,0 +1,34 @@
+// Variable-length (packed) causal attention through libtorch's flash-attention operator, which tch does
+// not expose. `at::_flash_attention_forward` goes through the dispatcher, autograd included: its
+// backward is libtorch's own `_flash_attention_backward`. Exceptions never cross into Rust: a failure
+// comes back as a message the caller frees with `idavlm_free_message`.
+
+#include <ATen/core/Tensor.h>
+#include <ATen/ops/_flash_attention_forward.h>
+
+#include <cstdlib>
+#include <cstring>
+#include <exception>
+
+extern "C" {
+
+// q, k, v: (total, heads, head_dim) CUDA bf16/f16, the samples one after another; cu_seqlens: (n+1,)
+// int32 offsets of the samples (0, l0, l0+l1, ...); max_len: the longest sample. On success stores a
+// new tensor (total, heads, head_dim) in *out and returns null.
+char* idavlm_flash_varlen(const at::Tensor* q, const at::Tensor* k, const at::Tensor* v, const at::Tensor* cu_seqlens,
+                          int64_t max_len, at::Tensor** out) {
+  try {
+    auto r = at::_flash_attention_forward(*q, *k, *v, *cu_seqlens, *cu_seqlens, max_len, max_len, 0.0,
+                                          /*is_causal=*/true, /*return_debug_mask=*/false);
+    *out = new at::Tensor(std::get<0>(r));
+    return nullptr;
+  } catch (const std::exception& e) {
+    return strdup(e.what());
+  } catch (...) {
+    return strdup("unknown C++ exception in _flash_attention_forward");
+  }
+}
+
+void idavlm_free_message(char* m) { free(m); }
+
+}

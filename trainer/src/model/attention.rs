@@ -1,0 +1,88 @@
+//! Causal attention over packed rows: several samples one after another in one row, each attending only
+//! to itself (block-diagonal causal). On CUDA in bf16/f16 it is libtorch's variable-length flash
+//! attention (`_flash_attention_forward` with cumulative sequence lengths, through csrc/varlen.cpp); on
+//! CPU, and for f32, an explicit block-diagonal mask through scaled_dot_product_attention, which is the
+//! reference the tests compare the packed path against.
+
+use std::ffi::{c_char, CStr};
+
+use tch::{Device, Kind, Tensor};
+
+/// The samples of a packed row: their lengths, in order.
+#[derive(Debug)]
+pub struct Segments {
+    pub lens: Vec<i64>,
+    /// (n+1,) int32 offsets on the row's device: 0, l0, l0+l1, ...
+    pub cu_seqlens: Tensor,
+    pub max_len: i64,
+}
+
+impl Segments {
+    pub fn new(lens: &[usize], device: Device) -> Self {
+        let lens: Vec<i64> = lens.iter().map(|&l| l as i64).collect();
+        let mut cu = vec![0i32];
+        for &l in &lens {
+            cu.push(cu.last().expect("non-empty") + l as i32);
+        }
+        let max_len = lens.iter().copied().max().unwrap_or(0);
+        Self { cu_seqlens: Tensor::from_slice(&cu).to_device(device), lens, max_len }
+    }
+
+    pub fn total(&self) -> i64 {
+        self.lens.iter().sum()
+    }
+
+    /// Each position's index inside its own sample: 0..l0, 0..l1, ...
+    pub fn positions(&self) -> Vec<i64> {
+        self.lens.iter().flat_map(|&l| 0..l).collect()
+    }
+
+    /// (S, S) bool: query i sees key j iff both are in the same sample and j <= i.
+    pub fn mask(&self, device: Device) -> Tensor {
+        let seg: Vec<i64> = self.lens.iter().enumerate().flat_map(|(k, &l)| std::iter::repeat_n(k as i64, l as usize)).collect();
+        let seg = Tensor::from_slice(&seg).to_device(device);
+        let s = self.total();
+        let idx = Tensor::arange(s, (Kind::Int64, device));
+        seg.unsqueeze(1).eq_tensor(&seg.unsqueeze(0)).logical_and(&idx.unsqueeze(0).le_tensor(&idx.unsqueeze(1)))
+    }
+}
+
+extern "C" {
+    fn idavlm_flash_varlen(
+        q: *const torch_sys::C_tensor,
+        k: *const torch_sys::C_tensor,
+        v: *const torch_sys::C_tensor,
+        cu: *const torch_sys::C_tensor,
+        max_len: i64,
+        out: *mut *mut torch_sys::C_tensor,
+    ) -> *mut c_char;
+    fn idavlm_free_message(m: *mut c_char);
+}
+
+/// Packed causal attention: q, k, v (1, S, H, Dh) in the row's sample order -> (1, S, H, Dh).
+pub fn packed(q: &Tensor, k: &Tensor, v: &Tensor, seg: &Segments) -> Tensor {
+    let (b, s, h, dh) = q.size4().expect("packed attention takes (1, S, H, Dh)");
+    assert_eq!(b, 1, "a packed micro-batch is one row");
+    assert_eq!(s, seg.total(), "packed row length and segment lengths disagree");
+    let flash = q.device().is_cuda() && matches!(q.kind(), Kind::BFloat16 | Kind::Half);
+    if flash {
+        let (q, k, v) = (q.view([s, h, dh]).contiguous(), k.view([s, h, dh]).contiguous(), v.view([s, h, dh]).contiguous());
+        let mut out: *mut torch_sys::C_tensor = std::ptr::null_mut();
+        // SAFETY: the four pointers are live tch tensors (at::Tensor*) borrowed for the call; the shim
+        // catches every C++ exception; on success `out` is a new at::Tensor* we own (from_ptr takes it).
+        let err =
+            unsafe { idavlm_flash_varlen(q.as_ptr(), k.as_ptr(), v.as_ptr(), seg.cu_seqlens.as_ptr(), seg.max_len, &mut out) };
+        if !err.is_null() {
+            // SAFETY: a NUL-terminated message from strdup, freed once by the shim's free.
+            let msg = unsafe { CStr::from_ptr(err) }.to_string_lossy().into_owned();
+            unsafe { idavlm_free_message(err) };
+            panic!("flash attention over packed samples failed: {msg}");
+        }
+        // SAFETY: see above.
+        return unsafe { Tensor::from_ptr(out) }.view([1, s, h, dh]);
+    }
+    let mask = seg.mask(q.device());
+    let t = |x: &Tensor| x.transpose(1, 2);
+    let a = Tensor::scaled_dot_product_attention(&t(q), &t(k), &t(v), Some(&mask), 0.0, false, None, false);
+    a.transpose(1, 2)
+}
