@@ -8,7 +8,7 @@
 #   bash scripts/gpu-experiment.sh lora [LAYERS]         # W1 with LoRA on one GPU (LAYERS LLM layers, default 32)
 #   bash scripts/gpu-experiment.sh w2 LAYERS [ZERO...]   # W2 (.carry/w2_lengths.json): ours packed (--pack-tokens
 #                                                        # 4096) against the peer's --lengths, same call
-# OURS_FLAGS: extra flags of `idavlm-worker bench` (e.g. "--ac auto"). Logs and a table go to $OUT (or ./gpu-out).
+# STEPS: optimizer steps of both benchmarks (default 3, the first a warm-up). OURS_FLAGS: extra flags of `idavlm-worker bench` (e.g. "--ac auto"). Logs and a table go to $OUT (or ./gpu-out).
 set -uo pipefail
 OUT=${OUT:-$PWD/gpu-out}
 mkdir -p "$OUT"
@@ -31,7 +31,7 @@ bench_ours() { # world layers zero [alloc-conf]
   mem_start "$OUT/$tag.mem"
   for ((r = 0; r < w; r++)); do
     env ${alloc:+PYTORCH_CUDA_ALLOC_CONF=$alloc} RANK=$r WORLD_SIZE=$w LOCAL_RANK=$r MASTER_ADDR=127.0.0.1 MASTER_PORT=$port \
-      idavlm-worker bench --layers "$layers" --zero "$zero" --steps 3 ${OURS_FLAGS:-} >"$OUT/$tag.r$r.json" 2>"$OUT/$tag.r$r.log" &
+      idavlm-worker bench --layers "$layers" --zero "$zero" --steps "${STEPS:-3}" ${OURS_FLAGS:-} >"$OUT/$tag.r$r.json" 2>"$OUT/$tag.r$r.log" &
     pids+=($!)
   done
   local rc=0
@@ -47,7 +47,7 @@ bench_peer() { # world layers zero
   [ "$zero" = 2 ] && flag=--zero2
   mem_start "$OUT/$tag.mem"
   # PEER_FLAGS: the peer's settings (its fastest: "--ac none --compile").
-  torchrun --nproc-per-node "$w" --master-port $((30600 + RANDOM % 1000)) .carry/fsdp2_qwenvl.py --layers "$layers" $flag ${PEER_FLAGS:-} --steps 3 \
+  torchrun --nproc-per-node "$w" --master-port $((30600 + RANDOM % 1000)) .carry/fsdp2_qwenvl.py --layers "$layers" $flag ${PEER_FLAGS:-} --steps "${STEPS:-3}" \
     >"$OUT/$tag.json" 2>"$OUT/$tag.log"
   local rc=$?
   mem_stop "$OUT/$tag.mem" "peer FSDP2 ZeRO-$zero-like${TAG:-}"
