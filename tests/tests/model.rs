@@ -33,7 +33,7 @@ fn libtorch_works_from_the_build() {
     assert_eq!(Vec::<f32>::try_from(b.view([-1])).unwrap(), vec![7.0, 10.0, 15.0, 22.0]);
 }
 
-fn tiny_id() -> ModelConfig {
+pub(crate) fn tiny_id() -> ModelConfig {
     let mut c = ModelConfig::tiny();
     c.id_former = true;
     c
@@ -108,7 +108,7 @@ pub(crate) fn rel_err(a: &Tensor, b: &Tensor) -> f64 {
 }
 
 /// Random values everywhere, the ID-Former's zero out_proj included, so that its path is exercised.
-fn random_params(cfg: &ModelConfig) -> ParamSet {
+pub(crate) fn random_params(cfg: &ModelConfig) -> ParamSet {
     let p = ParamSet::init(cfg, Device::Cpu, Kind::Float, 3);
     tch::no_grad(|| {
         for (s, t) in p.iter() {

@@ -3,6 +3,7 @@
 
 use std::path::{Path, PathBuf};
 
+use crate::model::{random_params, tiny_id};
 use idavlm::model::{ModelConfig, ModelInput, ParamSet, QwenVl};
 use idavlm_shards::chat::{encode_conversation, Encoded, Overflow, Turn};
 use idavlm_shards::tokenizer::ENDOFTEXT;
@@ -69,23 +70,9 @@ fn input(enc: &[Encoded], pixels: &Tensor, packed: bool) -> ModelInput {
     }
 }
 
-fn tiny_id() -> ModelConfig {
-    let mut c = ModelConfig::tiny();
-    c.id_former = true;
-    c
-}
-
-/// Random values everywhere (biases and the ID-Former's zero out_proj included), requiring grad.
+/// The model tests' random parameters, requiring grad.
 fn params(cfg: &ModelConfig) -> ParamSet {
-    let p = ParamSet::init(cfg, Device::Cpu, Kind::Float, 3);
-    tch::no_grad(|| {
-        for (s, t) in p.iter() {
-            if s.name.contains("attn1.out_proj") || s.name.ends_with(".bias") {
-                let mut t = t.shallow_clone();
-                t.copy_(&(Tensor::randn(s.shape.as_slice(), (Kind::Float, Device::Cpu)) * 0.05));
-            }
-        }
-    });
+    let p = random_params(cfg);
     for t in &p.tensors {
         let _ = t.shallow_clone().set_requires_grad(true);
     }

@@ -162,13 +162,7 @@ fn w2_input(
             ids.push(IMG_END as i64);
             rows.push(0);
             groups.push(g);
-            roles.push(if i < refs {
-                ImageRole::Reference
-            } else if refs > 0 {
-                ImageRole::Test
-            } else {
-                ImageRole::General
-            });
+            roles.push(role(i, refs));
         }
         ids.extend(text(p - p1));
         let answer = text(a);
@@ -266,6 +260,18 @@ fn raw_busbw(comm: &dyn Communicator, device: Device, which: &str, bytes: usize)
     Ok(total * factor / s / 1e9)
 }
 
+/// Image `i` of a synthetic sample whose first `refs` images are references: the rest are test images
+/// (general ones when there are no references).
+fn role(i: usize, refs: usize) -> ImageRole {
+    if i < refs {
+        ImageRole::Reference
+    } else if refs > 0 {
+        ImageRole::Test
+    } else {
+        ImageRole::General
+    }
+}
+
 /// The synthetic micro-batch of W1 (the same for every micro-step, as the peer's).
 pub fn w1_input(w: &W1, vocab: i64, image_size: i64, device: Device, rank: usize) -> ModelInput {
     tch::manual_seed(1000 + rank as i64);
@@ -287,13 +293,7 @@ pub fn w1_input(w: &W1, vocab: i64, image_size: i64, device: Device, rank: usize
             v[base + st - 2] = if i < refs { IS_TOKEN as i64 } else { 11 };
             rows.push(r);
             starts.push(st);
-            roles.push(if i < refs {
-                ImageRole::Reference
-            } else if refs > 0 {
-                ImageRole::Test
-            } else {
-                ImageRole::General
-            });
+            roles.push(role(i, refs));
         }
     }
     let ids = Tensor::from_slice(&v).view([b, s]);
