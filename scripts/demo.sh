@@ -4,8 +4,9 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 BIN=target/debug
-if [ ! -f runs/demo/data/id/index.json ]; then
+if [ ! -f runs/demo/data/heldout/index.json ]; then
   echo "== generating the synthetic ID dataset into runs/demo/data"
+  rm -rf runs/demo/data
   $BIN/idavlm-shards synth runs/demo/data
 fi
 $BIN/idavlm-shards inspect runs/demo/data/id

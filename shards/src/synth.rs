@@ -432,6 +432,9 @@ pub struct SynthOptions {
     pub cast_size: usize,
     pub id_samples: usize,
     pub general_samples: usize,
+    /// Held-out ID samples in the training format (`out/heldout`: the held-out loss of `eval.data`),
+    /// from their own random stream: scenes training never sees.
+    pub heldout_samples: usize,
     pub eval_per_type: usize,
     pub row_group_rows: usize,
     pub target_shard_bytes: u64,
@@ -444,6 +447,7 @@ impl Default for SynthOptions {
             cast_size: 12,
             id_samples: 1200,
             general_samples: 200,
+            heldout_samples: 64,
             eval_per_type: 40,
             row_group_rows: 32,
             target_shard_bytes: 4 << 20,
@@ -451,12 +455,16 @@ impl Default for SynthOptions {
     }
 }
 
-/// Writes `out/id` and `out/general` (Parquet datasets, `num_tokens` from `count_tokens`) and `out/eval`
+/// Writes `out/id`, `out/general` and `out/heldout` (Parquet datasets, `num_tokens` from `count_tokens`) and `out/eval`
 /// (MM-ID JSON `mmid.json` + `images/`, and the same split as Parquet in `shards/`).
 pub fn write_synth(out: &Path, o: &SynthOptions, count_tokens: &dyn Fn(&[Turn]) -> Result<i32>) -> Result<()> {
     let cast = cast(o.seed, o.cast_size);
     let id_kinds = [Kind::Location, Kind::Location, Kind::Matching, Kind::Qa, Kind::Caption];
-    for (source, n, stream) in [("id", o.id_samples, 1u64), ("general", o.general_samples, 2)] {
+    for (source, n, stream) in [("id", o.id_samples, 1u64), ("general", o.general_samples, 2), ("heldout", o.heldout_samples, 3)]
+    {
+        if source == "heldout" && n == 0 {
+            continue;
+        }
         let mut rng = ChaCha8Rng::seed_from_u64(o.seed.wrapping_mul(1_000_003).wrapping_add(stream));
         let mut w = DatasetWriter::create(&out.join(source), &format!("synth-{source}"), o.target_shard_bytes, o.row_group_rows)?;
         for i in 0..n {

@@ -42,6 +42,7 @@ pub fn synth(dir: &Path, id_samples: usize, general_samples: usize, row_group: u
         cast_size: 8,
         id_samples,
         general_samples,
+        heldout_samples: 8,
         eval_per_type: 4,
         row_group_rows: row_group,
         target_shard_bytes: 256 << 10,

@@ -242,3 +242,75 @@ fn tensorboard_reads_the_event_files_the_run_writes() {
     }
     assert!(got.get("mem_gib").is_some());
 }
+
+/// `eval:` every 2 steps: the held-out loss and the MM-ID scores are logged with steps 2 and 4 (metrics
+/// file, TensorBoard, the log), equal on 2 ranks under ZeRO-3 and on 1 process, and the held-out loss is
+/// the token mean of the saved step-4 model over the held-out split, computed here independently.
+#[test]
+fn eval_during_training_logs_the_heldout_loss_of_the_saved_model_and_mmid_scores() {
+    use idavlm::model::{ModelConfig, QwenVl};
+    use idavlm_shards::order::Locator;
+    use idavlm_shards::reader::{BadImagePolicy, BatchKind, LoadOptions, MicroRequest, ReaderState, SampleLoader, Source};
+    let d = tempfile::tempdir().unwrap();
+    let data = data(d.path());
+    let eval = format!(
+        "eval:\n  every_steps: 2\n  data: {}\n  mmid: {}\n  max_new_tokens: 8\n  batch: 3\n",
+        data.join("heldout").display(),
+        data.join("eval/mmid.json").display()
+    );
+    let tb = d.path().join("tb");
+    let two = idavlm_tests::sized_recipe(d.path(), "two", &data, 2, 2, 3, 4, &eval);
+    let text = std::fs::read_to_string(&two)
+        .unwrap()
+        .replace("  progress_bar: false\n", &format!("  progress_bar: false\n  tensorboard: {}\n", tb.display()));
+    std::fs::write(&two, text).unwrap();
+    let err = idavlm_tests::run_ok(idavlm_tests::launch(&two, 2, &[]));
+    assert!(err.contains("step 2 eval: loss") && err.contains("matching"), "{err}");
+    let one = idavlm_tests::sized_recipe(d.path(), "one", &data, 2, 1, 2, 4, &eval);
+    ok(&worker_train(&one, &[]));
+    let m2 = idavlm_tests::metrics(&two.with_file_name("metrics.jsonl"));
+    let m1 = idavlm_tests::metrics(&one.with_file_name("metrics.jsonl"));
+    for (a, b) in m2.iter().zip(&m1) {
+        let step = a["step"].as_u64().unwrap();
+        for key in ["eval/loss", "eval/matching", "eval/location_acc", "eval/location_iou"] {
+            if step % 2 == 1 {
+                assert!(a.get(key).is_none(), "step {step} has {key}");
+                continue;
+            }
+            let (x, y) = (a[key].as_f64().unwrap(), b[key].as_f64().unwrap());
+            assert!((0.0..=if key == "eval/loss" { 100.0 } else { 1.0 }).contains(&x), "{key} {x}");
+            assert!((x - y).abs() <= 1e-5 * y.abs().max(1e-3), "step {step} {key}: 2 ranks {x}, 1 rank {y}");
+        }
+    }
+    // The held-out loss of the step-4 checkpoint's model, computed here.
+    let mut cfg = ModelConfig::from_file(&idavlm_tests::root().join("tests/data/micro.json")).unwrap();
+    cfg.id_former = true;
+    let ckpt = two.with_file_name("ckpt").join("step-00000004");
+    let (params, _) = idavlm::plan::load_model(&ckpt, &cfg, tch::Device::Cpu, tch::Kind::Float).unwrap();
+    let src = Source::open("heldout", &data.join("heldout")).unwrap();
+    let samples: Vec<(usize, Locator)> = src
+        .layout
+        .blocks
+        .iter()
+        .flat_map(|&(shard, row_group, rows)| (0..rows).map(move |row| (0, Locator { shard, row_group, row })))
+        .collect();
+    assert_eq!(samples.len(), 8);
+    let opts =
+        LoadOptions { image_size: 28, max_len: 2048, bad_image: BadImagePolicy::Fail, workers: 1, resize: Default::default() };
+    let loader =
+        SampleLoader::new(vec![src], std::sync::Arc::new(idavlm_shards::tokenizer::Tokenizer::load_default().unwrap()), opts);
+    let req = MicroRequest { kind: BatchKind::Id, micro: 0, samples, packed: false, dropped_overlong: 0 };
+    let mb = loader.build(&req, 0, ReaderState::default()).unwrap();
+    let input = idavlm::step::model_input(&mb, 28, tch::Device::Cpu);
+    let want = tch::no_grad(|| QwenVl::new(&cfg, &params).forward_loss(&input)).double_value(&[]);
+    let got = m2[3]["eval/loss"].as_f64().unwrap();
+    assert!(((got - want) / want).abs() <= 1e-5, "eval/loss {got}, the saved model's held-out loss {want}");
+    // TensorBoard has the same eval/loss points.
+    let (out, _) = idavlm_tests::python_script("tb_read.py", [&tb]);
+    let tbv: serde_json::Value = serde_json::from_str(&out).unwrap();
+    let series: Vec<(u64, f32)> =
+        tbv["eval/loss"].as_array().unwrap().iter().map(|p| (p[0].as_u64().unwrap(), p[1].as_f64().unwrap() as f32)).collect();
+    let want: Vec<(u64, f32)> =
+        [1usize, 3].iter().map(|&i| (m2[i]["step"].as_u64().unwrap(), m2[i]["eval/loss"].as_f64().unwrap() as f32)).collect();
+    assert_eq!(series, want);
+}

@@ -20,7 +20,7 @@ use crate::memplan::{Checkpointing, Planner};
 use crate::model::{ModelConfig, ModelInput, ParamSet};
 use crate::optim::AdamW;
 use crate::plan::{compute_kind, Trainable};
-use crate::recipe::{Dtype, LoraSection, ZeroStage};
+use crate::recipe::{Dtype, LoraSection, ReduceDtype, ZeroStage};
 use crate::step::forward_backward;
 use crate::zero::Sharded;
 use idavlm_shards::chat::ImageRole;
@@ -47,6 +47,8 @@ pub struct W1 {
     pub lengths: Option<W2Lengths>,
     pub pack_tokens: usize,
     pub pack_window: usize,
+    /// The dtype gradients are reduced in (`zero.reduce_dtype`).
+    pub reduce_dtype: ReduceDtype,
 }
 
 /// PERF.md's w2_lengths.json: per sample (images, prompt text tokens, answer tokens).
@@ -320,6 +322,7 @@ pub fn run(w: &W1, comm: &dyn Communicator, device: Device, gpu_name: &str) -> R
     let params = ParamSet::init(&cfg, device, compute_kind(Dtype::Auto, device), 0);
     let trainable = Trainable::of(cfg.lora.as_ref(), &Default::default());
     let mut st = Sharded::new(&cfg, params, &|s| trainable.contains(s), w.zero, comm);
+    st.set_reduce_kind(w.reduce_dtype.kind());
     let (rank, world) = (comm.rank(), comm.world());
     // W1: one micro-batch for every micro-step. W2: the packed micro-batches in order, micro-batch m of
     // step k being global micro-batch (k * accum + j) * world + rank, cycling over the packing.
@@ -443,8 +446,9 @@ pub fn run(w: &W1, comm: &dyn Communicator, device: Device, gpu_name: &str) -> R
     let peak_all = Vec::<f32>::try_from(all.to_device(Device::Cpu)).expect("peaks").into_iter().fold(0f32, f32::max) as f64;
     Ok(W1Result {
         system: format!(
-            "idavlm-zero{}{}{}-ac-{:?}",
+            "idavlm-zero{}{}{}{}-ac-{:?}",
             w.zero,
+            if w.reduce_dtype == ReduceDtype::Bf16 { "-reduce-bf16" } else { "" },
             if w.lora { "-lora" } else { "" },
             if w.lengths.is_some() { format!("-w2-packed{}", w.pack_tokens) } else { String::new() },
             w.ac

@@ -14,6 +14,7 @@ pub mod bench;
 pub mod checkpoint;
 pub mod comm;
 pub mod error;
+pub mod eval;
 pub mod flops;
 pub mod infer;
 pub mod memplan;

@@ -48,6 +48,46 @@ pub struct Recipe {
     /// LoRA adapters instead of full fine-tuning (the `trainable` section then does not apply).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub lora: Option<LoraSection>,
+    /// Evaluation during training: held-out loss and MM-ID scoring every N steps and at the end.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub eval: Option<EvalSection>,
+}
+
+/// `eval:` in recipes. Every rank takes a share of the work; the results are logged with the step
+/// (`eval/loss`, `eval/matching`, `eval/location_acc`, `eval/location_iou`).
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct EvalSection {
+    /// Evaluate after every this many optimizer steps (0: only at the end).
+    #[serde(default)]
+    pub every_steps: u64,
+    /// Also after the last step.
+    #[serde(default = "yes")]
+    pub at_end: bool,
+    /// A held-out Parquet dataset in the training format: `eval/loss` is the mean over its supervised
+    /// tokens (the first `max_samples` rows in storage order).
+    #[serde(default)]
+    pub data: Option<PathBuf>,
+    #[serde(default)]
+    pub max_samples: Option<usize>,
+    /// An MM-ID-format benchmark (JSON file or Parquet eval folder): its matching and location items
+    /// are answered greedily and scored as `idavlm-infer` does (the first `mmid_limit` of them).
+    #[serde(default)]
+    pub mmid: Option<PathBuf>,
+    #[serde(default)]
+    pub mmid_limit: Option<usize>,
+    #[serde(default = "default_eval_new_tokens")]
+    pub max_new_tokens: usize,
+    /// Samples per forward (loss) and prompts per generation batch, per rank.
+    #[serde(default = "default_eval_batch")]
+    pub batch: usize,
+}
+
+fn default_eval_new_tokens() -> usize {
+    32
+}
+fn default_eval_batch() -> usize {
+    8
 }
 
 /// `activation_checkpointing` in recipes (see [`crate::memplan`]): `auto`, `full`, `none` or a number of blocks to keep (`true`
@@ -402,6 +442,26 @@ pub enum LossMean {
 pub struct ZeroSection {
     #[serde(default)]
     pub stage: ZeroStage,
+    /// The dtype gradients are reduced over ranks in: `f32` (default) or `bf16` (half the bytes).
+    #[serde(default)]
+    pub reduce_dtype: ReduceDtype,
+}
+
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize, clap::ValueEnum)]
+#[serde(rename_all = "snake_case")]
+pub enum ReduceDtype {
+    #[default]
+    F32,
+    Bf16,
+}
+
+impl ReduceDtype {
+    pub fn kind(self) -> tch::Kind {
+        match self {
+            Self::F32 => tch::Kind::Float,
+            Self::Bf16 => tch::Kind::BFloat16,
+        }
+    }
 }
 
 /// What ZeRO partitions over the ranks (see [`crate::zero`]). Written as the number 1, 2 or 3 in
@@ -818,6 +878,17 @@ impl Recipe {
             }
             if self.data.pack_window == 0 {
                 return err("data.pack_window", "must be at least 1".into());
+            }
+        }
+        if let Some(e) = &self.eval {
+            if e.data.is_none() && e.mmid.is_none() {
+                return err("eval", "give eval.data (held-out loss), eval.mmid (MM-ID scoring) or both".into());
+            }
+            if e.batch == 0 {
+                return err("eval.batch", "must be at least 1".into());
+            }
+            if e.every_steps == 0 && !e.at_end {
+                return err("eval.every_steps", "0 with eval.at_end false never evaluates".into());
             }
         }
         if self.data.sources.is_empty() {

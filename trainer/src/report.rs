@@ -38,6 +38,42 @@ pub struct StepRecord {
     pub mfu: Option<f64>,
     pub mem_gib: f64,
     pub samples_dropped: u64,
+    /// The evaluation run after this step, when one was due.
+    #[serde(flatten)]
+    pub eval: EvalRecord,
+}
+
+/// `eval/*` of a step's record (absent keys: no evaluation after this step, or not configured).
+#[derive(Clone, Debug, Default, Serialize)]
+pub struct EvalRecord {
+    #[serde(rename = "eval/loss", skip_serializing_if = "Option::is_none")]
+    pub loss: Option<f64>,
+    #[serde(rename = "eval/matching", skip_serializing_if = "Option::is_none")]
+    pub matching: Option<f64>,
+    #[serde(rename = "eval/location_acc", skip_serializing_if = "Option::is_none")]
+    pub location_acc: Option<f64>,
+    #[serde(rename = "eval/location_iou", skip_serializing_if = "Option::is_none")]
+    pub location_iou: Option<f64>,
+}
+
+impl From<crate::eval::EvalScores> for EvalRecord {
+    fn from(e: crate::eval::EvalScores) -> Self {
+        Self { loss: e.loss, matching: e.matching, location_acc: e.location_acc, location_iou: e.location_iou }
+    }
+}
+
+impl EvalRecord {
+    fn pairs(&self) -> Vec<(&'static str, f64)> {
+        [
+            ("eval/loss", self.loss),
+            ("eval/matching", self.matching),
+            ("eval/location_acc", self.location_acc),
+            ("eval/location_iou", self.location_iou),
+        ]
+        .into_iter()
+        .filter_map(|(k, v)| v.map(|v| (k, v)))
+        .collect()
+    }
 }
 
 pub struct Reporter {
@@ -47,7 +83,7 @@ pub struct Reporter {
     tensorboard: Option<EventWriter>,
     plot: Option<PathBuf>,
     every: u64,
-    history: Vec<(u64, f64, f64, f64)>,
+    history: Vec<(u64, f64, f64, f64, f64)>,
 }
 
 fn fmt(v: f64) -> String {
@@ -123,10 +159,19 @@ impl Reporter {
         metrics::gauge!("idavlm_grad_norm").set(rec.grad_norm);
         metrics::gauge!("idavlm_tokens_per_second").set(rec.tokens_per_s);
         metrics::counter!("idavlm_steps_total").increment(1);
+        let evals = rec.eval.pairs();
+        for (k, v) in &evals {
+            match *k {
+                "eval/loss" => metrics::gauge!("idavlm_eval_loss").set(*v),
+                "eval/matching" => metrics::gauge!("idavlm_eval_matching").set(*v),
+                "eval/location_acc" => metrics::gauge!("idavlm_eval_location_acc").set(*v),
+                _ => metrics::gauge!("idavlm_eval_location_iou").set(*v),
+            }
+        }
         if self.rank != 0 {
             return Ok(());
         }
-        self.history.push((rec.step, rec.loss, rec.loss_id, rec.loss_general));
+        self.history.push((rec.step, rec.loss, rec.loss_id, rec.loss_general, rec.eval.loss.unwrap_or(f64::NAN)));
         if let Some(tb) = self.tensorboard.as_mut() {
             tb.scalars(
                 rec.step,
@@ -142,6 +187,9 @@ impl Reporter {
                     ("samples_dropped", rec.samples_dropped as f64),
                 ],
             )?;
+            if !evals.is_empty() {
+                tb.scalars(rec.step, &evals)?;
+            }
         }
         if let Some(f) = self.jsonl.as_mut() {
             let line = serde_json::to_string(rec).expect("json");
@@ -158,6 +206,15 @@ impl Reporter {
             rec.tokens_per_s,
             rec.mem_gib
         );
+        if !evals.is_empty() {
+            let e: Vec<String> = evals.iter().map(|(k, v)| format!("{} {v:.4}", k.trim_start_matches("eval/"))).collect();
+            // Every evaluation is logged, whatever logging.every_steps says.
+            let line = format!("step {} eval: {}", rec.step, e.join(", "));
+            match &self.bar {
+                Some(b) => b.suspend(|| tracing::info!("{line}")),
+                None => tracing::info!("{line}"),
+            }
+        }
         match &self.bar {
             Some(b) => {
                 b.set_position(rec.step);
@@ -208,18 +265,18 @@ impl Reporter {
     }
 }
 
-/// A self-contained SVG of the loss curves (all, ID, general).
-pub fn loss_svg(h: &[(u64, f64, f64, f64)]) -> String {
+/// A self-contained SVG of the loss curves (all, ID, general, and the held-out loss where evaluated).
+pub fn loss_svg(h: &[(u64, f64, f64, f64, f64)]) -> String {
     let (w, ht, pad) = (720.0, 360.0, 48.0);
     let finite = |v: f64| v.is_finite();
-    let vals: Vec<f64> = h.iter().flat_map(|r| [r.1, r.2, r.3]).filter(|v| finite(*v)).collect();
+    let vals: Vec<f64> = h.iter().flat_map(|r| [r.1, r.2, r.3, r.4]).filter(|v| finite(*v)).collect();
     let (lo, hi) = vals.iter().fold((f64::INFINITY, f64::NEG_INFINITY), |(a, b), &v| (a.min(v), b.max(v)));
     let (lo, hi) = if lo.is_finite() && hi > lo { (lo, hi) } else { (0.0, 1.0) };
     let s0 = h.first().map(|r| r.0).unwrap_or(0) as f64;
     let s1 = h.last().map(|r| r.0).unwrap_or(1).max(h.first().map(|r| r.0 + 1).unwrap_or(1)) as f64;
     let x = |s: u64| pad + (s as f64 - s0) / (s1 - s0).max(1.0) * (w - 2.0 * pad);
     let y = |v: f64| ht - pad - (v - lo) / (hi - lo) * (ht - 2.0 * pad);
-    let line = |sel: &dyn Fn(&(u64, f64, f64, f64)) -> f64, color: &str, name: &str, ly: f64| {
+    let line = |sel: &dyn Fn(&(u64, f64, f64, f64, f64)) -> f64, color: &str, name: &str, ly: f64| {
         let pts: Vec<String> = h.iter().filter(|r| finite(sel(r))).map(|r| format!("{:.1},{:.1}", x(r.0), y(sel(r)))).collect();
         format!(
             "<polyline fill=\"none\" stroke=\"{color}\" stroke-width=\"1.5\" points=\"{}\"/><text x=\"{}\" y=\"{ly}\" fill=\"{color}\" font-size=\"12\">{name}</text>",
@@ -251,10 +308,11 @@ pub fn loss_svg(h: &[(u64, f64, f64, f64)]) -> String {
         "<svg xmlns=\"http://www.w3.org/2000/svg\" width=\"{w}\" height=\"{ht}\" font-family=\"sans-serif\">\
 <rect width=\"100%\" height=\"100%\" fill=\"white\"/>\
 <line x1=\"{pad}\" y1=\"{b}\" x2=\"{r}\" y2=\"{b}\" stroke=\"black\"/><line x1=\"{pad}\" y1=\"{pad}\" x2=\"{pad}\" y2=\"{b}\" stroke=\"black\"/>\
-{ticks}<text x=\"{cx}\" y=\"{xl}\" font-size=\"12\">optimizer step</text>{}{}{}</svg>",
+{ticks}<text x=\"{cx}\" y=\"{xl}\" font-size=\"12\">optimizer step</text>{}{}{}{}</svg>",
         line(&|r| r.1, "#222222", "loss (all)", 20.0),
         line(&|r| r.2, "#1f77b4", "loss (ID)", 36.0),
         line(&|r| r.3, "#d62728", "loss (general)", 52.0),
+        if h.iter().any(|r| finite(r.4)) { line(&|r| r.4, "#2ca02c", "held-out loss", 68.0) } else { String::new() },
         b = ht - pad,
         r = w - pad,
         cx = w / 2.0 - 40.0,
@@ -268,7 +326,8 @@ mod tests {
 
     #[test]
     fn the_loss_plot_has_ticks_on_both_axes() {
-        let h: Vec<(u64, f64, f64, f64)> = (1..=100).map(|s| (s, 12.0 / s as f64, 12.0 / s as f64, f64::NAN)).collect();
+        let h: Vec<(u64, f64, f64, f64, f64)> =
+            (1..=100).map(|s| (s, 12.0 / s as f64, 12.0 / s as f64, f64::NAN, f64::NAN)).collect();
         let svg = loss_svg(&h);
         // Five loss labels from the lowest to the highest value, five step labels from 1 to 100.
         for v in ["0.120", "3.090", "12.000"] {

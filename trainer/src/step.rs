@@ -162,3 +162,27 @@ pub fn forward_backward(
     st.accumulate_grad(comm, &stem)?;
     Ok(loss_value)
 }
+
+/// The forward of one micro-batch without a graph (evaluation): the sum of the shifted token losses and
+/// the number of supervised tokens. Takes part in the same gathers as a training forward (ZeRO-3), so
+/// every rank must call it the same number of times.
+pub fn forward_loss_sum(st: &Sharded, comm: &dyn Communicator, cfg: &ModelConfig, input: &ModelInput) -> Result<(f64, f64)> {
+    let _guard = tch::no_grad_guard();
+    let layers = cfg.num_hidden_layers as usize;
+    let mut next = st.prefetch(comm, Role::Block(0))?;
+    let stem = st.gather_now(comm, Role::Stem, Use::Views)?;
+    let mut x = Stem::new(cfg, &st.getter(&[&stem])).forward(input);
+    drop(stem);
+    let rope = QwenVl::rope_for(cfg, input, st.device);
+    for i in 0..layers {
+        let after = if i + 1 < layers { Role::Block(i + 1) } else { Role::Head };
+        let cur = std::mem::replace(&mut next, st.prefetch(comm, after)?);
+        let p = st.take(comm, cur, Use::Views)?;
+        x = QwenVl::block_from(cfg, i, &st.getter(&[&p])).forward(&x, &rope, None);
+    }
+    let head = st.take(comm, next, Use::Views)?;
+    let s = input.labels.size()[1];
+    let tokens = input.labels.narrow(1, 1, s - 1).ne(-100).sum(Kind::Float).double_value(&[]);
+    let mean = Head::new(cfg, &st.getter(&[&head])).loss(&x, &input.labels).double_value(&[]);
+    Ok((mean * tokens, tokens))
+}

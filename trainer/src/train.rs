@@ -12,6 +12,7 @@ use tch::{Device, Kind, Tensor};
 use crate::checkpoint::{self, FolderLock, Saver, TrainerState};
 use crate::comm::Communicator;
 use crate::error::{Error, Result};
+use crate::eval::{EvalScores, Evaluator};
 use crate::flops;
 use crate::memplan::{Checkpointing, Planner};
 use crate::optim::{AdamW, Schedule};
@@ -139,6 +140,8 @@ pub struct Trainer<'a> {
     planner: Planner,
     resumed_from: Option<PathBuf>,
     summary: Summary,
+    /// `eval:` of the recipe.
+    evaluator: Option<Evaluator>,
     /// Rank 0 holds the checkpoint folder's lock for the whole run.
     _lock: Option<FolderLock>,
 }
@@ -160,6 +163,7 @@ impl<'a> Trainer<'a> {
         let trainable = plan.trainable.clone();
         let mut st = Sharded::new(&plan.cfg, params, &|s| trainable.contains(s), plan.stage, comm);
         st.set_groups(&recipe.optimizer.groups, recipe.optimizer.lr, recipe.optimizer.weight_decay);
+        st.set_reduce_kind(recipe.zero.reduce_dtype.kind());
         if st.layout.trainable_numel() == 0 {
             return Err(Error::Recipe("recipe key `trainable.include`: no parameter matches".into()));
         }
@@ -216,6 +220,10 @@ impl<'a> Trainer<'a> {
         };
         let planner =
             Planner::new(mode, &plan.cfg, plan.stage, plan.kind.elt_size_in_bytes(), st.block_numel(), recipe.memory.limit_gib);
+        let evaluator = match &recipe.eval {
+            Some(e) => Some(Evaluator::new(e, &recipe.data, plan.cfg.visual.image_size, Arc::new(Tokenizer::load_default()?))?),
+            None => None,
+        };
         let reporter = Reporter::new(recipe, rank, total_steps, ts.step, st.layout.trainable_numel(), st.layout.shard_numel())?;
         let stream = reader.stream(ts.step, ts.reader, recipe.data.prefetch_steps);
         Ok(Self {
@@ -236,6 +244,7 @@ impl<'a> Trainer<'a> {
             planner,
             resumed_from,
             summary: Summary::default(),
+            evaluator,
             _lock: lock,
             plan,
         })
@@ -283,7 +292,17 @@ impl<'a> Trainer<'a> {
         self.ts.adam_step = self.st.adam_step;
         self.ts.reader = data.state_after;
         self.count_nonfinite(&stats, sums.loss());
-        self.record(lr, &stats, &sums, t0.elapsed().as_secs_f64())?;
+        let step_s = t0.elapsed().as_secs_f64();
+        let eval = match &self.evaluator {
+            Some(e) if e.due(k, self.total_steps) => {
+                let t = Instant::now();
+                let r = e.run(&self.st, self.comm, &self.plan.cfg)?;
+                self.reporter.note(&format!("evaluation after step {k}: {:.1} s", t.elapsed().as_secs_f64()));
+                Some(r)
+            }
+            _ => None,
+        };
+        self.record(lr, &stats, &sums, step_s, eval)?;
         if let Some(saved) = self.saver.poll()? {
             self.note_saved(&saved)?;
         }
@@ -384,7 +403,7 @@ impl<'a> Trainer<'a> {
         }
     }
 
-    fn record(&mut self, lr: f64, stats: &StepStats, sums: &StepSums, step_s: f64) -> Result<()> {
+    fn record(&mut self, lr: f64, stats: &StepStats, sums: &StepSums, step_s: f64, eval: Option<EvalScores>) -> Result<()> {
         let world = self.comm.world() as f64;
         let rec = StepRecord {
             step: self.ts.step,
@@ -400,6 +419,7 @@ impl<'a> Trainer<'a> {
             mfu: self.peak.map(|p| sums.flops / step_s / (world * p)),
             mem_gib: memory_gib(self.plan.device),
             samples_dropped: self.ts.samples_dropped,
+            eval: eval.unwrap_or_default().into(),
         };
         self.summary.losses.push(rec.loss);
         self.summary.steps_run += 1;

@@ -91,6 +91,9 @@ enum Cmd {
         id_samples: usize,
         #[arg(long, default_value_t = 200)]
         general_samples: usize,
+        /// Held-out ID samples in the training format (out/heldout), for `eval.data`.
+        #[arg(long, default_value_t = 64)]
+        heldout_samples: usize,
         #[arg(long, default_value_t = 40)]
         eval_per_type: usize,
         #[arg(long, default_value_t = 32)]
@@ -260,13 +263,14 @@ fn run(cli: Cli) -> Result<i32> {
             println!("{}: {} items in {} shard(s) -> {}", json.display(), m.total_samples, m.shards.len(), out.display());
             Ok(0)
         }
-        Cmd::Synth { out, seed, cast, id_samples, general_samples, eval_per_type, row_group } => {
+        Cmd::Synth { out, seed, cast, id_samples, general_samples, heldout_samples, eval_per_type, row_group } => {
             let tok = Tokenizer::load_default()?;
             let o = SynthOptions {
                 seed,
                 cast_size: cast,
                 id_samples,
                 general_samples,
+                heldout_samples,
                 eval_per_type,
                 row_group_rows: row_group,
                 ..Default::default()

@@ -88,6 +88,9 @@ enum Cmd {
         pack_tokens: usize,
         #[arg(long, default_value_t = 512)]
         pack_window: usize,
+        /// The dtype gradients are reduced in (zero.reduce_dtype).
+        #[arg(long, value_enum, default_value = "f32")]
+        reduce_dtype: idavlm::recipe::ReduceDtype,
     },
     /// Verify a checkpoint folder and write its model in the Hugging Face layout (bf16). A LoRA
     /// checkpoint's adapter goes to OUT/adapter in PEFT's layout, or into the weights with --merge.
@@ -267,6 +270,7 @@ fn run(cli: Cli) -> Result<i32> {
             lengths,
             pack_tokens,
             pack_window,
+            reduce_dtype,
         } => {
             runtime::prepare_nccl();
             let info = RankInfo::from_env()?;
@@ -291,6 +295,7 @@ fn run(cli: Cli) -> Result<i32> {
                 lengths: lengths.as_deref().map(idavlm::bench::W2Lengths::load).transpose()?,
                 pack_tokens,
                 pack_window,
+                reduce_dtype,
             };
             let r = idavlm::bench::run(&w, comm.as_ref(), device, &name)?;
             if info.rank == 0 {

@@ -88,6 +88,9 @@ pub struct Sharded {
     pub adam_step: u64,
     /// Reduce-scatters in flight: (collective, partition it writes, bucket).
     in_flight: std::collections::VecDeque<(InFlight, Tensor, usize)>,
+    /// The dtype gradients travel in (`zero.reduce_dtype`): f32 (default) or bf16 (half the bytes; the
+    /// sums over ranks are rounded to bf16 before they join the f32 partitions).
+    reduce_kind: Kind,
 }
 
 /// A started gather of one bucket's parameters (see [`Sharded::prefetch`]); empty when the role has no
@@ -244,7 +247,14 @@ impl Sharded {
             grad_shard,
             adam_step: 0,
             in_flight: Default::default(),
+            reduce_kind: Kind::Float,
         }
+    }
+
+    /// The dtype gradients are reduced in: `Kind::Float` (the default) or `Kind::BFloat16`.
+    pub fn set_reduce_kind(&mut self, kind: Kind) {
+        assert!(matches!(kind, Kind::Float | Kind::BFloat16), "gradients are reduced in f32 or bf16");
+        self.reduce_kind = kind;
     }
 
     /// Parameters of LLM block 0 (trained and partitioned frozen ones): what a kept graph holds gathered
@@ -374,8 +384,11 @@ impl Sharded {
     pub fn accumulate_grad(&mut self, comm: &dyn Communicator, p: &BucketParams) -> Result<()> {
         let Some(b) = p.bucket else { return Ok(()) };
         let bk = &self.layout.buckets[b];
-        let (padded, shard) = (bk.padded, bk.shard);
-        let g32 = Tensor::empty([bk.padded as i64], (Kind::Float, self.device));
+        let (padded, shard, rk) = (bk.padded, bk.shard, self.reduce_kind);
+        // Stage 1 accumulates in f32 until the step's end; stages 2/3 send each micro-batch's gradient
+        // in the reduce dtype.
+        let pack_kind = if matches!(self.buckets[b].grads, Grads::FullUntilStepEnd(_)) { Kind::Float } else { rk };
+        let g32 = Tensor::empty([bk.padded as i64], (pack_kind, self.device));
         tch::no_grad(|| {
             for (e, leaf) in bk.entries.iter().zip(&p.tensors) {
                 let mut dst = g32.narrow(0, e.offset as i64, e.numel as i64);
@@ -397,8 +410,8 @@ impl Sharded {
                     let _ = fg.g_add_(&g32);
                 }
                 Grads::ScatterEachMicroBatch => {
-                    let part = Tensor::empty([shard as i64], (Kind::Float, self.device));
-                    let f = profile::time(profile::REDUCE_SCATTER, (padded * 4) as f64, || {
+                    let part = Tensor::empty([shard as i64], (rk, self.device));
+                    let f = profile::time(profile::REDUCE_SCATTER, (padded * rk.elt_size_in_bytes()) as f64, || {
                         comm.reduce_scatter_sum_async(&g32, &part)
                     })?;
                     self.in_flight.push_back((f, part, b));
@@ -445,8 +458,12 @@ impl Sharded {
         for (b, bs) in self.buckets.iter_mut().enumerate() {
             if let Grads::FullUntilStepEnd(fg) = &mut bs.grads {
                 let bk = &self.layout.buckets[b];
-                let part = Tensor::empty([bk.shard as i64], (Kind::Float, self.device));
-                profile::time(profile::REDUCE_SCATTER, (bk.padded * 4) as f64, || comm.reduce_scatter_sum(fg, &part))?;
+                let rk = self.reduce_kind;
+                let part = Tensor::empty([bk.shard as i64], (rk, self.device));
+                let send = if rk == Kind::Float { fg.shallow_clone() } else { tch::no_grad(|| fg.to_kind(rk)) };
+                profile::time(profile::REDUCE_SCATTER, (bk.padded * rk.elt_size_in_bytes()) as f64, || {
+                    comm.reduce_scatter_sum(&send, &part)
+                })?;
                 tch::no_grad(|| {
                     let _ = self.grad_shard[b].g_add_(&part);
                     let _ = fg.zero_();
