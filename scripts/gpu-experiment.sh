@@ -6,6 +6,7 @@
 #                                                        # (PEER_FLAGS="--ac none --compile": the peer's fastest setting)
 #   bash scripts/gpu-experiment.sh ckpt [ZERO...]        # checkpoint stall and write speed, 4-layer model, raw disk speed
 #   bash scripts/gpu-experiment.sh lora [LAYERS]         # W1 with LoRA on one GPU (LAYERS LLM layers, default 32)
+#   bash scripts/gpu-experiment.sh reduce LAYERS [ZERO]  # zero.reduce_dtype f32 vs bf16 on W1 and W2, with the peer
 #   bash scripts/gpu-experiment.sh w2 LAYERS [ZERO...]   # W2 (.carry/w2_lengths.json): ours packed (--pack-tokens
 #                                                        # 4096) against the peer's --lengths, same call
 # STEPS: optimizer steps of both benchmarks (default 3, the first a warm-up). OURS_FLAGS: extra flags of `idavlm-worker bench` (e.g. "--ac auto"). Logs and a table go to $OUT (or ./gpu-out).
@@ -232,6 +233,21 @@ w2)
     TAG=-w2 OURS_FLAGS="--lengths .carry/w2_lengths.json --grad-accum ${W2_ACCUM:-4} ${OURS_FLAGS:-}" bench_ours "$ngpu" "$layers" "$z"
     echo "== peer FSDP2 (ZeRO-$z-like), W2 padded"
     TAG=-w2 PEER_FLAGS="--lengths .carry/w2_lengths.json ${PEER_FLAGS:-}" bench_peer "$ngpu" "$layers" "$z"
+  done
+  cat "$OUT/memory.txt"
+  ;;
+reduce)
+  # zero.reduce_dtype f32 against bf16 on W1 and W2 (ZeRO stage $3, default 2), each beside the peer's
+  # PEER_FLAGS setting, one call.
+  layers=${2:-32}; z=${3:-2}
+  for wl in w1 w2; do
+    ours="" peer=""
+    [ "$wl" = w2 ] && ours="--lengths .carry/w2_lengths.json --grad-accum ${W2_ACCUM:-4}" peer="--lengths .carry/w2_lengths.json"
+    for rd in f32 bf16; do
+      echo "== idavlm ZeRO-$z, $wl, reduce_dtype $rd"
+      TAG=-$wl-$rd OURS_FLAGS="$ours --reduce-dtype $rd ${OURS_FLAGS:-}" bench_ours "$ngpu" "$layers" "$z"
+    done
+    echo "== peer FSDP2 (ZeRO-$z-like), $wl"; TAG=-$wl PEER_FLAGS="$peer ${PEER_FLAGS:-}" bench_peer "$ngpu" "$layers" "$z"
   done
   cat "$OUT/memory.txt"
   ;;
