@@ -43,6 +43,11 @@ impl SourceLayout {
         self.len() == 0
     }
 
+    /// Every sample in storage order (shard by shard, row group by row group).
+    pub fn locators(&self) -> impl Iterator<Item = Locator> + '_ {
+        self.blocks.iter().flat_map(|&(shard, row_group, rows)| (0..rows).map(move |row| Locator { shard, row_group, row }))
+    }
+
     /// The whole order of one epoch of this source.
     pub fn epoch_order(&self, seed: u64, source: u64, epoch: u64) -> Vec<Locator> {
         let mut blocks: Vec<usize> = (0..self.blocks.len()).collect();

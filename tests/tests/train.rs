@@ -288,12 +288,7 @@ fn eval_during_training_logs_the_heldout_loss_of_the_saved_model_and_mmid_scores
     let ckpt = two.with_file_name("ckpt").join("step-00000004");
     let (params, _) = idavlm::plan::load_model(&ckpt, &cfg, tch::Device::Cpu, tch::Kind::Float).unwrap();
     let src = Source::open("heldout", &data.join("heldout")).unwrap();
-    let samples: Vec<(usize, Locator)> = src
-        .layout
-        .blocks
-        .iter()
-        .flat_map(|&(shard, row_group, rows)| (0..rows).map(move |row| (0, Locator { shard, row_group, row })))
-        .collect();
+    let samples: Vec<(usize, Locator)> = src.layout.locators().map(|l| (0, l)).collect();
     assert_eq!(samples.len(), 8);
     let opts =
         LoadOptions { image_size: 28, max_len: 2048, bad_image: BadImagePolicy::Fail, workers: 1, resize: Default::default() };

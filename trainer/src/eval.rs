@@ -51,12 +51,7 @@ impl Evaluator {
         let heldout = match &e.data {
             Some(dir) => {
                 let src = Source::open_with("eval", dir, data.verify_checksums)?;
-                let mut locs: Vec<Locator> = src
-                    .layout
-                    .blocks
-                    .iter()
-                    .flat_map(|&(shard, row_group, rows)| (0..rows).map(move |row| Locator { shard, row_group, row }))
-                    .collect();
+                let mut locs: Vec<Locator> = src.layout.locators().collect();
                 locs.truncate(e.max_samples.unwrap_or(usize::MAX));
                 let opts = LoadOptions {
                     image_size: image_size as usize,

@@ -83,7 +83,7 @@ pub struct Reporter {
     tensorboard: Option<EventWriter>,
     plot: Option<PathBuf>,
     every: u64,
-    history: Vec<(u64, f64, f64, f64, f64)>,
+    history: Vec<Point>,
 }
 
 fn fmt(v: f64) -> String {
@@ -265,8 +265,11 @@ impl Reporter {
     }
 }
 
+/// One step of the plot: step, loss, ID loss, general loss, held-out loss (NaN where absent).
+pub type Point = (u64, f64, f64, f64, f64);
+
 /// A self-contained SVG of the loss curves (all, ID, general, and the held-out loss where evaluated).
-pub fn loss_svg(h: &[(u64, f64, f64, f64, f64)]) -> String {
+pub fn loss_svg(h: &[Point]) -> String {
     let (w, ht, pad) = (720.0, 360.0, 48.0);
     let finite = |v: f64| v.is_finite();
     let vals: Vec<f64> = h.iter().flat_map(|r| [r.1, r.2, r.3, r.4]).filter(|v| finite(*v)).collect();
@@ -276,7 +279,7 @@ pub fn loss_svg(h: &[(u64, f64, f64, f64, f64)]) -> String {
     let s1 = h.last().map(|r| r.0).unwrap_or(1).max(h.first().map(|r| r.0 + 1).unwrap_or(1)) as f64;
     let x = |s: u64| pad + (s as f64 - s0) / (s1 - s0).max(1.0) * (w - 2.0 * pad);
     let y = |v: f64| ht - pad - (v - lo) / (hi - lo) * (ht - 2.0 * pad);
-    let line = |sel: &dyn Fn(&(u64, f64, f64, f64, f64)) -> f64, color: &str, name: &str, ly: f64| {
+    let line = |sel: &dyn Fn(&Point) -> f64, color: &str, name: &str, ly: f64| {
         let pts: Vec<String> = h.iter().filter(|r| finite(sel(r))).map(|r| format!("{:.1},{:.1}", x(r.0), y(sel(r)))).collect();
         format!(
             "<polyline fill=\"none\" stroke=\"{color}\" stroke-width=\"1.5\" points=\"{}\"/><text x=\"{}\" y=\"{ly}\" fill=\"{color}\" font-size=\"12\">{name}</text>",
@@ -326,7 +329,7 @@ mod tests {
 
     #[test]
     fn the_loss_plot_has_ticks_on_both_axes() {
-        let h: Vec<(u64, f64, f64, f64, f64)> =
+        let h: Vec<Point> =
             (1..=100).map(|s| (s, 12.0 / s as f64, 12.0 / s as f64, f64::NAN, f64::NAN)).collect();
         let svg = loss_svg(&h);
         // Five loss labels from the lowest to the highest value, five step labels from 1 to 100.
