@@ -682,7 +682,8 @@ impl Reader {
         let (accum, world, rank) = (sh.accum, sh.world, sh.rank);
         let need = accum * world;
         let (mut start, mut taken) = (state.main_position, state.pack_bins as usize);
-        let mut global: Vec<(Vec<(usize, Locator)>, usize)> = Vec::with_capacity(need);
+        // The step's micro-batches in global order, as (window, micro-batch of it).
+        let mut global: Vec<(Arc<Window>, usize)> = Vec::with_capacity(need);
         let mut empty_windows = 0;
         while global.len() < need {
             let w = self.window(start, p)?;
@@ -696,9 +697,7 @@ impl Reader {
                 }
             }
             let n = (w.bins.len().saturating_sub(taken)).min(need - global.len());
-            for b in taken..taken + n {
-                global.push((w.bins[b].clone(), if b == 0 { w.overlong } else { 0 }));
-            }
+            global.extend((taken..taken + n).map(|b| (w.clone(), b)));
             taken += n;
             if taken >= w.bins.len() {
                 start += p.window as u64;
@@ -707,7 +706,12 @@ impl Reader {
         }
         // Keep the windows this step or the next can still use.
         self.windows.retain(|&k, _| k >= start.saturating_sub(p.window as u64));
-        let mine = (0..accum).map(|j| std::mem::take(&mut global[j * world + rank])).collect();
+        let mine = (0..accum)
+            .map(|j| {
+                let (w, b) = &global[j * world + rank];
+                (w.bins[*b].clone(), if *b == 0 { w.overlong } else { 0 })
+            })
+            .collect();
         Ok((mine, ReaderState { main_position: start, pack_bins: taken as u64, packing: Some(p), ..state }))
     }
 

@@ -426,15 +426,10 @@ pub fn run(w: &W1, comm: &dyn Communicator, device: Device, gpu_name: &str) -> R
     // Tokens and FLOPs: W1's are the same every step; W2's vary, so its rates are totals over the timed
     // steps (every rank's, summed by an all-reduce) over their total time.
     let timed_s: f64 = times[first..].iter().sum();
-    let totals = Tensor::from_slice(&[
-        step_tokens[first..].iter().sum::<f64>() as f32,
-        step_flops[first..].iter().sum::<f64>() as f32 / 1e9,
-    ])
-    .to_device(device);
-    comm.all_reduce_sum(&totals)?;
-    let totals = Vec::<f32>::try_from(totals.to_device(Device::Cpu)).expect("totals");
+    let totals =
+        comm.sum_over_ranks(&[step_tokens[first..].iter().sum::<f64>(), step_flops[first..].iter().sum::<f64>()], device)?;
     let (tokens_per_s, flops_per_s) = if w.lengths.is_some() {
-        (totals[0] as f64 / world as f64 / timed_s, totals[1] as f64 * 1e9 / timed_s)
+        (totals[0] / world as f64 / timed_s, totals[1] / timed_s)
     } else {
         (step_tokens[0] / median, step_flops[0] * world as f64 / median)
     };

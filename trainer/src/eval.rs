@@ -10,14 +10,12 @@
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
-use tch::{Kind, Tensor};
-
 use crate::comm::Communicator;
 use crate::error::{Error, Result};
 use crate::infer::{generate_batch, score, test_image_size, GenOptions, Item};
 use crate::model::{Head, ModelConfig, QwenVl, Stem};
 use crate::recipe::{DataSection, EvalSection};
-use crate::step::{forward_loss_sum, model_input};
+use crate::step::{forward_loss, model_input};
 use crate::zero::{BucketParams, Role, Sharded, Use};
 use idavlm_shards::order::Locator;
 use idavlm_shards::reader::{BadImagePolicy, BatchKind, LoadOptions, MicroRequest, ReaderState, SampleLoader, Source};
@@ -119,11 +117,11 @@ impl Evaluator {
                 let samples = mine.iter().skip(r * self.batch).take(self.batch).copied().collect();
                 let req = MicroRequest { kind: BatchKind::Id, micro: r, samples, packed: false, dropped_overlong: 0 };
                 let mb = loader.build(&req, 0, ReaderState::default())?;
-                let (s, n) = forward_loss_sum(st, comm, &cfg, &model_input(&mb, self.image_size, st.device))?;
-                sum += s;
+                let n = mb.supervised_tokens() as f64;
+                sum += forward_loss(st, comm, &cfg, &model_input(&mb, self.image_size, st.device))? * n;
                 tokens += n;
             }
-            let t = sums(comm, st.device, &[sum, tokens])?;
+            let t = comm.sum_over_ranks(&[sum, tokens], st.device)?;
             scores.loss = (t[1] > 0.0).then(|| t[0] / t[1]);
         }
         if let Some((items, root)) = &self.mmid {
@@ -155,7 +153,7 @@ impl Evaluator {
                 }
             }
             drop(model);
-            let t = sums(comm, st.device, &acc)?;
+            let t = comm.sum_over_ranks(&acc, st.device)?;
             scores.matching = (t[1] > 0.0).then(|| t[0] / t[1]);
             scores.location_acc = (t[4] > 0.0).then(|| t[2] / t[4]);
             scores.location_iou = (t[4] > 0.0).then(|| t[3] / t[4]);
@@ -172,11 +170,4 @@ fn gather_all(st: &Sharded, comm: &dyn Communicator, cfg: &ModelConfig) -> Resul
     }
     out.push(st.gather_now(comm, Role::Head, Use::Views)?);
     Ok(out)
-}
-
-/// Element-wise sums over ranks (f32 on the wire, as every backend's reductions).
-fn sums(comm: &dyn Communicator, device: tch::Device, v: &[f64]) -> Result<Vec<f64>> {
-    let t = Tensor::from_slice(v).to_kind(Kind::Float).to_device(device);
-    comm.all_reduce_sum(&t)?;
-    Ok(Vec::<f32>::try_from(t.to_device(tch::Device::Cpu)).expect("sums").into_iter().map(f64::from).collect())
 }

@@ -90,13 +90,14 @@ impl Recipe {
 
 impl Plan {
     /// Optimizer steps of the run: `length.steps`, or `length.epochs` of the main sources' epoch
-    /// (`epoch_len` samples) at `samples_per_step` (with packing, as the first window packs).
-    pub fn total_steps(&self, epoch_len: usize, samples_per_step: f64) -> u64 {
-        match (self.length.steps, self.length.epochs) {
+    /// (`epoch_len` samples) at `samples_per_step()` samples per step (asked only then: with packing it
+    /// packs the first window).
+    pub fn total_steps(&self, epoch_len: usize, samples_per_step: impl FnOnce() -> Result<f64>) -> Result<u64> {
+        Ok(match (self.length.steps, self.length.epochs) {
             (Some(s), _) => s,
-            (None, Some(e)) => ((e * epoch_len as f64) / samples_per_step).ceil().max(1.0) as u64,
+            (None, Some(e)) => ((e * epoch_len as f64) / samples_per_step()?).ceil().max(1.0) as u64,
             _ => unreachable!("validated recipe"),
-        }
+        })
     }
 
     /// Initial weights: from `init` (an HF checkpoint, or an idavlm checkpoint folder's `model/`), or

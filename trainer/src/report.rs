@@ -329,8 +329,7 @@ mod tests {
 
     #[test]
     fn the_loss_plot_has_ticks_on_both_axes() {
-        let h: Vec<Point> =
-            (1..=100).map(|s| (s, 12.0 / s as f64, 12.0 / s as f64, f64::NAN, f64::NAN)).collect();
+        let h: Vec<Point> = (1..=100).map(|s| (s, 12.0 / s as f64, 12.0 / s as f64, f64::NAN, f64::NAN)).collect();
         let svg = loss_svg(&h);
         // Five loss labels from the lowest to the highest value, five step labels from 1 to 100.
         for v in ["0.120", "3.090", "12.000"] {

@@ -163,10 +163,10 @@ pub fn forward_backward(
     Ok(loss_value)
 }
 
-/// The forward of one micro-batch without a graph (evaluation): the sum of the shifted token losses and
-/// the number of supervised tokens. Takes part in the same gathers as a training forward (ZeRO-3), so
-/// every rank must call it the same number of times.
-pub fn forward_loss_sum(st: &Sharded, comm: &dyn Communicator, cfg: &ModelConfig, input: &ModelInput) -> Result<(f64, f64)> {
+/// The forward of one micro-batch without a graph (evaluation): the mean of its shifted token losses (0
+/// when nothing is supervised). Takes part in the same gathers as a training forward (ZeRO-3), so every
+/// rank must call it the same number of times.
+pub fn forward_loss(st: &Sharded, comm: &dyn Communicator, cfg: &ModelConfig, input: &ModelInput) -> Result<f64> {
     let _guard = tch::no_grad_guard();
     let layers = cfg.num_hidden_layers as usize;
     let mut next = st.prefetch(comm, Role::Block(0))?;
@@ -181,8 +181,6 @@ pub fn forward_loss_sum(st: &Sharded, comm: &dyn Communicator, cfg: &ModelConfig
         x = QwenVl::block_from(cfg, i, &st.getter(&[&p])).forward(&x, &rope, None);
     }
     let head = st.take(comm, next, Use::Views)?;
-    let s = input.labels.size()[1];
-    let tokens = input.labels.narrow(1, 1, s - 1).ne(-100).sum(Kind::Float).double_value(&[]);
-    let mean = Head::new(cfg, &st.getter(&[&head])).loss(&x, &input.labels).double_value(&[]);
-    Ok((mean * tokens, tokens))
+    let loss = Head::new(cfg, &st.getter(&[&head])).loss(&x, &input.labels).double_value(&[]);
+    Ok(loss)
 }

@@ -7,7 +7,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::Instant;
 
-use tch::{Device, Kind, Tensor};
+use tch::Device;
 
 use crate::checkpoint::{self, FolderLock, Saver, TrainerState};
 use crate::comm::Communicator;
@@ -167,8 +167,11 @@ impl<'a> Trainer<'a> {
         if st.layout.trainable_numel() == 0 {
             return Err(Error::Recipe("recipe key `trainable.include`: no parameter matches".into()));
         }
-        let mut reader = open_data(recipe, &plan, rank, world)?;
-        let total_steps = plan.total_steps(reader.main_epoch_len() as usize, reader.samples_per_step()?);
+        // One tokenizer for the data stream and the evaluation.
+        let tok = Arc::new(Tokenizer::load_default()?);
+        let mut reader = open_data(recipe, &plan, rank, world, tok.clone())?;
+        let epoch_len = reader.main_epoch_len() as usize;
+        let total_steps = plan.total_steps(epoch_len, || Ok(reader.samples_per_step()?))?;
 
         let ckpt_root = recipe.checkpoint.dir.clone();
         let lock = take_folder_lock(comm, &ckpt_root, device)?;
@@ -221,7 +224,7 @@ impl<'a> Trainer<'a> {
         let planner =
             Planner::new(mode, &plan.cfg, plan.stage, plan.kind.elt_size_in_bytes(), st.block_numel(), recipe.memory.limit_gib);
         let evaluator = match &recipe.eval {
-            Some(e) => Some(Evaluator::new(e, &recipe.data, plan.cfg.visual.image_size, Arc::new(Tokenizer::load_default()?))?),
+            Some(e) => Some(Evaluator::new(e, &recipe.data, plan.cfg.visual.image_size, tok)?),
             None => None,
         };
         let reporter = Reporter::new(recipe, rank, total_steps, ts.step, st.layout.trainable_numel(), st.layout.shard_numel())?;
@@ -341,9 +344,7 @@ impl<'a> Trainer<'a> {
             LossMean::MicroBatch => None,
             LossMean::Tokens => {
                 let local: usize = data.micro_batches.iter().map(|mb| mb.supervised_tokens()).sum();
-                let t = Tensor::from_slice(&[local as f32]).to_device(device);
-                self.comm.all_reduce_sum(&t)?;
-                Some(t.double_value(&[0]).max(1.0))
+                Some(self.comm.sum_over_ranks(&[local as f64], device)?[0].max(1.0))
             }
         };
         let mut sums = StepSums::default();
@@ -379,11 +380,7 @@ impl<'a> Trainer<'a> {
 
     /// One small all-reduce: losses, counts, tokens, FLOPs and the stop flag agreed across ranks.
     fn agree(&self, local: &StepSums) -> Result<(StepSums, bool)> {
-        let a = Tensor::from_slice(&local.to_array(self.stop.load(Ordering::Relaxed))).to_kind(Kind::Float);
-        // CPU backends stage through f32 anyway; the counts stay exact in f32.
-        let a = a.to_device(self.plan.device);
-        self.comm.all_reduce_sum(&a)?;
-        let v: Vec<f64> = Vec::<f32>::try_from(&a.to_device(Device::Cpu)).expect("vec").into_iter().map(f64::from).collect();
+        let v = self.comm.sum_over_ranks(&local.to_array(self.stop.load(Ordering::Relaxed)), self.plan.device)?;
         Ok(StepSums::from_array(&v))
     }
 
@@ -479,9 +476,8 @@ impl<'a> Trainer<'a> {
 }
 
 /// The streaming reader of the recipe's sources for this rank.
-fn open_data(recipe: &Recipe, plan: &Plan, rank: usize, world: usize) -> Result<Reader> {
+fn open_data(recipe: &Recipe, plan: &Plan, rank: usize, world: usize, tok: Arc<Tokenizer>) -> Result<Reader> {
     let d = &recipe.data;
-    let tok = Arc::new(Tokenizer::load_default()?);
     let mut sources = Vec::new();
     let mut main = Vec::new();
     for s in &d.sources {

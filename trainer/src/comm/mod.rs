@@ -71,9 +71,15 @@ pub trait Communicator {
     }
     /// Agreement across ranks on a rank-local flag (a stop signal, a bad batch): true if any rank says so.
     fn any(&self, flag: bool, device: tch::Device) -> Result<bool> {
-        let t = Tensor::from_slice(&[flag as i32 as f32]).to_device(device);
+        Ok(self.sum_over_ranks(&[flag as i32 as f64], device)?[0] > 0.0)
+    }
+    /// Element-wise sums over ranks of a few host numbers (counts, losses, FLOPs), through one small
+    /// all-reduce on `device`. They travel in f32, as every backend reduces: counts stay exact below 2^24.
+    fn sum_over_ranks(&self, v: &[f64], device: tch::Device) -> Result<Vec<f64>> {
+        let t = Tensor::from_slice(v).to_kind(tch::Kind::Float).to_device(device);
         self.all_reduce_sum(&t)?;
-        Ok(t.double_value(&[0]) > 0.0)
+        let host = Vec::<f32>::try_from(&t.to_device(tch::Device::Cpu)).expect("a contiguous f32 CPU tensor converts");
+        Ok(host.into_iter().map(f64::from).collect())
     }
 }
 

@@ -15,6 +15,8 @@ pub struct Segments {
     /// (n+1,) int32 offsets on the row's device: 0, l0, l0+l1, ...
     pub cu_seqlens: Tensor,
     pub max_len: i64,
+    /// The CPU path's mask, built by the first block that needs it and shared by the others.
+    mask: std::cell::OnceCell<Tensor>,
 }
 
 impl Segments {
@@ -25,7 +27,7 @@ impl Segments {
             cu.push(cu.last().expect("non-empty") + l as i32);
         }
         let max_len = lens.iter().copied().max().unwrap_or(0);
-        Self { cu_seqlens: Tensor::from_slice(&cu).to_device(device), lens, max_len }
+        Self { cu_seqlens: Tensor::from_slice(&cu).to_device(device), lens, max_len, mask: Default::default() }
     }
 
     pub fn total(&self) -> i64 {
@@ -37,8 +39,12 @@ impl Segments {
         self.lens.iter().flat_map(|&l| 0..l).collect()
     }
 
-    /// (S, S) bool: query i sees key j iff both are in the same sample and j <= i.
-    pub fn mask(&self, device: Device) -> Tensor {
+    /// (S, S) bool: query i sees key j iff both are in the same sample and j <= i (built once).
+    pub fn mask(&self, device: Device) -> &Tensor {
+        self.mask.get_or_init(|| self.build_mask(device))
+    }
+
+    fn build_mask(&self, device: Device) -> Tensor {
         let seg: Vec<i64> = self.lens.iter().enumerate().flat_map(|(k, &l)| std::iter::repeat_n(k as i64, l as usize)).collect();
         let seg = Tensor::from_slice(&seg).to_device(device);
         let s = self.total();
@@ -83,6 +89,6 @@ pub fn packed(q: &Tensor, k: &Tensor, v: &Tensor, seg: &Segments) -> Tensor {
     }
     let mask = seg.mask(q.device());
     let t = |x: &Tensor| x.transpose(1, 2);
-    let a = Tensor::scaled_dot_product_attention(&t(q), &t(k), &t(v), Some(&mask), 0.0, false, None, false);
+    let a = Tensor::scaled_dot_product_attention(&t(q), &t(k), &t(v), Some(mask), 0.0, false, None, false);
     a.transpose(1, 2)
 }
