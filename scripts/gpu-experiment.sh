@@ -9,6 +9,8 @@
 #   bash scripts/gpu-experiment.sh reduce LAYERS [ZERO]  # zero.reduce_dtype f32 vs bf16 on W1 and W2, with the peer
 #   bash scripts/gpu-experiment.sh w2 LAYERS [ZERO...]   # W2 (.carry/w2_lengths.json): ours packed (--pack-tokens
 #                                                        # 4096) against the peer's --lengths, same call
+#   bash scripts/gpu-experiment.sh demo-sweep FILE       # the demo's learning curve per design variant (FILE: lines
+#                                                        # "NAME --set k=v ..."), all at once on GPU 0, f32, 1 rank
 # STEPS: optimizer steps of both benchmarks (default 3, the first a warm-up). OURS_FLAGS: extra flags of `idavlm-worker bench` (e.g. "--ac auto"). Logs and a table go to $OUT (or ./gpu-out).
 set -uo pipefail
 OUT=${OUT:-$PWD/gpu-out}
@@ -235,6 +237,32 @@ w2)
     TAG=-w2 PEER_FLAGS="--lengths .carry/w2_lengths.json ${PEER_FLAGS:-}" bench_peer "$ngpu" "$layers" "$z"
   done
   cat "$OUT/memory.txt"
+  ;;
+demo-sweep)
+  # Each variant trains recipes/demo.yaml (data regenerated here) with its overrides as one f32 rank on
+  # GPU 0, accum doubled so that the global batch is the CPU demo's; evaluations as the recipe says.
+  file=$2
+  idavlm-shards synth runs/sweep/data >"$OUT/synth.log" 2>&1 || { cat "$OUT/synth.log"; exit 1; }
+  pids=()
+  while read -r name sets; do
+    [ -z "$name" ] || [ "${name:0:1}" = "#" ] && continue
+    mkdir -p "$OUT/$name"
+    # shellcheck disable=SC2086
+    idavlm-launch --nproc-per-node 1 recipes/demo.yaml --resume none --set model.dtype=f32 \
+      --set data.sources.0.path=runs/sweep/data/id --set data.general.path=runs/sweep/data/general \
+      --set eval.data=runs/sweep/data/heldout --set eval.mmid=runs/sweep/data/eval/mmid.json \
+      --set checkpoint.dir=runs/sweep/$name/ckpt --set logging.metrics_file="$OUT/$name/metrics.jsonl" \
+      --set logging.plot="$OUT/$name/loss.svg" $sets >"$OUT/$name/log" 2>&1 &
+    pids+=($!)
+  done <"$file"
+  for p in "${pids[@]}"; do wait "$p"; done
+  for d in "$OUT"/*/; do
+    n=$(basename "$d"); last=$(ls -d runs/sweep/$n/ckpt/step-* 2>/dev/null | sort | tail -1)
+    [ -n "$last" ] && idavlm-infer --checkpoint "$last" --bench runs/sweep/data/eval/mmid.json --out "$d/preds.jsonl" \
+      --max-new-tokens 32 --limit 80 >"$d/infer.log" 2>&1
+    echo "== $n"; grep -h "eval:" "$d/log" | sed 's/.*report: //'
+  done | tee "$OUT/sweep.txt"
+  tar czf "$OUT/sweep.tar.gz" -C "$OUT" --exclude sweep.tar.gz . 2>/dev/null
   ;;
 reduce)
   # zero.reduce_dtype f32 against bf16 on W1 and W2 (ZeRO stage $3, default 2), each beside the peer's

@@ -40,11 +40,24 @@ fn recipe_errors_name_the_key_and_the_line() {
     assert_eq!((c.optimizer.lr, c.batch.accum, c.optimizer.weight_decay), (5e-6, 3, 0.1));
 }
 
+/// Also: `logging.phase_split` times each step by phase (in the metrics and the log).
 #[test]
 fn the_loss_falls() {
     let d = tempfile::tempdir().unwrap();
     let r = recipe(d.path(), &data(d.path()), "");
-    ok(&worker_train(&r, &["--set", "length.steps=14", "--set", "optimizer.lr=3e-3", "--set", "checkpoint.at_end=false"]));
+    let sets = ["length.steps=14", "optimizer.lr=3e-3", "checkpoint.at_end=false", "logging.phase_split=true"];
+    let args: Vec<&str> = sets.iter().flat_map(|s| ["--set", s]).collect();
+    let log = ok(&worker_train(&r, &args));
+    assert!(log.contains("step 14 phases (s): "), "{log}");
+    for line in std::fs::read_to_string(d.path().join("metrics.jsonl")).unwrap().lines() {
+        let v: serde_json::Value = serde_json::from_str(line).unwrap();
+        let phases = v["phase_s"].as_object().unwrap_or_else(|| panic!("no phase_s: {line}"));
+        for k in ["data", "stem_forward", "blocks_forward", "head_fwd_bwd", "blocks_recompute_bwd", "optimizer"] {
+            assert!(phases[k].as_f64().unwrap() > 0.0, "{k} in {line}");
+        }
+        let sum: f64 = phases.values().map(|x| x.as_f64().unwrap()).sum();
+        assert!(sum <= v["step_s"].as_f64().unwrap() + 1e-6, "phases {sum} over the step: {line}");
+    }
     let l = losses(&d.path().join("metrics.jsonl"));
     assert_eq!(l.len(), 14);
     let first: f64 = l[..3].iter().map(|x| x.1).sum::<f64>() / 3.0;

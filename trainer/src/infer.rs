@@ -253,6 +253,13 @@ pub struct TypeSummary {
     /// matching accuracy, or location accuracy at IoU > 0.5.
     pub accuracy: Option<f64>,
     pub mean_iou: Option<f64>,
+    /// How many different answers the model gave to the scored items (whitespace-trimmed): 1 means it
+    /// answered every item alike, whatever the accuracy says.
+    pub distinct_predictions: usize,
+    /// matching: the accuracy of always giving the benchmark's most frequent answer, the floor a model
+    /// that ignores its images reaches on this item set (0.25 only when the answers are balanced).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub constant_answer_accuracy: Option<f64>,
 }
 
 pub fn summarise(preds: &[Prediction]) -> std::collections::BTreeMap<String, TypeSummary> {
@@ -269,6 +276,15 @@ pub fn summarise(preds: &[Prediction]) -> std::collections::BTreeMap<String, Typ
             continue;
         }
         let n = scores.len() as f64;
+        let valid = || preds.iter().filter(|p| &p.kind == k && p.invalid.is_none() && p.score.is_some());
+        s.distinct_predictions = valid().map(|p| p.prediction.trim()).collect::<std::collections::BTreeSet<_>>().len();
+        if k == "matching" {
+            let mut counts: std::collections::BTreeMap<Option<usize>, usize> = Default::default();
+            for p in valid() {
+                *counts.entry(matching_choice(&p.answer)).or_default() += 1;
+            }
+            s.constant_answer_accuracy = counts.iter().filter(|(c, _)| c.is_some()).map(|(_, &m)| m as f64 / n).reduce(f64::max);
+        }
         if k == "location" {
             s.accuracy = Some(scores.iter().filter(|&&x| x > 0.5).count() as f64 / n);
             s.mean_iou = Some(scores.iter().sum::<f64>() / n);
@@ -327,5 +343,36 @@ mod tests {
         assert_eq!((s, bad), (Some(1.0), false));
         let (s, bad) = score(&item, "garbage", Some((200, 100)));
         assert_eq!((s, bad), (Some(0.0), true));
+    }
+
+    #[test]
+    fn summary_counts_distinct_answers_and_the_constant_answer_floor() {
+        let pred = |id: &str, answer: &str, prediction: &str| {
+            let score = (matching_choice(answer) == matching_choice(prediction)) as i32 as f64;
+            Prediction {
+                id: id.into(),
+                kind: "matching".into(),
+                question: String::new(),
+                answer: answer.into(),
+                prediction: prediction.into(),
+                score: Some(score),
+                unparsable: false,
+                invalid: None,
+            }
+        };
+        // A model that always says "Image 2" on items whose answers are 2, 2, 2, 1, 4.
+        let preds: Vec<Prediction> = ["Image 2", "Image 2", "Image 2", "Image 1", "Image 4"]
+            .iter()
+            .enumerate()
+            .map(|(i, a)| pred(&format!("m{i}"), a, " Image 2"))
+            .collect();
+        let s = &summarise(&preds)["matching"];
+        assert_eq!(s.accuracy, Some(0.6));
+        assert_eq!(s.distinct_predictions, 1);
+        assert_eq!(s.constant_answer_accuracy, Some(0.6));
+        let mut varied = preds.clone();
+        varied[3] = pred("m3", "Image 1", "Image 1");
+        let s = &summarise(&varied)["matching"];
+        assert_eq!((s.accuracy, s.distinct_predictions), (Some(0.8), 2));
     }
 }

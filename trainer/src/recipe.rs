@@ -564,11 +564,24 @@ pub struct LoggingSection {
     pub tensorboard: Option<PathBuf>,
     #[serde(default = "yes")]
     pub progress_bar: bool,
+    /// Time every step by phase (data, stem/blocks/head forward and backward, gradient reduction,
+    /// parameter gather, optimizer): `phase_s` in the metrics and a `phases:` log line. The device is
+    /// synchronised at each phase boundary, so steps run slightly slower; rank 0's split.
+    #[serde(default)]
+    pub phase_split: bool,
 }
 
 impl Default for LoggingSection {
     fn default() -> Self {
-        Self { every_steps: 1, metrics_file: None, prometheus: None, plot: None, tensorboard: None, progress_bar: true }
+        Self {
+            every_steps: 1,
+            metrics_file: None,
+            prometheus: None,
+            plot: None,
+            tensorboard: None,
+            progress_bar: true,
+            phase_split: false,
+        }
     }
 }
 fn one() -> u64 {

@@ -38,6 +38,9 @@ pub struct StepRecord {
     pub mfu: Option<f64>,
     pub mem_gib: f64,
     pub samples_dropped: u64,
+    /// Seconds of the step by phase (`logging.phase_split`), rank 0's.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub phase_s: Option<std::collections::BTreeMap<String, f64>>,
     /// The evaluation run after this step, when one was due.
     #[serde(flatten)]
     pub eval: EvalRecord,
@@ -215,17 +218,30 @@ impl Reporter {
                 None => tracing::info!("{line}"),
             }
         }
+        let phases = rec.phase_s.as_ref().map(|p| {
+            let parts: Vec<String> = p.iter().filter(|(_, &v)| v > 0.0).map(|(k, v)| format!("{k} {v:.3}")).collect();
+            format!("step {} phases (s): {}", rec.step, parts.join(", "))
+        });
+        let due = rec.step % self.every == 0;
         match &self.bar {
             Some(b) => {
                 b.set_position(rec.step);
                 b.set_message(msg.clone());
-                if rec.step % self.every == 0 {
-                    b.suspend(|| tracing::info!("step {} {msg}", rec.step));
+                if due {
+                    b.suspend(|| {
+                        tracing::info!("step {} {msg}", rec.step);
+                        if let Some(p) = &phases {
+                            tracing::info!("{p}");
+                        }
+                    });
                 }
             }
             None => {
-                if rec.step % self.every == 0 {
-                    tracing::info!("step {} {msg}", rec.step)
+                if due {
+                    tracing::info!("step {} {msg}", rec.step);
+                    if let Some(p) = &phases {
+                        tracing::info!("{p}");
+                    }
                 }
             }
         }

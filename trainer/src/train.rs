@@ -274,14 +274,28 @@ impl<'a> Trainer<'a> {
             return Ok(StepOutcome::Finished);
         }
         let t0 = Instant::now();
+        if self.recipe.logging.phase_split {
+            crate::profile::enable(true, self.plan.device);
+            crate::profile::take();
+        }
         let data = self.stream.next_step()?;
+        let t_data = t0.elapsed().as_secs_f64();
         debug_assert_eq!(data.step, self.ts.step);
         let local = self.micro_batches(&data)?;
         self.st.finish_grads(self.comm)?;
         self.planner.calibrate(self.comm, self.plan.device)?;
         let k = self.ts.step + 1;
         let lr = self.schedule.lr_at(k);
-        let stats = self.st.step(self.comm, &self.opt, lr, self.recipe.optimizer.clip_grad_norm)?;
+        let stats = crate::profile::time(crate::profile::OPTIMIZER, 0.0, || {
+            self.st.step(self.comm, &self.opt, lr, self.recipe.optimizer.clip_grad_norm)
+        })?;
+        let phase_s = self.recipe.logging.phase_split.then(|| {
+            let split = crate::profile::take();
+            let mut m: std::collections::BTreeMap<String, f64> =
+                crate::profile::PHASES.iter().zip(split.secs).map(|(n, s)| (n.to_string(), s)).collect();
+            m.insert("data".into(), t_data);
+            m
+        });
         let (sums, stop_now) = self.agree(&local)?;
         if sums.id_weight + sums.general_weight == 0.0 {
             return Err(Error::Other(format!(
@@ -305,7 +319,7 @@ impl<'a> Trainer<'a> {
             }
             _ => None,
         };
-        self.record(lr, &stats, &sums, step_s, eval)?;
+        self.record(lr, &stats, &sums, step_s, eval, phase_s)?;
         if let Some(saved) = self.saver.poll()? {
             self.note_saved(&saved)?;
         }
@@ -400,7 +414,15 @@ impl<'a> Trainer<'a> {
         }
     }
 
-    fn record(&mut self, lr: f64, stats: &StepStats, sums: &StepSums, step_s: f64, eval: Option<EvalScores>) -> Result<()> {
+    fn record(
+        &mut self,
+        lr: f64,
+        stats: &StepStats,
+        sums: &StepSums,
+        step_s: f64,
+        eval: Option<EvalScores>,
+        phase_s: Option<std::collections::BTreeMap<String, f64>>,
+    ) -> Result<()> {
         let world = self.comm.world() as f64;
         let rec = StepRecord {
             step: self.ts.step,
@@ -416,6 +438,7 @@ impl<'a> Trainer<'a> {
             mfu: self.peak.map(|p| sums.flops / step_s / (world * p)),
             mem_gib: memory_gib(self.plan.device),
             samples_dropped: self.ts.samples_dropped,
+            phase_s,
             eval: eval.unwrap_or_default().into(),
         };
         self.summary.losses.push(rec.loss);

@@ -196,17 +196,22 @@ fn run(cli: Cli) -> Result<()> {
     std::fs::write(&partial, text).with_context(|| format!("writing {}", partial.display()))?;
     std::fs::rename(&partial, &cli.out).with_context(|| format!("renaming {} to {}", partial.display(), cli.out.display()))?;
     let summary = summarise(&preds);
-    println!("{:<22} {:>6} {:>10} {:>9} {:>11} {:>8}", "type", "items", "accuracy", "mean IoU", "unparsable", "invalid");
+    println!(
+        "{:<22} {:>6} {:>10} {:>9} {:>11} {:>8} {:>9} {:>14}",
+        "type", "items", "accuracy", "mean IoU", "unparsable", "invalid", "distinct", "constant-answer"
+    );
     for (k, s) in &summary {
         let f = |v: Option<f64>| v.map(|x| format!("{x:.3}")).unwrap_or_else(|| "judged".into());
         println!(
-            "{:<22} {:>6} {:>10} {:>9} {:>11} {:>8}",
+            "{:<22} {:>6} {:>10} {:>9} {:>11} {:>8} {:>9} {:>14}",
             k,
             s.items,
             f(s.accuracy),
             s.mean_iou.map(|x| format!("{x:.3}")).unwrap_or_else(|| "-".into()),
             s.unparsable,
-            s.invalid
+            s.invalid,
+            s.distinct_predictions,
+            s.constant_answer_accuracy.map(|x| format!("{x:.3}")).unwrap_or_else(|| "-".into())
         );
     }
     let bad: Vec<&str> = preds.iter().filter(|p| p.unparsable).map(|p| p.id.as_str()).take(10).collect();
@@ -220,6 +225,10 @@ fn run(cli: Cli) -> Result<()> {
     for p in preds.iter().filter(|p| p.invalid.is_some()).take(10) {
         println!("invalid benchmark item (not scored): {}", p.invalid.as_deref().unwrap_or_default());
     }
+    println!(
+        "distinct: how many different answers the model gave; constant-answer: the matching accuracy of always \
+         giving the most frequent answer of these items"
+    );
     let sp = cli.out.with_extension("summary.json");
     std::fs::write(&sp, serde_json::to_vec_pretty(&summary)?)?;
     println!("predictions: {}   summary: {}", cli.out.display(), sp.display());
