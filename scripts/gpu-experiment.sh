@@ -226,15 +226,17 @@ w1)
   tar -czf "$OUT/w1.tar.gz" -C "$OUT" --exclude w1.tar.gz --exclude '*.mem' . 2>/dev/null
   ;;
 w2)
-  # W2: ours packs the 585 MM-ID-shaped samples into micro-batches of 4096 tokens (accum 4: ~15 samples
-  # per GPU and step, as the peer's 2 x 8); the peer pads each to 2048 (--lengths). Real tokens/s/GPU.
+  # W2: ours packs the 585 MM-ID-shaped samples into micro-batches of W2_PACK tokens (default 8192, accum
+  # 2: ~15 samples per GPU and step, as the peer's 2 x 8; 8192 packs to 97.3%, 4096 x accum 4 to 96.1%);
+  # the peer pads each to 2048 (--lengths). Real tokens/s/GPU.
   layers=${2:-32}; shift 2 || true
   zs=${*:-"2 3"}
   for z in $zs; do
     echo "== idavlm ZeRO-$z, W2 packed, $ngpu GPUs, $layers layers"
-    TAG=-w2 OURS_FLAGS="--lengths .carry/w2_lengths.json --grad-accum ${W2_ACCUM:-4} ${OURS_FLAGS:-}" bench_ours "$ngpu" "$layers" "$z"
+    TAG=-w2${TAG:-} OURS_FLAGS="--lengths .carry/w2_lengths.json --pack-tokens ${W2_PACK:-8192} --grad-accum ${W2_ACCUM:-2} ${OURS_FLAGS:-}" bench_ours "$ngpu" "$layers" "$z"
+    [ "${PEER:-1}" = 0 ] && continue  # PEER=0: ours only (e.g. a second packing budget in the same call)
     echo "== peer FSDP2 (ZeRO-$z-like), W2 padded"
-    TAG=-w2 PEER_FLAGS="--lengths .carry/w2_lengths.json ${PEER_FLAGS:-}" bench_peer "$ngpu" "$layers" "$z"
+    TAG=-w2${TAG:-} PEER_FLAGS="--lengths .carry/w2_lengths.json ${PEER_FLAGS:-}" bench_peer "$ngpu" "$layers" "$z"
   done
   cat "$OUT/memory.txt"
   ;;
