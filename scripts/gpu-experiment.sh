@@ -9,6 +9,8 @@
 #   bash scripts/gpu-experiment.sh reduce LAYERS [ZERO]  # zero.reduce_dtype f32 vs bf16 on W1 and W2, with the peer
 #   bash scripts/gpu-experiment.sh w2 LAYERS [ZERO...]   # W2 (.carry/w2_lengths.json): ours packed (--pack-tokens
 #                                                        # 4096) against the peer's --lengths, same call
+#   bash scripts/gpu-experiment.sh opclass LAYERS [ZERO] # one W1 micro-batch step under ncu, kernel time by class
+#                                                        # (GEMM, attention, norm, softmax/CE, elementwise, comm)
 #   bash scripts/gpu-experiment.sh demo-sweep FILE       # the demo's learning curve per design variant (FILE: lines
 #                                                        # "NAME --set k=v ..."), all at once on GPU 0, f32, 1 rank
 # STEPS: optimizer steps of both benchmarks (default 3, the first a warm-up). OURS_FLAGS: extra flags of `idavlm-worker bench` (e.g. "--ac auto"). Logs and a table go to $OUT (or ./gpu-out).
@@ -239,6 +241,20 @@ w2)
     TAG=-w2${TAG:-} PEER_FLAGS="--lengths .carry/w2_lengths.json ${PEER_FLAGS:-}" bench_peer "$ngpu" "$layers" "$z"
   done
   cat "$OUT/memory.txt"
+  ;;
+opclass)
+  # One W1 step of one micro-batch (accum 1), ZeRO stage $3 (default 2), on one GPU, its kernels timed by
+  # ncu (no cache flush, no clock lock: the GPU's own speed), then summed by class.
+  layers=${2:-4}; z=${3:-2}
+  export PATH=/usr/local/cuda/bin:$PATH
+  RANK=0 WORLD_SIZE=1 LOCAL_RANK=0 MASTER_ADDR=127.0.0.1 MASTER_PORT=$((29600 + RANDOM % 1000)) \
+    ncu --profile-from-start off --metrics gpu__time_duration.sum --cache-control none --clock-control none \
+      --csv --print-units base --log-file "$OUT/ncu-l$layers-z$z.csv" \
+      idavlm-worker bench --layers "$layers" --zero "$z" --steps "${STEPS:-3}" --grad-accum 1 --cuda-profiler-step \
+      ${OURS_FLAGS:-} >"$OUT/opclass-l$layers-z$z.json" 2>"$OUT/opclass-l$layers-z$z.log"
+  echo "rc $?"; tail -4 "$OUT/opclass-l$layers-z$z.log"; cat "$OUT/opclass-l$layers-z$z.json"
+  python3 scripts/op-classes.py "$OUT/ncu-l$layers-z$z.csv" "$OUT/opclass-l$layers-z$z.classes.json" | tee "$OUT/opclass-l$layers-z$z.txt"
+  tar czf "$OUT/opclass.tar.gz" -C "$OUT" --exclude opclass.tar.gz . 2>/dev/null
   ;;
 demo-sweep)
   # Each variant trains recipes/demo.yaml (data regenerated here) with its overrides as one f32 rank on

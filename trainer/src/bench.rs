@@ -49,6 +49,9 @@ pub struct W1 {
     pub pack_window: usize,
     /// The dtype gradients are reduced in (`zero.reduce_dtype`).
     pub reduce_dtype: ReduceDtype,
+    /// Bracket the last timed step with the CUDA profiler's start and stop (for `ncu
+    /// --profile-from-start off`).
+    pub cuda_profiler_step: bool,
 }
 
 /// PERF.md's w2_lengths.json: per sample (images, prompt text tokens, answer tokens).
@@ -370,6 +373,14 @@ pub fn run(w: &W1, comm: &dyn Communicator, device: Device, gpu_name: &str) -> R
     for step in 0..w.steps {
         sync();
         comm.barrier()?;
+        let profiled = w.cuda_profiler_step && step + 1 == w.steps && device.is_cuda();
+        if profiled {
+            // SAFETY: plain driver calls on the context libtorch made current; a failure is reported.
+            let r = unsafe { cudarc::driver::sys::cuProfilerStart() };
+            if r != cudarc::driver::sys::CUresult::CUDA_SUCCESS {
+                eprintln!("cuProfilerStart: {r:?}");
+            }
+        }
         let t0 = Instant::now();
         let mut loss = 0.0;
         let recomputed = planner.recomputed(plan_b, plan_s);
@@ -389,6 +400,13 @@ pub fn run(w: &W1, comm: &dyn Communicator, device: Device, gpu_name: &str) -> R
         st.step(comm, &opt, 5e-6, Some(1.0))?;
         sync();
         let dt = t0.elapsed().as_secs_f64();
+        if profiled {
+            // SAFETY: as cuProfilerStart above.
+            let r = unsafe { cudarc::driver::sys::cuProfilerStop() };
+            if r != cudarc::driver::sys::CUresult::CUDA_SUCCESS {
+                eprintln!("cuProfilerStop: {r:?}");
+            }
+        }
         opt_times.push(t1.elapsed().as_secs_f64());
         planner.calibrate(comm, device)?;
         times.push(dt);

@@ -91,6 +91,10 @@ enum Cmd {
         /// The dtype gradients are reduced in (zero.reduce_dtype).
         #[arg(long, value_enum, default_value = "f32")]
         reduce_dtype: idavlm::recipe::ReduceDtype,
+        /// Bracket the last timed step with cuProfilerStart/Stop, so that `ncu --profile-from-start off`
+        /// records that one step's kernels (scripts/gpu-experiment.sh opclass).
+        #[arg(long)]
+        cuda_profiler_step: bool,
     },
     /// Verify a checkpoint folder and write its model in the Hugging Face layout (bf16). A LoRA
     /// checkpoint's adapter goes to OUT/adapter in PEFT's layout, or into the weights with --merge.
@@ -271,6 +275,7 @@ fn run(cli: Cli) -> Result<i32> {
             pack_tokens,
             pack_window,
             reduce_dtype,
+            cuda_profiler_step,
         } => {
             runtime::prepare_nccl();
             let info = RankInfo::from_env()?;
@@ -296,6 +301,7 @@ fn run(cli: Cli) -> Result<i32> {
                 pack_tokens,
                 pack_window,
                 reduce_dtype,
+                cuda_profiler_step,
             };
             let r = idavlm::bench::run(&w, comm.as_ref(), device, &name)?;
             if info.rank == 0 {

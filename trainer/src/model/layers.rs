@@ -79,6 +79,12 @@ impl Mha {
 
 /// Bicubic (align_corners = false) resize of a square position table (G*G, D) to (T*T, D), in f32,
 /// returned in the table's dtype; the table itself when the sizes agree (Qwen-VL's `get_abs_pos`).
+///
+/// The resize is libtorch's `upsample_bicubic2d` (cubic coefficient -0.75, edge taps clamped) written
+/// as the separable linear map it is: out = R (T x G) applied to the rows and to the columns, two small
+/// GEMMs with their own autograd. libtorch's CUDA kernel runs such a table in one thread block (one
+/// thread per output position, looping over the D channels): 8 ms for the ViT's table and 21 ms for
+/// the resampler's in every forward on an H200, 8 ms more in the backward (ncu, 2026-11-28).
 pub fn resize_pos_table(table: &Tensor, target_tokens: i64) -> Tensor {
     let (n, d) = table.size2().expect("position table must be 2-D");
     let src = (n as f64).sqrt().round() as i64;
@@ -86,14 +92,42 @@ pub fn resize_pos_table(table: &Tensor, target_tokens: i64) -> Tensor {
     if src == tgt {
         return table.shallow_clone();
     }
-    table
-        .to_kind(Kind::Float)
-        .reshape([1, src, src, d])
-        .permute([0, 3, 1, 2])
-        .upsample_bicubic2d([tgt, tgt], false, None, None)
-        .permute([0, 2, 3, 1])
-        .reshape([tgt * tgt, d])
-        .to_kind(table.kind())
+    let r = bicubic_matrix(src, tgt, table.device());
+    // (G, G, D): rows first, (T, G*D); then the columns of every output row, batched over rows.
+    let rows = r.matmul(&table.to_kind(Kind::Float).reshape([src, src * d])).reshape([tgt, src, d]);
+    r.matmul(&rows).reshape([tgt * tgt, d]).to_kind(table.kind())
+}
+
+/// The (T x G) matrix of a 1-D bicubic resize from G to T samples as libtorch computes it
+/// (align_corners = false: source x = (i + 0.5) G / T - 0.5, no clamping of x for cubic; taps at
+/// floor(x) - 1 .. floor(x) + 2 clamped into [0, G - 1]; A = -0.75). Built once per (G, T, device).
+fn bicubic_matrix(src: i64, tgt: i64, device: tch::Device) -> Tensor {
+    thread_local! {
+        static CACHE: std::cell::RefCell<std::collections::HashMap<(i64, i64, String), Tensor>> = Default::default();
+    }
+    let key = (src, tgt, format!("{device:?}"));
+    if let Some(t) = CACHE.with(|c| c.borrow().get(&key).map(|t| t.shallow_clone())) {
+        return t;
+    }
+    const A: f64 = -0.75;
+    let near = |x: f64| ((A + 2.0) * x - (A + 3.0)) * x * x + 1.0;
+    let far = |x: f64| ((A * x - 5.0 * A) * x + 8.0 * A) * x - 4.0 * A;
+    let scale = src as f64 / tgt as f64;
+    let mut m = vec![0f32; (tgt * src) as usize];
+    for i in 0..tgt {
+        // libtorch computes the source coordinate and the weights in the accumulation type (f32).
+        let x = (scale as f32 * (i as f32 + 0.5) - 0.5) as f64;
+        let x0 = x.floor();
+        let t = (x - x0) as f32 as f64;
+        let w = [far(t + 1.0), near(t), near(1.0 - t), far(2.0 - t)];
+        for (k, wk) in w.iter().enumerate() {
+            let j = (x0 as i64 + k as i64 - 1).clamp(0, src - 1);
+            m[(i * src + j) as usize] += *wk as f32;
+        }
+    }
+    let t = Tensor::from_slice(&m).view([tgt, src]).to_device(device);
+    CACHE.with(|c| c.borrow_mut().insert(key, t.shallow_clone()));
+    t
 }
 
 /// The resampler's fixed 2-D sin-cos table (G*G, D) with G = 16: first D/2 dims encode the column,
@@ -137,4 +171,32 @@ pub fn apply_rope(x: &Tensor, cos: &Tensor, sin: &Tensor) -> Tensor {
     let rot = Tensor::cat(&[&x2.neg(), &x1], 3);
     let (c, s) = (cos.unsqueeze(-2), sin.unsqueeze(-2)); // (.., S, 1, Dh) broadcasts over heads
     (xf * c + rot * s).to_kind(x.kind())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The GEMM form equals libtorch's upsample_bicubic2d, forward and gradient, up and down.
+    #[test]
+    fn position_table_resize_equals_upsample_bicubic2d_and_its_gradient() {
+        tch::manual_seed(3);
+        for (src, tgt, d) in [(16, 32, 24), (16, 4, 8), (16, 23, 5), (4, 16, 3)] {
+            let table = Tensor::randn([src * src, d], (Kind::Float, tch::Device::Cpu)).set_requires_grad(true);
+            let reference = table
+                .reshape([1, src, src, d])
+                .permute([0, 3, 1, 2])
+                .upsample_bicubic2d([tgt, tgt], false, None, None)
+                .permute([0, 2, 3, 1])
+                .reshape([tgt * tgt, d]);
+            let ours = resize_pos_table(&table, tgt * tgt);
+            let diff = (&ours - &reference).abs().max().double_value(&[]);
+            assert!(diff < 1e-5, "{src}->{tgt}: forward differs by {diff}");
+            let g = Tensor::randn([tgt * tgt, d], (Kind::Float, tch::Device::Cpu));
+            let grad = |out: &Tensor| Tensor::run_backward(&[(out * &g).sum(Kind::Float)], &[&table], false, false).remove(0);
+            let (gr, go) = (grad(&reference), grad(&ours));
+            let rel = (&go - &gr).abs().max().double_value(&[]) / gr.abs().max().double_value(&[]);
+            assert!(rel < 1e-5, "{src}->{tgt}: gradient differs by {rel} (relative)");
+        }
+    }
 }
