@@ -222,6 +222,7 @@ w1)
     if [ "${FIXED_TOO:-0}" = 1 ]; then
       echo "== idavlm ZeRO-$z, fixed segments"; bench_ours "$ngpu" "$layers" "$z" expandable_segments:False
     fi
+    [ "${PEER:-1}" = 0 ] && continue  # PEER=0: ours only
     echo "== peer FSDP2 (ZeRO-$z-like)"; bench_peer "$ngpu" "$layers" "$z"
   done
   cat "$OUT/memory.txt"
