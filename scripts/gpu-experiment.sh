@@ -244,14 +244,14 @@ w2)
   cat "$OUT/memory.txt"
   ;;
 opclass)
-  # One W1 step of one micro-batch (accum 1), ZeRO stage $3 (default 2), on one GPU, its kernels timed by
+  # One W1 step of OPCLASS_ACCUM micro-batches (default 1), ZeRO stage $3 (default 2), on one GPU, its kernels timed by
   # ncu (no cache flush, no clock lock: the GPU's own speed), then summed by class.
   layers=${2:-4}; z=${3:-2}
   export PATH=/usr/local/cuda/bin:$PATH
   RANK=0 WORLD_SIZE=1 LOCAL_RANK=0 MASTER_ADDR=127.0.0.1 MASTER_PORT=$((29600 + RANDOM % 1000)) \
     ncu --profile-from-start off --metrics gpu__time_duration.sum --cache-control none --clock-control none \
       --csv --print-units base --log-file "$OUT/ncu-l$layers-z$z.csv" \
-      idavlm-worker bench --layers "$layers" --zero "$z" --steps "${STEPS:-3}" --grad-accum 1 --cuda-profiler-step \
+      idavlm-worker bench --layers "$layers" --zero "$z" --steps "${STEPS:-3}" --grad-accum "${OPCLASS_ACCUM:-1}" --cuda-profiler-step \
       ${OURS_FLAGS:-} >"$OUT/opclass-l$layers-z$z.json" 2>"$OUT/opclass-l$layers-z$z.log"
   echo "rc $?"; tail -4 "$OUT/opclass-l$layers-z$z.log"; cat "$OUT/opclass-l$layers-z$z.json"
   python3 scripts/op-classes.py "$OUT/ncu-l$layers-z$z.csv" "$OUT/opclass-l$layers-z$z.classes.json" | tee "$OUT/opclass-l$layers-z$z.txt"
