@@ -12,7 +12,7 @@
 #   bash scripts/gpu-experiment.sh opclass LAYERS [ZERO] # one W1 micro-batch step under ncu, kernel time by class
 #                                                        # (GEMM, attention, norm, softmax/CE, elementwise, comm)
 #   bash scripts/gpu-experiment.sh demo-sweep FILE       # the demo's learning curve per design variant (FILE: lines
-#                                                        # "NAME --set k=v ..."), all at once on GPU 0, f32, 1 rank
+#                                                        # "NAME [ENV=VALUE ...] --set k=v ..."), all at once on GPU 0, f32, 1 rank
 # STEPS: optimizer steps of both benchmarks (default 3, the first a warm-up). OURS_FLAGS: extra flags of `idavlm-worker bench` (e.g. "--ac auto"). Logs and a table go to $OUT (or ./gpu-out).
 set -uo pipefail
 OUT=${OUT:-$PWD/gpu-out}
@@ -266,8 +266,14 @@ demo-sweep)
   while read -r name sets; do
     [ -z "$name" ] || [ "${name:0:1}" = "#" ] && continue
     mkdir -p "$OUT/$name"
+    # Leading KEY=VALUE words of the line are the variant's environment.
+    envs=()
     # shellcheck disable=SC2086
-    idavlm-launch --nproc-per-node 1 recipes/demo.yaml --resume none --set model.dtype=f32 \
+    set -- $sets
+    while [ $# -gt 0 ] && [[ "$1" == *=* && "$1" != --* ]]; do envs+=("$1"); shift; done
+    sets="$*"
+    # shellcheck disable=SC2086
+    env "${envs[@]}" idavlm-launch --nproc-per-node 1 recipes/demo.yaml --resume none --set model.dtype=f32 \
       --set data.sources.0.path=runs/sweep/data/id --set data.general.path=runs/sweep/data/general \
       --set eval.data=runs/sweep/data/heldout --set eval.mmid=runs/sweep/data/eval/mmid.json \
       --set checkpoint.dir=runs/sweep/$name/ckpt --set logging.metrics_file="$OUT/$name/metrics.jsonl" \
