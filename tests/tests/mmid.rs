@@ -100,6 +100,14 @@ fn the_published_item_form_converts_and_answers_with_the_original_prompt() {
     };
     assert_eq!(answers(&pj).len(), 2);
     assert_eq!(answers(&pj), answers(&pp));
+    // --dtype: f32 is the CPU default (the same answers); bf16 runs on the CPU too.
+    let (pf, pb) = (d.path().join("f32.jsonl"), d.path().join("bf16.jsonl"));
+    for (dtype, preds) in [("f32", &pf), ("bf16", &pb)] {
+        let o = idavlm_tests::infer(&ckpt, &json, preds, &["--dtype", dtype]);
+        assert!(o.status.success(), "--dtype {dtype}: {}", String::from_utf8_lossy(&o.stderr));
+    }
+    assert_eq!(answers(&pf), answers(&pj));
+    assert_eq!(answers(&pb).len(), 2);
 }
 
 #[test]

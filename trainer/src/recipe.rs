@@ -236,7 +236,7 @@ pub struct ModelSection {
     pub dtype: Dtype,
 }
 
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize, Default, clap::ValueEnum)]
 #[serde(rename_all = "snake_case")]
 pub enum Dtype {
     /// bf16 on GPUs, f32 on CPUs.

@@ -31,6 +31,10 @@ struct Cli {
     images: Option<PathBuf>,
     #[arg(long, default_value = "preds.jsonl")]
     out: PathBuf,
+    /// Compute dtype: auto (bf16 on GPUs, f32 on CPUs), bf16 or f32 (as the run's model.dtype, to
+    /// reproduce its own evaluation: near-tied answers can differ between bf16 and f32).
+    #[arg(long, value_enum, default_value = "auto")]
+    dtype: idavlm::recipe::Dtype,
     #[arg(long, default_value_t = 64)]
     max_new_tokens: usize,
     /// Nucleus sampling (the original evaluation uses 0.3); greedy when absent.
@@ -118,7 +122,7 @@ fn run(cli: Cli) -> Result<()> {
     let dir = model_dir(&cli.checkpoint);
     let cfg: ModelConfig = ModelConfig::from_file(&dir.join("config.json")).context("the model's config.json")?;
     let device = device_default();
-    let kind = idavlm::plan::compute_kind(idavlm::recipe::Dtype::Auto, device);
+    let kind = idavlm::plan::compute_kind(cli.dtype, device);
     // A LoRA checkpoint's adapter is merged into the weights it was trained on.
     let (params, report) = idavlm::plan::load_model(&cli.checkpoint, &cfg, device, kind)?;
     if report.adapters_merged > 0 {
