@@ -316,6 +316,23 @@ pub fn w1_input(w: &W1, vocab: i64, image_size: i64, device: Device, rank: usize
     }
 }
 
+/// Starts or stops the CUDA profiler's range (what `ncu --profile-from-start off` records); a failure
+/// is reported, not fatal.
+fn cuda_profiler(start: bool) {
+    use cudarc::driver::sys::{cuProfilerStart, cuProfilerStop, CUresult};
+    // SAFETY: plain driver calls on the context libtorch made current.
+    let r = unsafe {
+        if start {
+            cuProfilerStart()
+        } else {
+            cuProfilerStop()
+        }
+    };
+    if r != CUresult::CUDA_SUCCESS {
+        eprintln!("cuProfiler{}: {r:?}", if start { "Start" } else { "Stop" });
+    }
+}
+
 pub fn run(w: &W1, comm: &dyn Communicator, device: Device, gpu_name: &str) -> Result<W1Result> {
     let mut cfg = ModelConfig::qwen_vl_chat();
     cfg.num_hidden_layers = w.layers;
@@ -375,11 +392,7 @@ pub fn run(w: &W1, comm: &dyn Communicator, device: Device, gpu_name: &str) -> R
         comm.barrier()?;
         let profiled = w.cuda_profiler_step && step + 1 == w.steps && device.is_cuda();
         if profiled {
-            // SAFETY: plain driver calls on the context libtorch made current; a failure is reported.
-            let r = unsafe { cudarc::driver::sys::cuProfilerStart() };
-            if r != cudarc::driver::sys::CUresult::CUDA_SUCCESS {
-                eprintln!("cuProfilerStart: {r:?}");
-            }
+            cuda_profiler(true);
         }
         let t0 = Instant::now();
         let mut loss = 0.0;
@@ -401,11 +414,7 @@ pub fn run(w: &W1, comm: &dyn Communicator, device: Device, gpu_name: &str) -> R
         sync();
         let dt = t0.elapsed().as_secs_f64();
         if profiled {
-            // SAFETY: as cuProfilerStart above.
-            let r = unsafe { cudarc::driver::sys::cuProfilerStop() };
-            if r != cudarc::driver::sys::CUresult::CUDA_SUCCESS {
-                eprintln!("cuProfilerStop: {r:?}");
-            }
+            cuda_profiler(false);
         }
         opt_times.push(t1.elapsed().as_secs_f64());
         planner.calibrate(comm, device)?;
@@ -433,7 +442,7 @@ pub fn run(w: &W1, comm: &dyn Communicator, device: Device, gpu_name: &str) -> R
     let split = crate::profile::take();
     let wsz = comm.world() as f64;
     let busbw = |i: usize| (split.secs[i] > 0.0).then(|| split.bytes[i] * (wsz - 1.0) / wsz / split.secs[i] / 1e9);
-    let split_s = crate::profile::PHASES.iter().zip(split.secs).map(|(n, s)| (n.to_string(), s)).collect();
+    let split_s = split.named();
     let raw_rs = raw_busbw(comm, device, "reduce_scatter", 1 << 30)?;
     let raw_ag = raw_busbw(comm, device, "all_gather", 1 << 30)?;
     let raw_ar = raw_busbw(comm, device, "all_reduce", 1 << 30)?;

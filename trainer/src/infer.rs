@@ -271,16 +271,17 @@ pub fn summarise(preds: &[Prediction]) -> std::collections::BTreeMap<String, Typ
         s.invalid += p.invalid.is_some() as usize;
     }
     for (k, s) in out.iter_mut() {
-        let scores: Vec<f64> = preds.iter().filter(|p| &p.kind == k && p.invalid.is_none()).filter_map(|p| p.score).collect();
-        if scores.is_empty() {
+        let scored: Vec<&Prediction> =
+            preds.iter().filter(|p| &p.kind == k && p.invalid.is_none() && p.score.is_some()).collect();
+        if scored.is_empty() {
             continue;
         }
+        let scores: Vec<f64> = scored.iter().filter_map(|p| p.score).collect();
         let n = scores.len() as f64;
-        let valid = || preds.iter().filter(|p| &p.kind == k && p.invalid.is_none() && p.score.is_some());
-        s.distinct_predictions = valid().map(|p| p.prediction.trim()).collect::<std::collections::BTreeSet<_>>().len();
+        s.distinct_predictions = scored.iter().map(|p| p.prediction.trim()).collect::<std::collections::BTreeSet<_>>().len();
         if k == "matching" {
             let mut counts: std::collections::BTreeMap<Option<usize>, usize> = Default::default();
-            for p in valid() {
+            for p in &scored {
                 *counts.entry(matching_choice(&p.answer)).or_default() += 1;
             }
             s.constant_answer_accuracy = counts.iter().filter(|(c, _)| c.is_some()).map(|(_, &m)| m as f64 / n).reduce(f64::max);

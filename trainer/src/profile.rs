@@ -33,6 +33,13 @@ pub struct Split {
     pub bytes: [f64; 8],
 }
 
+impl Split {
+    /// Seconds by phase name.
+    pub fn named(&self) -> std::collections::BTreeMap<String, f64> {
+        PHASES.iter().zip(self.secs).map(|(n, s)| (n.to_string(), s)).collect()
+    }
+}
+
 thread_local! {
     static SPLIT: RefCell<Split> = RefCell::new(Split::default());
     static DEVICE: RefCell<Option<i64>> = const { RefCell::new(None) };

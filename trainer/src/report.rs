@@ -213,49 +213,40 @@ impl Reporter {
             let e: Vec<String> = evals.iter().map(|(k, v)| format!("{} {v:.4}", k.trim_start_matches("eval/"))).collect();
             // Every evaluation is logged, whatever logging.every_steps says.
             let line = format!("step {} eval: {}", rec.step, e.join(", "));
-            match &self.bar {
-                Some(b) => b.suspend(|| tracing::info!("{line}")),
-                None => tracing::info!("{line}"),
-            }
+            self.above_bar(|| tracing::info!("{line}"));
         }
         let phases = rec.phase_s.as_ref().map(|p| {
             let parts: Vec<String> = p.iter().filter(|(_, &v)| v > 0.0).map(|(k, v)| format!("{k} {v:.3}")).collect();
             format!("step {} phases (s): {}", rec.step, parts.join(", "))
         });
-        let due = rec.step % self.every == 0;
-        match &self.bar {
-            Some(b) => {
-                b.set_position(rec.step);
-                b.set_message(msg.clone());
-                if due {
-                    b.suspend(|| {
-                        tracing::info!("step {} {msg}", rec.step);
-                        if let Some(p) = &phases {
-                            tracing::info!("{p}");
-                        }
-                    });
+        if let Some(b) = &self.bar {
+            b.set_position(rec.step);
+            b.set_message(msg.clone());
+        }
+        if rec.step.is_multiple_of(self.every) {
+            self.above_bar(|| {
+                tracing::info!("step {} {msg}", rec.step);
+                if let Some(p) = &phases {
+                    tracing::info!("{p}");
                 }
-            }
-            None => {
-                if due {
-                    tracing::info!("step {} {msg}", rec.step);
-                    if let Some(p) = &phases {
-                        tracing::info!("{p}");
-                    }
-                }
-            }
+            });
         }
         Ok(())
+    }
+
+    /// Runs `log` with the progress bar (if any) lifted, so log lines never tear it.
+    fn above_bar(&self, log: impl FnOnce()) {
+        match &self.bar {
+            Some(b) => b.suspend(log),
+            None => log(),
+        }
     }
 
     pub fn note(&self, msg: &str) {
         if self.rank != 0 {
             return;
         }
-        match &self.bar {
-            Some(b) => b.suspend(|| tracing::info!("{msg}")),
-            None => tracing::info!("{msg}"),
-        }
+        self.above_bar(|| tracing::info!("{msg}"));
     }
 
     pub fn finish(&mut self, s: &Summary) -> Result<()> {

@@ -228,6 +228,8 @@ impl<'a> Trainer<'a> {
             None => None,
         };
         let reporter = Reporter::new(recipe, rank, total_steps, ts.step, st.layout.trainable_numel(), st.layout.shard_numel())?;
+        // logging.phase_split: phases are timed from here on (on this, the training thread).
+        crate::profile::enable(recipe.logging.phase_split, device);
         let stream = reader.stream(ts.step, ts.reader, recipe.data.prefetch_steps);
         Ok(Self {
             recipe,
@@ -275,8 +277,7 @@ impl<'a> Trainer<'a> {
         }
         let t0 = Instant::now();
         if self.recipe.logging.phase_split {
-            crate::profile::enable(true, self.plan.device);
-            crate::profile::take();
+            crate::profile::take(); // what the evaluation after the last step timed is not this step's
         }
         let data = self.stream.next_step()?;
         let t_data = t0.elapsed().as_secs_f64();
@@ -290,9 +291,7 @@ impl<'a> Trainer<'a> {
             self.st.step(self.comm, &self.opt, lr, self.recipe.optimizer.clip_grad_norm)
         })?;
         let phase_s = self.recipe.logging.phase_split.then(|| {
-            let split = crate::profile::take();
-            let mut m: std::collections::BTreeMap<String, f64> =
-                crate::profile::PHASES.iter().zip(split.secs).map(|(n, s)| (n.to_string(), s)).collect();
+            let mut m = crate::profile::take().named();
             m.insert("data".into(), t_data);
             m
         });

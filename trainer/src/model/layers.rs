@@ -103,9 +103,9 @@ pub fn resize_pos_table(table: &Tensor, target_tokens: i64) -> Tensor {
 /// floor(x) - 1 .. floor(x) + 2 clamped into [0, G - 1]; A = -0.75). Built once per (G, T, device).
 fn bicubic_matrix(src: i64, tgt: i64, device: tch::Device) -> Tensor {
     thread_local! {
-        static CACHE: std::cell::RefCell<std::collections::HashMap<(i64, i64, String), Tensor>> = Default::default();
+        static CACHE: std::cell::RefCell<std::collections::HashMap<(i64, i64, tch::Device), Tensor>> = Default::default();
     }
-    let key = (src, tgt, format!("{device:?}"));
+    let key = (src, tgt, device);
     if let Some(t) = CACHE.with(|c| c.borrow().get(&key).map(|t| t.shallow_clone())) {
         return t;
     }
