@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Runs on a GPU machine from the repo root with the bundle in .carry (make gpu-bundle, plus
 # .carry/qwen.tiktoken and .carry/fsdp2_qwenvl.py). Usage:
-#   bash scripts/gpu-experiment.sh check            # devices, tiny model: 2 GPUs x ZeRO-1/2/3 vs 1 GPU, resume on 2 GPUs
+#   bash scripts/gpu-experiment.sh check            # devices, `idavlm-worker kernels` (fused paths vs reference),
+#                                                   # tiny model: 2 GPUs x ZeRO-1/2/3 vs 1 GPU, resume on 2 GPUs
 #   bash scripts/gpu-experiment.sh w1 LAYERS [ZERO...]   # W1 (LAYERS LLM layers) for idavlm and the FSDP2 peer, same call
 #                                                        # (PEER_FLAGS="--ac none --compile": the peer's fastest setting)
 #   bash scripts/gpu-experiment.sh ckpt [ZERO...]        # checkpoint stall and write speed, 4-layer model, raw disk speed
@@ -67,6 +68,8 @@ check)
   parts=" ${PARTS:-tiny medium all mpi} "
   has() { [[ "$parts" == *" $1 "* ]]; }
   idavlm-worker info --size 8192 2>&1 | tee "$OUT/info.txt"
+  # The block's GPU formulations (fused RMS norm, RoPE kernels) against the reference, bf16 and f32.
+  idavlm-worker kernels 2>&1 | tee "$OUT/kernels.txt"
   data=/tmp/idavlm-data
   idavlm-shards synth $data --id-samples 240 --general-samples 40 --eval-per-type 2 >/dev/null 2>&1
   mk() { # name stage accum steps [model-config-json]; a fresh checkpoint folder each time

@@ -1,10 +1,12 @@
-//! Compiles the one C++ file tch's API lacks (csrc/varlen.cpp: packed flash attention) against the
+//! Compiles the C++ for what tch's API lacks (csrc/varlen.cpp: packed flash attention, backward from an
+//! output gradient; csrc/fused.cpp: NVRTC-compiled fused kernels as autograd functions) against the
 //! libtorch that torch-sys found, with torch-sys's flags.
 
 use std::path::PathBuf;
 
 fn main() {
     println!("cargo:rerun-if-changed=csrc/varlen.cpp");
+    println!("cargo:rerun-if-changed=csrc/fused.cpp");
     let lib = PathBuf::from(std::env::var("DEP_TCH_LIBTORCH_LIB").expect("torch-sys passes DEP_TCH_LIBTORCH_LIB"));
     let root = lib.parent().expect("libtorch's lib folder has a parent").to_path_buf();
     cc::Build::new()
@@ -18,5 +20,6 @@ fn main() {
         .flag("-D_GLIBCXX_USE_CXX11_ABI=1")
         .flag("-DGLOG_USE_GLOG_EXPORT")
         .file("csrc/varlen.cpp")
+        .file("csrc/fused.cpp")
         .compile("idavlm_varlen");
 }

@@ -14,6 +14,7 @@ use tch::{Kind, Tensor};
 
 use crate::comm::Communicator;
 use crate::error::Result;
+use crate::model::attention::backward_with;
 use crate::model::{Head, ModelConfig, ModelInput, QwenVl, Stem};
 use crate::profile;
 use crate::zero::{BucketParams, Prefetch, Role, Sharded, Use};
@@ -150,14 +151,14 @@ pub fn forward_backward(
                 (xin, p, out)
             }
         };
-        profile::time(profile::BLOCKS_BWD, 0.0, || (out * &grad).sum(Kind::Float).backward());
+        profile::time(profile::BLOCKS_BWD, 0.0, || backward_with(&out, &grad));
         grad = xin.grad();
         st.accumulate_grad(comm, &p)?;
     }
 
     // Stem backward (nothing to do when nothing in the stem is trained).
     if x0.requires_grad() {
-        profile::time(profile::STEM_BWD, 0.0, || (x0 * &grad).sum(Kind::Float).backward());
+        profile::time(profile::STEM_BWD, 0.0, || backward_with(&x0, &grad));
     }
     st.accumulate_grad(comm, &stem)?;
     Ok(loss_value)

@@ -42,6 +42,22 @@ enum Cmd {
         #[arg(long, default_value_t = 8192)]
         size: i64,
     },
+    /// Check the GPU formulations of the LLM block (fused RMS norm, swapped-halves RoPE) against the
+    /// reference ones on every CUDA device (else the CPU) in f32 and bf16 at a W1 block's shape, forward
+    /// and gradient, and time both; exits 1 when one is off by more than its dtype's rounding.
+    Kernels {
+        /// Tokens per micro-batch row, rows, heads, head dim.
+        #[arg(long, default_value_t = 2048)]
+        seq: i64,
+        #[arg(long, default_value_t = 2)]
+        rows: i64,
+        #[arg(long, default_value_t = 32)]
+        heads: i64,
+        #[arg(long, default_value_t = 128)]
+        head_dim: i64,
+        #[arg(long, default_value_t = 20)]
+        reps: usize,
+    },
     /// Parameter counts of a model preset or HF config.json.
     Params {
         #[arg(long, default_value = "qwen-vl-chat")]
@@ -249,6 +265,34 @@ fn run(cli: Cli) -> Result<i32> {
             let _ = a.matmul(&a);
             println!("cpu: f32 matmul ok");
             Ok(0)
+        }
+        Cmd::Kernels { seq, rows, heads, head_dim, reps } => {
+            runtime::init();
+            let n = tch::Cuda::device_count() as usize;
+            let devices: Vec<tch::Device> = if n > 0 { (0..n).map(tch::Device::Cuda).collect() } else { vec![tch::Device::Cpu] };
+            let mut failed = 0;
+            println!("{:<10} {:<9} {:<5} {:>12} {:>12} {:>9} {:>9}  (fwd+bwd ms, shape {rows}x{seq}x{heads}x{head_dim})", "device", "op", "dtype", "forward rel", "grad rel", "ref ms", "fast ms");
+            for d in devices {
+                for kind in [tch::Kind::Float, tch::Kind::BFloat16] {
+                    tch::manual_seed(7);
+                    for c in idavlm::model::layers::check_fast_paths(d, kind, (rows, seq, heads, head_dim), reps) {
+                        let ok = c.passed();
+                        failed += usize::from(!ok);
+                        println!(
+                            "{:<10} {:<9} {:<5} {:>12.2e} {:>12.2e} {:>9.3} {:>9.3}  {}",
+                            format!("{d:?}"),
+                            c.name,
+                            if kind == tch::Kind::Float { "f32" } else { "bf16" },
+                            c.forward_rel,
+                            c.grad_rel,
+                            c.reference_ms,
+                            c.fast_ms,
+                            if ok { "ok" } else { "FAILED" }
+                        );
+                    }
+                }
+            }
+            Ok(i32::from(failed > 0))
         }
         Cmd::Params { preset, config, id_former } => {
             let mut cfg = match config {

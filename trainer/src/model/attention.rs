@@ -62,7 +62,23 @@ extern "C" {
         max_len: i64,
         out: *mut *mut torch_sys::C_tensor,
     ) -> *mut c_char;
+    fn idavlm_backward_with(out: *const torch_sys::C_tensor, grad: *const torch_sys::C_tensor) -> *mut c_char;
     fn idavlm_free_message(m: *mut c_char);
+}
+
+/// Backpropagates `grad` (the loss's gradient at `out`, same shape) through `out`'s graph into the
+/// leaves' `.grad`: libtorch's `autograd::backward({out}, {grad})`, which tch does not expose. The same
+/// gradients as `(out * grad).sum().backward()` without its multiply and reduction.
+pub fn backward_with(out: &Tensor, grad: &Tensor) {
+    // SAFETY: both pointers are live tch tensors borrowed for the call; the shim catches every C++
+    // exception and returns its message instead.
+    let err = unsafe { idavlm_backward_with(out.as_ptr(), grad.as_ptr()) };
+    if !err.is_null() {
+        // SAFETY: a NUL-terminated message from strdup, freed once by the shim's free.
+        let msg = unsafe { CStr::from_ptr(err) }.to_string_lossy().into_owned();
+        unsafe { idavlm_free_message(err) };
+        panic!("backward through a block failed: {msg}");
+    }
 }
 
 /// Packed causal attention: q, k, v (1, S, H, Dh) in the row's sample order -> (1, S, H, Dh).

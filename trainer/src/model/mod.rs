@@ -6,6 +6,7 @@
 //! communication block by block; [`QwenVl::forward_loss`] runs them in one go.
 
 pub mod attention;
+pub mod fused;
 pub mod config;
 pub mod layers;
 pub mod llm;

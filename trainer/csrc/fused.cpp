@@ -1,0 +1,319 @@
+// Fused elementwise kernels of the LLM block on CUDA, compiled at run time with NVRTC (libnvrtc ships in
+// torch's wheel; no CUDA toolchain is needed where the binary is built or run) and launched through the
+// driver API on libtorch's stream (the legacy default stream of the tensor's device). Each is a
+// torch::autograd::Function, so the block's autograd graph, recomputation and `backward_with` work as
+// with libtorch's own operators.
+//
+// RoPE (rotate-half, Qwen's formulation in f32): one kernel forward, one backward, each reading its input
+// once and writing its output once in the tensor's dtype, instead of libtorch's chain of casts, a copy of
+// the swapped halves and f32 temporaries. The arithmetic is the reference's, rounding for rounding
+// (products and sums rounded separately to f32, no FMA, round-to-nearest-even back to bf16), so its
+// results equal the autograd formulation's bit for bit (`idavlm-worker kernels` checks this on GPUs).
+//
+// Nothing here links against CUDA: libcuda and libnvrtc are opened with dlopen, the latter by the path
+// the Rust side found. Exceptions never cross into Rust: failures come back as messages.
+
+#include <ATen/core/Tensor.h>
+#include <ATen/ops/empty.h>
+#include <torch/autograd.h>
+
+#include <dlfcn.h>
+
+#include <cstdlib>
+#include <cstring>
+#include <map>
+#include <mutex>
+#include <stdexcept>
+#include <string>
+#include <vector>
+
+namespace {
+
+using CUresult = int;
+using CUdevice = int;
+using CUcontext = void*;
+using CUmodule = void*;
+using CUfunction = void*;
+using CUstream = void*;
+using nvrtcResult = int;
+using nvrtcProgram = void*;
+
+constexpr int kAttrCcMajor = 75;  // CU_DEVICE_ATTRIBUTE_COMPUTE_CAPABILITY_MAJOR
+constexpr int kAttrCcMinor = 76;  // CU_DEVICE_ATTRIBUTE_COMPUTE_CAPABILITY_MINOR
+
+struct Api {
+  CUresult (*cuInit)(unsigned);
+  CUresult (*cuDeviceGet)(CUdevice*, int);
+  CUresult (*cuDeviceGetAttribute)(int*, int, CUdevice);
+  CUresult (*cuDevicePrimaryCtxRetain)(CUcontext*, CUdevice);
+  CUresult (*cuCtxPushCurrent)(CUcontext);
+  CUresult (*cuCtxPopCurrent)(CUcontext*);
+  CUresult (*cuModuleLoadData)(CUmodule*, const void*);
+  CUresult (*cuModuleGetFunction)(CUfunction*, CUmodule, const char*);
+  CUresult (*cuLaunchKernel)(CUfunction, unsigned, unsigned, unsigned, unsigned, unsigned, unsigned, unsigned, CUstream,
+                             void**, void**);
+  CUresult (*cuGetErrorString)(CUresult, const char**);
+  nvrtcResult (*nvrtcCreateProgram)(nvrtcProgram*, const char*, const char*, int, const char* const*, const char* const*);
+  nvrtcResult (*nvrtcCompileProgram)(nvrtcProgram, int, const char* const*);
+  nvrtcResult (*nvrtcGetProgramLogSize)(nvrtcProgram, size_t*);
+  nvrtcResult (*nvrtcGetProgramLog)(nvrtcProgram, char*);
+  nvrtcResult (*nvrtcGetPTXSize)(nvrtcProgram, size_t*);
+  nvrtcResult (*nvrtcGetPTX)(nvrtcProgram, char*);
+  nvrtcResult (*nvrtcDestroyProgram)(nvrtcProgram*);
+  const char* (*nvrtcGetErrorString)(nvrtcResult);
+  bool driver = false;
+  bool nvrtc = false;
+};
+
+Api api;
+std::mutex mu;
+
+// Kernels, one thread per rotated pair (i, i + half) of one (row, position, head). x is read through its
+// strides (the last one 1), y is written contiguous (B, S, H, 2*half); the f32 tables are (S, 2*half),
+// or (B, S, 2*half) with batch stride tb. backward = 1 applies the transposed rotation to a gradient.
+const char* kSource = R"CUDA(
+typedef unsigned short bf16_t;
+__device__ __forceinline__ float ld(const float* p, long long i) { return p[i]; }
+__device__ __forceinline__ float ld(const bf16_t* p, long long i) { return __uint_as_float(((unsigned)p[i]) << 16); }
+__device__ __forceinline__ void st(float* p, long long i, float v) { p[i] = v; }
+__device__ __forceinline__ void st(bf16_t* p, long long i, float v) {
+  unsigned u = __float_as_uint(v);
+  if ((u & 0x7fffffffu) > 0x7f800000u) { p[i] = (bf16_t)((u >> 16) | 0x40u); return; }  // NaN stays NaN
+  u += 0x7fffu + ((u >> 16) & 1u);                                                     // nearest, ties to even
+  p[i] = (bf16_t)(u >> 16);
+}
+template <typename T>
+__device__ __forceinline__ void rope(const T* x, T* y, const float* cs, const float* sn, long long n_pairs, int half,
+                                     int heads, int seq, long long sb, long long ss, long long sh, long long tb,
+                                     int backward) {
+  long long p = (long long)blockIdx.x * blockDim.x + threadIdx.x;
+  if (p >= n_pairs) return;
+  int i = (int)(p % half);
+  long long r = p / half;
+  int h = (int)(r % heads);
+  r /= heads;
+  int s = (int)(r % seq);
+  long long b = r / seq;
+  long long xi = b * sb + s * ss + h * sh + i;
+  long long yi = ((b * seq + s) * heads + h) * (2LL * half) + i;
+  long long ti = b * tb + (long long)s * (2 * half) + i;
+  float lo = ld(x, xi), hi = ld(x, xi + half);
+  float c_lo = cs[ti], c_hi = cs[ti + half], s_lo = sn[ti], s_hi = sn[ti + half];
+  float a, c;
+  if (!backward) {  // y = x cos + rotate_half(x) sin, rotate_half(x) = (-x_hi, x_lo)
+    a = __fadd_rn(__fmul_rn(lo, c_lo), __fmul_rn(-hi, s_lo));
+    c = __fadd_rn(__fmul_rn(hi, c_hi), __fmul_rn(lo, s_hi));
+  } else {          // dx = g cos + rotate_half^T(g sin), rotate_half^T(v) = (v_hi, -v_lo)
+    a = __fadd_rn(__fmul_rn(lo, c_lo), __fmul_rn(hi, s_hi));
+    c = __fadd_rn(__fmul_rn(hi, c_hi), __fmul_rn(-lo, s_lo));
+  }
+  st(y, yi, a);
+  st(y, yi + half, c);
+}
+#define ARGS long long n, int half, int heads, int seq, long long sb, long long ss, long long sh, long long tb, int bw
+extern "C" __global__ void rope_bf16(const bf16_t* x, bf16_t* y, const float* c, const float* s, ARGS) {
+  rope<bf16_t>(x, y, c, s, n, half, heads, seq, sb, ss, sh, tb, bw);
+}
+extern "C" __global__ void rope_f32(const float* x, float* y, const float* c, const float* s, ARGS) {
+  rope<float>(x, y, c, s, n, half, heads, seq, sb, ss, sh, tb, bw);
+}
+)CUDA";
+
+template <typename F>
+void sym(void* lib, const char* name, F& f) {
+  f = reinterpret_cast<F>(dlsym(lib, name));
+  if (!f) throw std::runtime_error(std::string("symbol ") + name + " not found");
+}
+
+void load_nvrtc(const char* path) {
+  if (api.nvrtc) return;
+  void* lib = dlopen(path, RTLD_NOW | RTLD_GLOBAL);
+  if (!lib) throw std::runtime_error(std::string("cannot open ") + path + ": " + dlerror());
+  sym(lib, "nvrtcCreateProgram", api.nvrtcCreateProgram);
+  sym(lib, "nvrtcCompileProgram", api.nvrtcCompileProgram);
+  sym(lib, "nvrtcGetProgramLogSize", api.nvrtcGetProgramLogSize);
+  sym(lib, "nvrtcGetProgramLog", api.nvrtcGetProgramLog);
+  sym(lib, "nvrtcGetPTXSize", api.nvrtcGetPTXSize);
+  sym(lib, "nvrtcGetPTX", api.nvrtcGetPTX);
+  sym(lib, "nvrtcDestroyProgram", api.nvrtcDestroyProgram);
+  sym(lib, "nvrtcGetErrorString", api.nvrtcGetErrorString);
+  api.nvrtc = true;
+}
+
+void load_driver() {
+  if (api.driver) return;
+  void* lib = dlopen("libcuda.so.1", RTLD_NOW | RTLD_GLOBAL);
+  if (!lib) throw std::runtime_error(std::string("cannot open libcuda.so.1: ") + dlerror());
+  sym(lib, "cuInit", api.cuInit);
+  sym(lib, "cuDeviceGet", api.cuDeviceGet);
+  sym(lib, "cuDeviceGetAttribute", api.cuDeviceGetAttribute);
+  sym(lib, "cuDevicePrimaryCtxRetain", api.cuDevicePrimaryCtxRetain);
+  sym(lib, "cuCtxPushCurrent_v2", api.cuCtxPushCurrent);
+  sym(lib, "cuCtxPopCurrent_v2", api.cuCtxPopCurrent);
+  sym(lib, "cuModuleLoadData", api.cuModuleLoadData);
+  sym(lib, "cuModuleGetFunction", api.cuModuleGetFunction);
+  sym(lib, "cuLaunchKernel", api.cuLaunchKernel);
+  sym(lib, "cuGetErrorString", api.cuGetErrorString);
+  api.driver = true;
+}
+
+void check_cu(CUresult r, const char* what) {
+  if (r == 0) return;
+  const char* s = nullptr;
+  if (api.cuGetErrorString) api.cuGetErrorString(r, &s);
+  throw std::runtime_error(std::string(what) + " failed: " + (s ? s : "CUDA error ") + " (" + std::to_string(r) + ")");
+}
+
+// PTX of kSource for compute capability `arch` (e.g. 90).
+std::string compile(int arch) {
+  nvrtcProgram prog = nullptr;
+  nvrtcResult r = api.nvrtcCreateProgram(&prog, kSource, "idavlm_fused.cu", 0, nullptr, nullptr);
+  if (r != 0) throw std::runtime_error(std::string("nvrtcCreateProgram: ") + api.nvrtcGetErrorString(r));
+  std::string opt_arch = "--gpu-architecture=compute_" + std::to_string(arch);
+  const char* opts[] = {opt_arch.c_str(), "--fmad=false", "-default-device"};
+  r = api.nvrtcCompileProgram(prog, 3, opts);
+  size_t log_size = 0;
+  api.nvrtcGetProgramLogSize(prog, &log_size);
+  std::string log(log_size, '\0');
+  if (log_size > 1) api.nvrtcGetProgramLog(prog, &log[0]);
+  if (r != 0) {
+    api.nvrtcDestroyProgram(&prog);
+    throw std::runtime_error(std::string("NVRTC compile of the fused kernels failed: ") + api.nvrtcGetErrorString(r) + "\n" + log);
+  }
+  size_t n = 0;
+  api.nvrtcGetPTXSize(prog, &n);
+  std::string ptx(n, '\0');
+  api.nvrtcGetPTX(prog, &ptx[0]);
+  api.nvrtcDestroyProgram(&prog);
+  return ptx;
+}
+
+struct Kernels {
+  CUcontext ctx = nullptr;
+  CUfunction rope_bf16 = nullptr;
+  CUfunction rope_f32 = nullptr;
+};
+std::map<int, Kernels> per_device;
+
+// The device's kernels (compiled and loaded on first use), its primary context made current by the caller.
+const Kernels& kernels(int ordinal) {
+  std::lock_guard<std::mutex> g(mu);
+  auto it = per_device.find(ordinal);
+  if (it != per_device.end()) return it->second;
+  if (!api.nvrtc) throw std::runtime_error("fused kernels used before idavlm_fused_setup");
+  load_driver();
+  check_cu(api.cuInit(0), "cuInit");
+  CUdevice dev = 0;
+  check_cu(api.cuDeviceGet(&dev, ordinal), "cuDeviceGet");
+  int major = 0, minor = 0;
+  check_cu(api.cuDeviceGetAttribute(&major, kAttrCcMajor, dev), "cuDeviceGetAttribute");
+  check_cu(api.cuDeviceGetAttribute(&minor, kAttrCcMinor, dev), "cuDeviceGetAttribute");
+  std::string ptx = compile(major * 10 + minor);
+  Kernels k;
+  check_cu(api.cuDevicePrimaryCtxRetain(&k.ctx, dev), "cuDevicePrimaryCtxRetain");
+  check_cu(api.cuCtxPushCurrent(k.ctx), "cuCtxPushCurrent");
+  CUmodule module = nullptr;
+  CUresult r = api.cuModuleLoadData(&module, ptx.c_str());
+  if (r == 0) r = api.cuModuleGetFunction(&k.rope_bf16, module, "rope_bf16");
+  if (r == 0) r = api.cuModuleGetFunction(&k.rope_f32, module, "rope_f32");
+  CUcontext popped = nullptr;
+  api.cuCtxPopCurrent(&popped);
+  check_cu(r, "loading the fused kernels");
+  return per_device.emplace(ordinal, k).first->second;
+}
+
+// y = RoPE(x) (backward = false) or the transposed rotation of a gradient (backward = true); x (B, S, H, Dh)
+// bf16 or f32 with unit last stride, tables f32 (S, Dh) or (B, S, Dh). Returns y contiguous.
+at::Tensor rope_launch(const at::Tensor& x_in, const at::Tensor& cos_in, const at::Tensor& sin_in, bool backward) {
+  if (!x_in.is_cuda() || x_in.dim() != 4) throw std::runtime_error("fused rope takes a CUDA (B, S, H, Dh) tensor");
+  at::Tensor x = x_in.stride(3) == 1 ? x_in : x_in.contiguous();
+  const bool bf16 = x.scalar_type() == at::kBFloat16;
+  if (!bf16 && x.scalar_type() != at::kFloat) throw std::runtime_error("fused rope takes bf16 or f32");
+  at::Tensor cs = cos_in.to(x.device(), at::kFloat).contiguous();
+  at::Tensor sn = sin_in.to(x.device(), at::kFloat).contiguous();
+  const int64_t B = x.size(0), S = x.size(1), H = x.size(2), D = x.size(3);
+  if (D % 2 != 0) throw std::runtime_error("fused rope needs an even head dim");
+  const bool per_row = cs.dim() == 3;
+  if ((per_row && (cs.size(0) != B || cs.size(1) != S || cs.size(2) != D)) || (!per_row && (cs.dim() != 2 || cs.size(0) != S || cs.size(1) != D)) ||
+      !sn.sizes().equals(cs.sizes()))
+    throw std::runtime_error("fused rope: tables do not match x");
+  at::Tensor y = at::empty({B, S, H, D}, x.options());
+  long long n = B * S * H * (D / 2);
+  if (n == 0) return y;
+  const Kernels& k = kernels(x.device().index());
+  const void* xp = x.data_ptr();
+  void* yp = y.data_ptr();
+  const void* cp = cs.data_ptr();
+  const void* sp = sn.data_ptr();
+  int half = (int)(D / 2), heads = (int)H, seq = (int)S, bw = backward ? 1 : 0;
+  long long sb = x.stride(0), ss = x.stride(1), sh = x.stride(2), tb = per_row ? S * D : 0;
+  void* args[] = {&xp, &yp, &cp, &sp, &n, &half, &heads, &seq, &sb, &ss, &sh, &tb, &bw};
+  const unsigned threads = 256;
+  const unsigned blocks = (unsigned)((n + threads - 1) / threads);
+  check_cu(api.cuCtxPushCurrent(k.ctx), "cuCtxPushCurrent");
+  // Stream 0: the context's legacy default stream, which is libtorch's compute stream.
+  CUresult r = api.cuLaunchKernel(bf16 ? k.rope_bf16 : k.rope_f32, blocks, 1, 1, threads, 1, 1, 0, nullptr, args, nullptr);
+  CUcontext popped = nullptr;
+  api.cuCtxPopCurrent(&popped);
+  check_cu(r, "launching the fused rope kernel");
+  return y;
+}
+
+using torch::autograd::AutogradContext;
+using torch::autograd::variable_list;
+
+struct RopeFn : public torch::autograd::Function<RopeFn> {
+  static at::Tensor forward(AutogradContext* ctx, const at::Tensor& x, const at::Tensor& cos, const at::Tensor& sin) {
+    ctx->save_for_backward({cos, sin});
+    return rope_launch(x, cos, sin, false);
+  }
+  static variable_list backward(AutogradContext* ctx, variable_list grad) {
+    auto saved = ctx->get_saved_variables();
+    return {rope_launch(grad[0], saved[0], saved[1], true), at::Tensor(), at::Tensor()};
+  }
+};
+
+char* message(const std::exception& e) { return strdup(e.what()); }
+
+}  // namespace
+
+extern "C" {
+
+// Opens libnvrtc at `nvrtc_path` (once). Returns null or a message.
+char* idavlm_fused_setup(const char* nvrtc_path) {
+  try {
+    std::lock_guard<std::mutex> g(mu);
+    load_nvrtc(nvrtc_path);
+    return nullptr;
+  } catch (const std::exception& e) {
+    return message(e);
+  }
+}
+
+// Compiles the kernels' source for compute capability `arch` without a GPU (a build check). Null or a message.
+char* idavlm_fused_compile_check(const char* nvrtc_path, int arch) {
+  try {
+    std::lock_guard<std::mutex> g(mu);
+    load_nvrtc(nvrtc_path);
+    std::string ptx = compile(arch);
+    if (ptx.find("rope_bf16") == std::string::npos) throw std::runtime_error("PTX lacks rope_bf16");
+    return nullptr;
+  } catch (const std::exception& e) {
+    return message(e);
+  }
+}
+
+// RoPE through the fused kernels, differentiable (see the top of this file). On success stores a new
+// tensor in *out and returns null.
+char* idavlm_rope(const at::Tensor* x, const at::Tensor* cos, const at::Tensor* sin, at::Tensor** out) {
+  try {
+    *out = new at::Tensor(RopeFn::apply(*x, *cos, *sin));
+    return nullptr;
+  } catch (const std::exception& e) {
+    return message(e);
+  } catch (...) {
+    return strdup("unknown C++ exception in the fused rope");
+  }
+}
+
+}

@@ -1,0 +1,139 @@
+//! Fused CUDA kernels of the LLM block (csrc/fused.cpp): compiled at run time with the libnvrtc that
+//! ships in torch's wheel, launched on libtorch's stream, differentiable as autograd functions. Used on
+//! CUDA tensors when libnvrtc is found; otherwise (and with `IDAVLM_FUSED=0`) the libtorch formulations
+//! run, with one warning saying why.
+
+use std::ffi::{c_char, CStr, CString};
+use std::path::PathBuf;
+use std::sync::OnceLock;
+
+use tch::Tensor;
+
+extern "C" {
+    fn idavlm_fused_setup(nvrtc: *const c_char) -> *mut c_char;
+    fn idavlm_fused_compile_check(nvrtc: *const c_char, arch: i32) -> *mut c_char;
+    fn idavlm_rope(
+        x: *const torch_sys::C_tensor,
+        cos: *const torch_sys::C_tensor,
+        sin: *const torch_sys::C_tensor,
+        out: *mut *mut torch_sys::C_tensor,
+    ) -> *mut c_char;
+    fn idavlm_free_message(m: *mut c_char);
+}
+
+/// Takes the shim's message (null: success).
+fn result(err: *mut c_char) -> Result<(), String> {
+    if err.is_null() {
+        return Ok(());
+    }
+    // SAFETY: a NUL-terminated message from strdup, freed once by the shim's free.
+    let msg = unsafe { CStr::from_ptr(err) }.to_string_lossy().into_owned();
+    unsafe { idavlm_free_message(err) };
+    Err(msg)
+}
+
+/// Where libnvrtc may be: beside libtorch's CUDA libraries in the wheel's `nvidia/*/lib` folders (found
+/// from `$IDAVLM_TORCH_LIB` and `$LD_LIBRARY_PATH`), then the loader's own search by name.
+pub fn nvrtc_candidates() -> Vec<PathBuf> {
+    const NAMES: [&str; 3] = ["libnvrtc.so.13", "libnvrtc.so.12", "libnvrtc.so"];
+    let mut dirs = crate::runtime::torch_lib_dirs();
+    for d in crate::runtime::torch_lib_dirs() {
+        // <site-packages>/torch/lib -> <site-packages>/nvidia/*/lib
+        if let Some(site) = d.parent().and_then(|t| t.parent()) {
+            if let Ok(rd) = std::fs::read_dir(site.join("nvidia")) {
+                let mut more: Vec<PathBuf> = rd.flatten().map(|e| e.path().join("lib")).collect();
+                more.sort();
+                dirs.extend(more);
+            }
+        }
+    }
+    let mut out: Vec<PathBuf> = dirs.iter().flat_map(|d| NAMES.iter().map(move |n| d.join(n))).filter(|p| p.exists()).collect();
+    out.extend(NAMES.iter().map(PathBuf::from));
+    out
+}
+
+/// libnvrtc opens its companion `libnvrtc-builtins.so.<version>` by name when it compiles, which the
+/// loader finds only when the wheel's folder is on `LD_LIBRARY_PATH`; loading it first from the folder
+/// of `nvrtc` makes that lookup find the loaded copy.
+fn preload_builtins(nvrtc: &std::path::Path) {
+    let Some(dir) = nvrtc.parent().filter(|d| !d.as_os_str().is_empty()) else { return };
+    let Ok(rd) = std::fs::read_dir(dir) else { return };
+    for e in rd.flatten() {
+        let name = e.file_name().to_string_lossy().into_owned();
+        if name.starts_with("libnvrtc-builtins.so") {
+            let c = CString::new(e.path().to_string_lossy().as_bytes()).expect("path without NUL");
+            // SAFETY: dlopen with a valid NUL-terminated path; the handle is kept for the process's life.
+            unsafe { libc::dlopen(c.as_ptr(), libc::RTLD_NOW | libc::RTLD_GLOBAL) };
+        }
+    }
+}
+
+/// Opens libnvrtc once: Ok(path) or why the fused kernels are off.
+fn setup() -> &'static Result<PathBuf, String> {
+    static SETUP: OnceLock<Result<PathBuf, String>> = OnceLock::new();
+    SETUP.get_or_init(|| {
+        if std::env::var("IDAVLM_FUSED").is_ok_and(|v| v == "0") {
+            return Err("IDAVLM_FUSED=0".into());
+        }
+        let mut tried = Vec::new();
+        for p in nvrtc_candidates() {
+            preload_builtins(&p);
+            let c = CString::new(p.to_string_lossy().as_bytes()).expect("path without NUL");
+            // SAFETY: a valid NUL-terminated path; the shim catches every C++ exception.
+            match result(unsafe { idavlm_fused_setup(c.as_ptr()) }) {
+                Ok(()) => return Ok(p),
+                Err(e) => tried.push(e),
+            }
+        }
+        Err(format!("libnvrtc not found ({})", tried.join("; ")))
+    })
+}
+
+/// Whether the fused kernels run on CUDA tensors (warns once when not).
+pub fn available() -> bool {
+    static WARNED: OnceLock<()> = OnceLock::new();
+    match setup() {
+        Ok(_) => true,
+        Err(why) => {
+            WARNED.get_or_init(|| tracing::warn!("fused CUDA kernels off, libtorch formulations instead: {why}"));
+            false
+        }
+    }
+}
+
+/// Compiles the kernels for compute capability `arch` (e.g. 90) with the given libnvrtc, without a GPU.
+pub fn compile_check(nvrtc: &std::path::Path, arch: i32) -> Result<(), String> {
+    preload_builtins(nvrtc);
+    let c = CString::new(nvrtc.to_string_lossy().as_bytes()).expect("path without NUL");
+    // SAFETY: a valid NUL-terminated path; the shim catches every C++ exception.
+    result(unsafe { idavlm_fused_compile_check(c.as_ptr(), arch) })
+}
+
+/// Rotate-half RoPE of x (B, S, H, Dh), bf16 or f32 on CUDA, with f32 tables (S, Dh) or (B, S, Dh):
+/// bit for bit [`super::layers::apply_rope_reference`], in one kernel each way. Call after [`available`].
+pub fn rope(x: &Tensor, cos: &Tensor, sin: &Tensor) -> Tensor {
+    let mut out: *mut torch_sys::C_tensor = std::ptr::null_mut();
+    // SAFETY: the three pointers are live tch tensors borrowed for the call; on success `out` is a new
+    // at::Tensor* we own (from_ptr takes it).
+    let r = result(unsafe { idavlm_rope(x.as_ptr(), cos.as_ptr(), sin.as_ptr(), &mut out) });
+    if let Err(msg) = r {
+        panic!("fused rope failed: {msg}");
+    }
+    // SAFETY: see above.
+    unsafe { Tensor::from_ptr(out) }
+}
+
+#[cfg(test)]
+mod tests {
+    /// The kernels' source compiles with the wheel's libnvrtc (no GPU needed) for Ampere and Hopper.
+    #[test]
+    fn the_fused_kernels_compile_with_the_wheels_nvrtc() {
+        let nvrtc = super::nvrtc_candidates()
+            .into_iter()
+            .find(|p| p.is_absolute())
+            .expect("libnvrtc beside the venv's libtorch (nvidia/cu13/lib; source scripts/env.sh)");
+        for arch in [80, 90] {
+            super::compile_check(&nvrtc, arch).unwrap_or_else(|e| panic!("{}: {e}", nvrtc.display()));
+        }
+    }
+}
