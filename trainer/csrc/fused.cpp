@@ -117,6 +117,28 @@ extern "C" __global__ void rope_bf16(const bf16_t* x, bf16_t* y, const float* c,
 extern "C" __global__ void rope_f32(const float* x, float* y, const float* c, const float* s, ARGS) {
   rope<float>(x, y, c, s, n, half, heads, seq, sb, ss, sh, tb, bw);
 }
+// One AdamW step over f32 partitions in one pass, the operations of optim.rs's libtorch form in order and
+// rounded as libtorch's kernels round them (a division by a scalar is a product with its f32 reciprocal;
+// lerp and the additions of a product may be contracted to FMAs there, as here):
+// g *= scale (clipping, when scaled); p *= 1 - lr wd; m = lerp(m, g, 1 - beta1); v = v beta2 + g g (1 - beta2);
+// p += (m (-lr / bc1)) / (sqrt(v) (1 / sqrt(bc2)) + eps).
+extern "C" __global__ void adamw_f32(float* p, const float* g, float* m, float* v, long long n, float scale, int scaled,
+                                     float decay, float w1, float beta2, float omb2, float step, float inv_bc2_sqrt,
+                                     float eps) {
+  long long i = (long long)blockIdx.x * blockDim.x + threadIdx.x;
+  if (i >= n) return;
+  float gi = g[i];
+  if (scaled) gi = __fmul_rn(gi, scale);
+  float pi = __fmul_rn(p[i], decay);
+  float mi = m[i];
+  float d = __fsub_rn(gi, mi);
+  mi = w1 < 0.5f ? __fmaf_rn(w1, d, mi) : __fmaf_rn(-d, __fsub_rn(1.0f, w1), gi);
+  float vi = __fadd_rn(__fmul_rn(v[i], beta2), __fmul_rn(__fmul_rn(gi, gi), omb2));
+  float denom = __fadd_rn(__fmul_rn(__fsqrt_rn(vi), inv_bc2_sqrt), eps);
+  p[i] = __fadd_rn(pi, __fdiv_rn(__fmul_rn(mi, step), denom));
+  m[i] = mi;
+  v[i] = vi;
+}
 )CUDA";
 
 template <typename F>
@@ -192,6 +214,7 @@ struct Kernels {
   CUcontext ctx = nullptr;
   CUfunction rope_bf16 = nullptr;
   CUfunction rope_f32 = nullptr;
+  CUfunction adamw_f32 = nullptr;
 };
 std::map<int, Kernels> per_device;
 
@@ -216,10 +239,22 @@ const Kernels& kernels(int ordinal) {
   CUresult r = api.cuModuleLoadData(&module, ptx.c_str());
   if (r == 0) r = api.cuModuleGetFunction(&k.rope_bf16, module, "rope_bf16");
   if (r == 0) r = api.cuModuleGetFunction(&k.rope_f32, module, "rope_f32");
+  if (r == 0) r = api.cuModuleGetFunction(&k.adamw_f32, module, "adamw_f32");
   CUcontext popped = nullptr;
   api.cuCtxPopCurrent(&popped);
   check_cu(r, "loading the fused kernels");
   return per_device.emplace(ordinal, k).first->second;
+}
+
+// Launches `f` over n elements on the device's legacy default stream (libtorch's stream).
+void launch(const Kernels& k, CUfunction f, long long n, void** args, const char* what) {
+  const unsigned threads = 256;
+  const unsigned blocks = (unsigned)((n + threads - 1) / threads);
+  check_cu(api.cuCtxPushCurrent(k.ctx), "cuCtxPushCurrent");
+  CUresult r = api.cuLaunchKernel(f, blocks, 1, 1, threads, 1, 1, 0, nullptr, args, nullptr);
+  CUcontext popped = nullptr;
+  api.cuCtxPopCurrent(&popped);
+  check_cu(r, what);
 }
 
 // y = RoPE(x) (backward = false) or the transposed rotation of a gradient (backward = true); x (B, S, H, Dh)
@@ -248,14 +283,7 @@ at::Tensor rope_launch(const at::Tensor& x_in, const at::Tensor& cos_in, const a
   int half = (int)(D / 2), heads = (int)H, seq = (int)S, bw = backward ? 1 : 0;
   long long sb = x.stride(0), ss = x.stride(1), sh = x.stride(2), tb = per_row ? S * D : 0;
   void* args[] = {&xp, &yp, &cp, &sp, &n, &half, &heads, &seq, &sb, &ss, &sh, &tb, &bw};
-  const unsigned threads = 256;
-  const unsigned blocks = (unsigned)((n + threads - 1) / threads);
-  check_cu(api.cuCtxPushCurrent(k.ctx), "cuCtxPushCurrent");
-  // Stream 0: the context's legacy default stream, which is libtorch's compute stream.
-  CUresult r = api.cuLaunchKernel(bf16 ? k.rope_bf16 : k.rope_f32, blocks, 1, 1, threads, 1, 1, 0, nullptr, args, nullptr);
-  CUcontext popped = nullptr;
-  api.cuCtxPopCurrent(&popped);
-  check_cu(r, "launching the fused rope kernel");
+  launch(k, bf16 ? k.rope_bf16 : k.rope_f32, n, args, "launching the fused rope kernel");
   return y;
 }
 
@@ -296,7 +324,33 @@ char* idavlm_fused_compile_check(const char* nvrtc_path, int arch) {
     std::lock_guard<std::mutex> g(mu);
     load_nvrtc(nvrtc_path);
     std::string ptx = compile(arch);
-    if (ptx.find("rope_bf16") == std::string::npos) throw std::runtime_error("PTX lacks rope_bf16");
+    for (const char* f : {"rope_bf16", "rope_f32", "adamw_f32"})
+      if (ptx.find(f) == std::string::npos) throw std::runtime_error(std::string("PTX lacks ") + f);
+    return nullptr;
+  } catch (const std::exception& e) {
+    return message(e);
+  }
+}
+
+// One AdamW step in place over contiguous f32 CUDA partitions p, g, m, v of equal length (g unchanged).
+// The scalars come computed (optim.rs, AdamW::update_scaled); scaled = 0 skips the gradient's scaling.
+char* idavlm_adamw(const at::Tensor* p, const at::Tensor* g, const at::Tensor* m, const at::Tensor* v, float scale,
+                   int scaled, float decay, float w1, float beta2, float omb2, float step, float inv_bc2_sqrt, float eps) {
+  try {
+    for (const at::Tensor* x : {p, g, m, v}) {
+      if (!x->is_cuda() || x->scalar_type() != at::kFloat || !x->is_contiguous() || x->numel() != p->numel() ||
+          x->device() != p->device())
+        throw std::runtime_error("fused AdamW takes contiguous f32 tensors of one length on one CUDA device");
+    }
+    long long n = p->numel();
+    if (n == 0) return nullptr;
+    const Kernels& k = kernels(p->device().index());
+    void* pp = p->data_ptr();
+    void* gp = g->data_ptr();
+    void* mp = m->data_ptr();
+    void* vp = v->data_ptr();
+    void* args[] = {&pp, &gp, &mp, &vp, &n, &scale, &scaled, &decay, &w1, &beta2, &omb2, &step, &inv_bc2_sqrt, &eps};
+    launch(k, k.adamw_f32, n, args, "launching the fused AdamW kernel");
     return nullptr;
   } catch (const std::exception& e) {
     return message(e);

@@ -93,17 +93,128 @@ impl AdamW {
         weight_decay: f64,
         t: u64,
     ) {
+        self.update_scaled(param, grad, 1.0, m, v, lr, weight_decay, t)
+    }
+
+    /// [`Self::update_with`] of `grad * grad_scale` (global-norm clipping; a scale >= 1 is not applied).
+    /// On CUDA one fused kernel ([`crate::model::fused::adamw`]: the same operations in one pass instead of
+    /// twelve); elsewhere, or without libnvrtc, libtorch's operations.
+    #[allow(clippy::too_many_arguments)]
+    pub fn update_scaled(
+        &self,
+        param: &mut Tensor,
+        grad: &Tensor,
+        grad_scale: f64,
+        m: &mut Tensor,
+        v: &mut Tensor,
+        lr: f64,
+        weight_decay: f64,
+        t: u64,
+    ) {
+        let bc1 = 1.0 - self.beta1.powi(t as i32);
+        let bc2 = 1.0 - self.beta2.powi(t as i32);
+        let fusable = param.device().is_cuda()
+            && [&*param, grad, &*m, &*v].iter().all(|x| x.kind() == tch::Kind::Float && x.is_contiguous());
+        if fusable && crate::model::fused::available() {
+            let s = crate::model::fused::AdamScalars {
+                scale: grad_scale as f32,
+                scaled: grad_scale < 1.0,
+                decay: (1.0 - lr * weight_decay) as f32,
+                w1: (1.0 - self.beta1) as f32,
+                beta2: self.beta2 as f32,
+                omb2: (1.0 - self.beta2) as f32,
+                step: (-lr / bc1) as f32,
+                // libtorch divides by a scalar as a product with its f32 reciprocal.
+                inv_bc2_sqrt: 1.0f32 / bc2.sqrt() as f32,
+                eps: self.eps as f32,
+            };
+            crate::model::fused::adamw(param, grad, m, v, s);
+            return;
+        }
+        self.update_unfused(param, grad, grad_scale, m, v, lr, weight_decay, t)
+    }
+
+    /// [`Self::update_scaled`] as libtorch operations (the reference of the fused kernel).
+    #[allow(clippy::too_many_arguments)]
+    pub fn update_unfused(
+        &self,
+        param: &mut Tensor,
+        grad: &Tensor,
+        grad_scale: f64,
+        m: &mut Tensor,
+        v: &mut Tensor,
+        lr: f64,
+        weight_decay: f64,
+        t: u64,
+    ) {
+        let bc1 = 1.0 - self.beta1.powi(t as i32);
+        let bc2 = 1.0 - self.beta2.powi(t as i32);
         tch::no_grad(|| {
+            let grad = if grad_scale < 1.0 { grad * grad_scale } else { grad.shallow_clone() };
             let _ = param.g_mul_scalar_(1.0 - lr * weight_decay);
-            let _ = m.lerp_(grad, 1.0 - self.beta1);
+            let _ = m.lerp_(&grad, 1.0 - self.beta1);
             let _ = v.g_mul_scalar_(self.beta2);
-            let _ = v.g_add_(&(grad * grad * (1.0 - self.beta2)));
-            let bc1 = 1.0 - self.beta1.powi(t as i32);
-            let bc2 = 1.0 - self.beta2.powi(t as i32);
+            let _ = v.g_add_(&(&grad * &grad * (1.0 - self.beta2)));
             let denom = v.sqrt() / bc2.sqrt() + self.eps;
             let _ = param.addcdiv_(&(m.shallow_clone() * (-lr / bc1)), &denom);
         });
     }
+}
+
+/// Compares the fused AdamW kernel with libtorch's operations on `device` over `n` elements (a few steps,
+/// clipped and not): relative error of the parameters and moments, and the time of one step of each.
+/// None where the kernel does not run (not CUDA, no libnvrtc).
+pub fn check_fused_adamw(device: tch::Device, n: i64, reps: usize) -> Option<crate::model::layers::FastPathCheck> {
+    if !device.is_cuda() || !crate::model::fused::available() {
+        return None;
+    }
+    let o = AdamW { beta1: 0.9, beta2: 0.95, eps: 1e-8, weight_decay: 0.1 };
+    let f = (tch::Kind::Float, device);
+    let init = [Tensor::randn([n], f), Tensor::randn([n], f) * 1e-3, Tensor::rand([n], f) * 1e-6];
+    let grads: Vec<Tensor> = (0..3).map(|_| Tensor::randn([n], f) * 1e-2).collect();
+    let sync = || {
+        if let tch::Device::Cuda(i) = device {
+            tch::Cuda::synchronize(i as i64);
+        }
+    };
+    let run = |fused: bool| -> (Vec<Tensor>, f64) {
+        let (mut p, mut m, mut v) = (init[0].copy(), init[1].copy(), init[2].copy());
+        let step = |p: &mut Tensor, m: &mut Tensor, v: &mut Tensor, g: &Tensor, scale: f64, t: u64| {
+            if fused {
+                o.update_scaled(p, g, scale, m, v, 1e-3, 0.1, t);
+            } else {
+                o.update_unfused(p, g, scale, m, v, 1e-3, 0.1, t);
+            }
+        };
+        // Three steps compared (the second clipped), then `reps` more timed on copies.
+        for (t, g) in grads.iter().enumerate() {
+            step(&mut p, &mut m, &mut v, g, if t == 1 { 0.5 } else { 1.0 }, t as u64 + 1);
+        }
+        let (mut p2, mut m2, mut v2) = (p.copy(), m.copy(), v.copy());
+        sync();
+        let start = std::time::Instant::now();
+        for _ in 0..reps.max(1) {
+            step(&mut p2, &mut m2, &mut v2, &grads[0], 0.5, 4);
+        }
+        sync();
+        (vec![p, m, v], start.elapsed().as_secs_f64() * 1e3 / reps.max(1) as f64)
+    };
+    let _ = run(true);
+    let (reference, t_ref) = run(false);
+    let (fused, t_fused) = run(true);
+    let rel = fused
+        .iter()
+        .zip(&reference)
+        .map(|(a, r)| (a - r).abs().max().double_value(&[]) / r.abs().max().double_value(&[]).max(1e-30))
+        .fold(0.0, f64::max);
+    Some(crate::model::layers::FastPathCheck {
+        name: "adamw",
+        kind: tch::Kind::Float,
+        forward_rel: rel,
+        grad_rel: 0.0,
+        reference_ms: t_ref,
+        fast_ms: t_fused,
+    })
 }
 
 /// The factor gradients are multiplied by for global-norm clipping (torch's clip_grad_norm_).

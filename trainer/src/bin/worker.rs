@@ -42,7 +42,7 @@ enum Cmd {
         #[arg(long, default_value_t = 8192)]
         size: i64,
     },
-    /// Check the GPU formulations of the LLM block (fused RMS norm, swapped-halves RoPE) against the
+    /// Check the GPU formulations (fused RMS norm, RoPE forms and kernel, the fused AdamW) against the
     /// reference ones on every CUDA device (else the CPU) in f32 and bf16 at a W1 block's shape, forward
     /// and gradient, and time both; exits 1 when one is off by more than its dtype's rounding.
     Kernels {
@@ -275,7 +275,12 @@ fn run(cli: Cli) -> Result<i32> {
             for d in devices {
                 for kind in [tch::Kind::Float, tch::Kind::BFloat16] {
                     tch::manual_seed(7);
-                    for c in idavlm::model::layers::check_fast_paths(d, kind, (rows, seq, heads, head_dim), reps) {
+                    let mut checks = idavlm::model::layers::check_fast_paths(d, kind, (rows, seq, heads, head_dim), reps);
+                    if kind == tch::Kind::Float {
+                        // AdamW over a partition the size of one W1 block's parameters.
+                        checks.extend(idavlm::optim::check_fused_adamw(d, 202_395_648, reps));
+                    }
+                    for c in checks {
                         let ok = c.passed();
                         failed += usize::from(!ok);
                         println!(

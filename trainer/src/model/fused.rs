@@ -18,7 +18,69 @@ extern "C" {
         sin: *const torch_sys::C_tensor,
         out: *mut *mut torch_sys::C_tensor,
     ) -> *mut c_char;
+    fn idavlm_adamw(
+        p: *const torch_sys::C_tensor,
+        g: *const torch_sys::C_tensor,
+        m: *const torch_sys::C_tensor,
+        v: *const torch_sys::C_tensor,
+        scale: f32,
+        scaled: i32,
+        decay: f32,
+        w1: f32,
+        beta2: f32,
+        omb2: f32,
+        step: f32,
+        inv_bc2_sqrt: f32,
+        eps: f32,
+    ) -> *mut c_char;
     fn idavlm_free_message(m: *mut c_char);
+}
+
+/// The f32 scalars of one AdamW step as libtorch's kernels receive them (see `AdamW::update_scaled`).
+#[derive(Clone, Copy, Debug)]
+pub struct AdamScalars {
+    /// Gradient factor (global-norm clipping); applied when `scaled`.
+    pub scale: f32,
+    pub scaled: bool,
+    /// 1 - lr wd
+    pub decay: f32,
+    /// 1 - beta1 (lerp weight)
+    pub w1: f32,
+    pub beta2: f32,
+    /// 1 - beta2
+    pub omb2: f32,
+    /// -lr / (1 - beta1^t)
+    pub step: f32,
+    /// 1 / sqrt(1 - beta2^t)
+    pub inv_bc2_sqrt: f32,
+    pub eps: f32,
+}
+
+/// One AdamW step in place over contiguous f32 CUDA partitions in one kernel (`g` is read only). Call
+/// after [`available`].
+pub fn adamw(p: &Tensor, g: &Tensor, m: &Tensor, v: &Tensor, s: AdamScalars) {
+    // SAFETY: four live tch tensors borrowed for the call; the shim checks their dtype, device, length
+    // and layout and catches every C++ exception.
+    let r = result(unsafe {
+        idavlm_adamw(
+            p.as_ptr(),
+            g.as_ptr(),
+            m.as_ptr(),
+            v.as_ptr(),
+            s.scale,
+            i32::from(s.scaled),
+            s.decay,
+            s.w1,
+            s.beta2,
+            s.omb2,
+            s.step,
+            s.inv_bc2_sqrt,
+            s.eps,
+        )
+    });
+    if let Err(msg) = r {
+        panic!("fused AdamW failed: {msg}");
+    }
 }
 
 /// Takes the shim's message (null: success).

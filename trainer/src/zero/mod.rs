@@ -385,6 +385,30 @@ impl Sharded {
         let Some(b) = p.bucket else { return Ok(()) };
         let bk = &self.layout.buckets[b];
         let (padded, shard, rk) = (bk.padded, bk.shard, self.reduce_kind);
+        // Where the gradient is summed locally (stage 1 until the step's end; any stage on one rank, whose
+        // partition is the whole bucket) each parameter's gradient is added straight into the f32 buffer:
+        // one pass instead of a cast into a packed buffer, a copy through the communicator and an add
+        // (the same f32 sums). A reduce dtype below f32 rounds each gradient to it first, as a reduction
+        // in that dtype would.
+        let local = match &self.buckets[b].grads {
+            Grads::FullUntilStepEnd(fg) => Some(fg.shallow_clone()),
+            Grads::ScatterEachMicroBatch if comm.world() == 1 => Some(self.grad_shard[b].shallow_clone()),
+            Grads::ScatterEachMicroBatch => None,
+        };
+        if let Some(acc) = local {
+            tch::no_grad(|| {
+                for (e, leaf) in bk.entries.iter().zip(&p.tensors) {
+                    let g = leaf.grad();
+                    // A parameter the loss did not reach (e.g. the ID-Former without test images) has no grad.
+                    if g.defined() {
+                        let g = g.view([-1]);
+                        let g = if comm.world() == 1 && rk != Kind::Float && g.kind() != rk { g.to_kind(rk) } else { g };
+                        let _ = acc.narrow(0, e.offset as i64, e.numel as i64).g_add_(&g);
+                    }
+                }
+            });
+            return Ok(());
+        }
         // Stage 1 accumulates in f32 until the step's end; stages 2/3 send each micro-batch's gradient
         // in the reduce dtype.
         let pack_kind = if matches!(self.buckets[b].grads, Grads::FullUntilStepEnd(_)) { Kind::Float } else { rk };
@@ -497,15 +521,17 @@ impl Sharded {
         let coef = clip_coef(norm, max_norm);
         self.adam_step += 1;
         for b in 0..self.layout.buckets.len() {
-            let g = if coef < 1.0 { &self.grad_shard[b] * coef } else { self.grad_shard[b].shallow_clone() };
+            // The clipping factor is applied inside the update (one pass on GPUs).
+            let g = &self.grad_shard[b];
             if self.groups[b].is_empty() {
-                opt.update(&mut self.master[b], &g, &mut self.exp_avg[b], &mut self.exp_avg_sq[b], lr, self.adam_step);
+                let wd = opt.weight_decay;
+                opt.update_scaled(&mut self.master[b], g, coef, &mut self.exp_avg[b], &mut self.exp_avg_sq[b], lr, wd, self.adam_step);
             } else {
                 for s in &self.groups[b] {
                     let part = |t: &Tensor| t.narrow(0, s.start, s.len);
-                    let g = part(&g);
+                    let g = part(g);
                     let (mut p, mut m, mut v) = (part(&self.master[b]), part(&self.exp_avg[b]), part(&self.exp_avg_sq[b]));
-                    opt.update_with(&mut p, &g, &mut m, &mut v, lr * s.lr_scale, s.weight_decay, self.adam_step);
+                    opt.update_scaled(&mut p, &g, coef, &mut m, &mut v, lr * s.lr_scale, s.weight_decay, self.adam_step);
                 }
             }
             let _ = tch::no_grad(|| self.grad_shard[b].zero_());
