@@ -61,6 +61,17 @@ impl Schedule {
     }
 }
 
+/// What one AdamW step of one parameter group takes besides the tensors.
+#[derive(Clone, Copy, Debug)]
+pub struct StepArgs {
+    pub lr: f64,
+    pub weight_decay: f64,
+    /// The gradient's factor (global-norm clipping); 1 or more is not applied.
+    pub grad_scale: f64,
+    /// 1-based optimizer step.
+    pub t: u64,
+}
+
 /// Hyper-parameters of AdamW.
 #[derive(Clone, Debug)]
 pub struct AdamW {
@@ -81,6 +92,11 @@ impl AdamW {
         self.update_with(param, grad, m, v, lr, self.weight_decay, t)
     }
 
+    /// 1 - beta1^t and 1 - beta2^t for the 1-based step `t`.
+    fn bias_corrections(&self, t: u64) -> (f64, f64) {
+        (1.0 - self.beta1.powi(t as i32), 1.0 - self.beta2.powi(t as i32))
+    }
+
     /// [`Self::update`] with its own weight decay (a parameter group's).
     #[allow(clippy::too_many_arguments)]
     pub fn update_with(
@@ -93,37 +109,26 @@ impl AdamW {
         weight_decay: f64,
         t: u64,
     ) {
-        self.update_scaled(param, grad, 1.0, m, v, lr, weight_decay, t)
+        self.update_scaled(param, grad, m, v, &StepArgs { lr, weight_decay, grad_scale: 1.0, t })
     }
 
-    /// [`Self::update_with`] of `grad * grad_scale` (global-norm clipping; a scale >= 1 is not applied).
-    /// On CUDA one fused kernel ([`crate::model::fused::adamw`]: the same operations in one pass instead of
-    /// twelve); elsewhere, or without libnvrtc, libtorch's operations.
-    #[allow(clippy::too_many_arguments)]
-    pub fn update_scaled(
-        &self,
-        param: &mut Tensor,
-        grad: &Tensor,
-        grad_scale: f64,
-        m: &mut Tensor,
-        v: &mut Tensor,
-        lr: f64,
-        weight_decay: f64,
-        t: u64,
-    ) {
-        let bc1 = 1.0 - self.beta1.powi(t as i32);
-        let bc2 = 1.0 - self.beta2.powi(t as i32);
+    /// One AdamW step of `grad * k.grad_scale` (global-norm clipping; a scale >= 1 is not applied) with
+    /// the step's lr, weight decay and 1-based step number. On CUDA one fused kernel
+    /// ([`crate::model::fused::adamw`]: the same operations in one pass instead of twelve); elsewhere, or
+    /// without libnvrtc, libtorch's operations ([`Self::update_unfused`]).
+    pub fn update_scaled(&self, param: &mut Tensor, grad: &Tensor, m: &mut Tensor, v: &mut Tensor, k: &StepArgs) {
+        let (bc1, bc2) = self.bias_corrections(k.t);
         let fusable = param.device().is_cuda()
             && [&*param, grad, &*m, &*v].iter().all(|x| x.kind() == tch::Kind::Float && x.is_contiguous());
         if fusable && crate::model::fused::available() {
             let s = crate::model::fused::AdamScalars {
-                scale: grad_scale as f32,
-                scaled: grad_scale < 1.0,
-                decay: (1.0 - lr * weight_decay) as f32,
+                scale: k.grad_scale as f32,
+                scaled: k.grad_scale < 1.0,
+                decay: (1.0 - k.lr * k.weight_decay) as f32,
                 w1: (1.0 - self.beta1) as f32,
                 beta2: self.beta2 as f32,
                 omb2: (1.0 - self.beta2) as f32,
-                step: (-lr / bc1) as f32,
+                step: (-k.lr / bc1) as f32,
                 // libtorch divides by a scalar as a product with its f32 reciprocal.
                 inv_bc2_sqrt: 1.0f32 / bc2.sqrt() as f32,
                 eps: self.eps as f32,
@@ -131,24 +136,13 @@ impl AdamW {
             crate::model::fused::adamw(param, grad, m, v, s);
             return;
         }
-        self.update_unfused(param, grad, grad_scale, m, v, lr, weight_decay, t)
+        self.update_unfused(param, grad, m, v, k)
     }
 
     /// [`Self::update_scaled`] as libtorch operations (the reference of the fused kernel).
-    #[allow(clippy::too_many_arguments)]
-    pub fn update_unfused(
-        &self,
-        param: &mut Tensor,
-        grad: &Tensor,
-        grad_scale: f64,
-        m: &mut Tensor,
-        v: &mut Tensor,
-        lr: f64,
-        weight_decay: f64,
-        t: u64,
-    ) {
-        let bc1 = 1.0 - self.beta1.powi(t as i32);
-        let bc2 = 1.0 - self.beta2.powi(t as i32);
+    pub fn update_unfused(&self, param: &mut Tensor, grad: &Tensor, m: &mut Tensor, v: &mut Tensor, k: &StepArgs) {
+        let (bc1, bc2) = self.bias_corrections(k.t);
+        let (lr, weight_decay, grad_scale) = (k.lr, k.weight_decay, k.grad_scale);
         tch::no_grad(|| {
             let grad = if grad_scale < 1.0 { grad * grad_scale } else { grad.shallow_clone() };
             let _ = param.g_mul_scalar_(1.0 - lr * weight_decay);
@@ -180,10 +174,11 @@ pub fn check_fused_adamw(device: tch::Device, n: i64, reps: usize) -> Option<cra
     let run = |fused: bool| -> (Vec<Tensor>, f64) {
         let (mut p, mut m, mut v) = (init[0].copy(), init[1].copy(), init[2].copy());
         let step = |p: &mut Tensor, m: &mut Tensor, v: &mut Tensor, g: &Tensor, scale: f64, t: u64| {
+            let k = StepArgs { lr: 1e-3, weight_decay: 0.1, grad_scale: scale, t };
             if fused {
-                o.update_scaled(p, g, scale, m, v, 1e-3, 0.1, t);
+                o.update_scaled(p, g, m, v, &k);
             } else {
-                o.update_unfused(p, g, scale, m, v, 1e-3, 0.1, t);
+                o.update_unfused(p, g, m, v, &k);
             }
         };
         // Three steps compared (the second clipped), then `reps` more timed on copies.

@@ -4,7 +4,7 @@
 //! CPU, and for f32, an explicit block-diagonal mask through scaled_dot_product_attention, which is the
 //! reference the tests compare the packed path against.
 
-use std::ffi::{c_char, CStr};
+use std::ffi::c_char;
 
 use tch::{Device, Kind, Tensor};
 
@@ -63,7 +63,6 @@ extern "C" {
         out: *mut *mut torch_sys::C_tensor,
     ) -> *mut c_char;
     fn idavlm_backward_with(out: *const torch_sys::C_tensor, grad: *const torch_sys::C_tensor) -> *mut c_char;
-    fn idavlm_free_message(m: *mut c_char);
 }
 
 /// Backpropagates `grad` (the loss's gradient at `out`, same shape) through `out`'s graph into the
@@ -72,11 +71,7 @@ extern "C" {
 pub fn backward_with(out: &Tensor, grad: &Tensor) {
     // SAFETY: both pointers are live tch tensors borrowed for the call; the shim catches every C++
     // exception and returns its message instead.
-    let err = unsafe { idavlm_backward_with(out.as_ptr(), grad.as_ptr()) };
-    if !err.is_null() {
-        // SAFETY: a NUL-terminated message from strdup, freed once by the shim's free.
-        let msg = unsafe { CStr::from_ptr(err) }.to_string_lossy().into_owned();
-        unsafe { idavlm_free_message(err) };
+    if let Err(msg) = super::fused::result(unsafe { idavlm_backward_with(out.as_ptr(), grad.as_ptr()) }) {
         panic!("backward through a block failed: {msg}");
     }
 }
@@ -94,10 +89,7 @@ pub fn packed(q: &Tensor, k: &Tensor, v: &Tensor, seg: &Segments) -> Tensor {
         // catches every C++ exception; on success `out` is a new at::Tensor* we own (from_ptr takes it).
         let err =
             unsafe { idavlm_flash_varlen(q.as_ptr(), k.as_ptr(), v.as_ptr(), seg.cu_seqlens.as_ptr(), seg.max_len, &mut out) };
-        if !err.is_null() {
-            // SAFETY: a NUL-terminated message from strdup, freed once by the shim's free.
-            let msg = unsafe { CStr::from_ptr(err) }.to_string_lossy().into_owned();
-            unsafe { idavlm_free_message(err) };
+        if let Err(msg) = super::fused::result(err) {
             panic!("flash attention over packed samples failed: {msg}");
         }
         // SAFETY: see above.

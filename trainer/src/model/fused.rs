@@ -83,8 +83,8 @@ pub fn adamw(p: &Tensor, g: &Tensor, m: &Tensor, v: &Tensor, s: AdamScalars) {
     }
 }
 
-/// Takes the shim's message (null: success).
-fn result(err: *mut c_char) -> Result<(), String> {
+/// Takes a message returned by one of the C++ shim's functions (csrc/*.cpp; null: success).
+pub(crate) fn result(err: *mut c_char) -> Result<(), String> {
     if err.is_null() {
         return Ok(());
     }

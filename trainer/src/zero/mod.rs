@@ -21,7 +21,7 @@ use tch::{Device, Kind, Tensor};
 use crate::comm::{Communicator, InFlight};
 use crate::error::{Error, Result};
 use crate::model::{ModelConfig, ParamSet, ParamSpec};
-use crate::optim::{clip_coef, AdamW};
+use crate::optim::{clip_coef, AdamW, StepArgs};
 use crate::profile;
 pub use crate::recipe::ZeroStage;
 use crate::recipe::{glob_match, OptimizerGroup};
@@ -523,15 +523,16 @@ impl Sharded {
         for b in 0..self.layout.buckets.len() {
             // The clipping factor is applied inside the update (one pass on GPUs).
             let g = &self.grad_shard[b];
+            let k = StepArgs { lr, weight_decay: opt.weight_decay, grad_scale: coef, t: self.adam_step };
             if self.groups[b].is_empty() {
-                let wd = opt.weight_decay;
-                opt.update_scaled(&mut self.master[b], g, coef, &mut self.exp_avg[b], &mut self.exp_avg_sq[b], lr, wd, self.adam_step);
+                opt.update_scaled(&mut self.master[b], g, &mut self.exp_avg[b], &mut self.exp_avg_sq[b], &k);
             } else {
                 for s in &self.groups[b] {
                     let part = |t: &Tensor| t.narrow(0, s.start, s.len);
                     let g = part(g);
                     let (mut p, mut m, mut v) = (part(&self.master[b]), part(&self.exp_avg[b]), part(&self.exp_avg_sq[b]));
-                    opt.update_scaled(&mut p, &g, coef, &mut m, &mut v, lr * s.lr_scale, s.weight_decay, self.adam_step);
+                    let k = StepArgs { lr: lr * s.lr_scale, weight_decay: s.weight_decay, ..k };
+                    opt.update_scaled(&mut p, &g, &mut m, &mut v, &k);
                 }
             }
             let _ = tch::no_grad(|| self.grad_shard[b].zero_());
