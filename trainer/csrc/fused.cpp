@@ -19,6 +19,7 @@
 
 #include <dlfcn.h>
 
+#include <cstdint>
 #include <cstdlib>
 #include <cstring>
 #include <map>
@@ -83,32 +84,35 @@ __device__ __forceinline__ void st(bf16_t* p, long long i, float v) {
   p[i] = (bf16_t)(u >> 16);
 }
 template <typename T>
-__device__ __forceinline__ void rope(const T* x, T* y, const float* cs, const float* sn, long long n_pairs, int half,
+__device__ __forceinline__ void rope(const T* x, T* y, const float* cs, const float* sn, long long n_items, int half,
                                      int heads, int seq, long long sb, long long ss, long long sh, long long tb,
                                      int backward) {
+  // One thread per (row, position, i) pair slot, looping over the heads: the four table values are read
+  // once for all heads, and a warp's reads of x and writes of y stay contiguous within each head.
   long long p = (long long)blockIdx.x * blockDim.x + threadIdx.x;
-  if (p >= n_pairs) return;
+  if (p >= n_items) return;
   int i = (int)(p % half);
   long long r = p / half;
-  int h = (int)(r % heads);
-  r /= heads;
   int s = (int)(r % seq);
   long long b = r / seq;
-  long long xi = b * sb + s * ss + h * sh + i;
-  long long yi = ((b * seq + s) * heads + h) * (2LL * half) + i;
   long long ti = b * tb + (long long)s * (2 * half) + i;
-  float lo = ld(x, xi), hi = ld(x, xi + half);
   float c_lo = cs[ti], c_hi = cs[ti + half], s_lo = sn[ti], s_hi = sn[ti + half];
-  float a, c;
-  if (!backward) {  // y = x cos + rotate_half(x) sin, rotate_half(x) = (-x_hi, x_lo)
-    a = __fadd_rn(__fmul_rn(lo, c_lo), __fmul_rn(-hi, s_lo));
-    c = __fadd_rn(__fmul_rn(hi, c_hi), __fmul_rn(lo, s_hi));
-  } else {          // dx = g cos + rotate_half^T(g sin), rotate_half^T(v) = (v_hi, -v_lo)
-    a = __fadd_rn(__fmul_rn(lo, c_lo), __fmul_rn(hi, s_hi));
-    c = __fadd_rn(__fmul_rn(hi, c_hi), __fmul_rn(-lo, s_lo));
+  long long xb = b * sb + s * ss + i;
+  long long yb = (b * seq + s) * heads * (2LL * half) + i;
+  for (int h = 0; h < heads; ++h) {
+    long long xi = xb + h * sh, yi = yb + (long long)h * (2 * half);
+    float lo = ld(x, xi), hi = ld(x, xi + half);
+    float a, c;
+    if (!backward) {  // y = x cos + rotate_half(x) sin, rotate_half(x) = (-x_hi, x_lo)
+      a = __fadd_rn(__fmul_rn(lo, c_lo), __fmul_rn(-hi, s_lo));
+      c = __fadd_rn(__fmul_rn(hi, c_hi), __fmul_rn(lo, s_hi));
+    } else {          // dx = g cos + rotate_half^T(g sin), rotate_half^T(v) = (v_hi, -v_lo)
+      a = __fadd_rn(__fmul_rn(lo, c_lo), __fmul_rn(hi, s_hi));
+      c = __fadd_rn(__fmul_rn(hi, c_hi), __fmul_rn(-lo, s_lo));
+    }
+    st(y, yi, a);
+    st(y, yi + half, c);
   }
-  st(y, yi, a);
-  st(y, yi + half, c);
 }
 #define ARGS long long n, int half, int heads, int seq, long long sb, long long ss, long long sh, long long tb, int bw
 extern "C" __global__ void rope_bf16(const bf16_t* x, bf16_t* y, const float* c, const float* s, ARGS) {
@@ -138,6 +142,41 @@ extern "C" __global__ void adamw_f32(float* p, const float* g, float* m, float* 
   p[i] = __fadd_rn(pi, __fdiv_rn(__fmul_rn(mi, step), denom));
   m[i] = mi;
   v[i] = vi;
+}
+// acc (f32) = or += g (bf16), exactly as libtorch's cast-copy and add (bf16 -> f32 is exact; one f32
+// rounding per add), 8 elements per thread with 16-byte accesses (acc and g 16-byte aligned; the host
+// checks), the tail one by one.
+extern "C" __global__ void accumulate_bf16_vec8(float* acc, const bf16_t* g, long long n, int add) {
+  long long base = ((long long)blockIdx.x * blockDim.x + threadIdx.x) * 8;
+  if (base >= n) return;
+  if (base + 8 <= n) {
+    uint4 gv = *reinterpret_cast<const uint4*>(g + base);
+    unsigned w[4] = {gv.x, gv.y, gv.z, gv.w};
+    float f[8];
+    for (int k = 0; k < 4; ++k) {
+      f[2 * k] = __uint_as_float(w[k] << 16);
+      f[2 * k + 1] = __uint_as_float(w[k] & 0xffff0000u);
+    }
+    float4* a = reinterpret_cast<float4*>(acc + base);
+    float4 a0, a1;
+    if (add) {
+      a0 = a[0];
+      a1 = a[1];
+      a0.x = __fadd_rn(a0.x, f[0]); a0.y = __fadd_rn(a0.y, f[1]); a0.z = __fadd_rn(a0.z, f[2]); a0.w = __fadd_rn(a0.w, f[3]);
+      a1.x = __fadd_rn(a1.x, f[4]); a1.y = __fadd_rn(a1.y, f[5]); a1.z = __fadd_rn(a1.z, f[6]); a1.w = __fadd_rn(a1.w, f[7]);
+    } else {
+      a0 = make_float4(f[0], f[1], f[2], f[3]);
+      a1 = make_float4(f[4], f[5], f[6], f[7]);
+    }
+    a[0] = a0;
+    a[1] = a1;
+  } else {
+    for (long long k = base; k < n; ++k) acc[k] = add ? __fadd_rn(acc[k], ld(g, k)) : ld(g, k);
+  }
+}
+extern "C" __global__ void accumulate_bf16(float* acc, const bf16_t* g, long long n, int add) {
+  long long k = (long long)blockIdx.x * blockDim.x + threadIdx.x;
+  if (k < n) acc[k] = add ? __fadd_rn(acc[k], ld(g, k)) : ld(g, k);
 }
 )CUDA";
 
@@ -215,6 +254,8 @@ struct Kernels {
   CUfunction rope_bf16 = nullptr;
   CUfunction rope_f32 = nullptr;
   CUfunction adamw_f32 = nullptr;
+  CUfunction accumulate_bf16_vec8 = nullptr;
+  CUfunction accumulate_bf16 = nullptr;
 };
 std::map<int, Kernels> per_device;
 
@@ -240,6 +281,8 @@ const Kernels& kernels(int ordinal) {
   if (r == 0) r = api.cuModuleGetFunction(&k.rope_bf16, module, "rope_bf16");
   if (r == 0) r = api.cuModuleGetFunction(&k.rope_f32, module, "rope_f32");
   if (r == 0) r = api.cuModuleGetFunction(&k.adamw_f32, module, "adamw_f32");
+  if (r == 0) r = api.cuModuleGetFunction(&k.accumulate_bf16_vec8, module, "accumulate_bf16_vec8");
+  if (r == 0) r = api.cuModuleGetFunction(&k.accumulate_bf16, module, "accumulate_bf16");
   CUcontext popped = nullptr;
   api.cuCtxPopCurrent(&popped);
   check_cu(r, "loading the fused kernels");
@@ -247,6 +290,7 @@ const Kernels& kernels(int ordinal) {
 }
 
 // Launches `f` over n elements on the device's legacy default stream (libtorch's stream).
+// n: threads wanted (one per item).
 void launch(const Kernels& k, CUfunction f, long long n, void** args, const char* what) {
   const unsigned threads = 256;
   const unsigned blocks = (unsigned)((n + threads - 1) / threads);
@@ -273,7 +317,7 @@ at::Tensor rope_launch(const at::Tensor& x_in, const at::Tensor& cos_in, const a
       !sn.sizes().equals(cs.sizes()))
     throw std::runtime_error("fused rope: tables do not match x");
   at::Tensor y = at::empty({B, S, H, D}, x.options());
-  long long n = B * S * H * (D / 2);
+  long long n = B * S * (D / 2);  // threads: one per (row, position, pair slot), each over all heads
   if (n == 0) return y;
   const Kernels& k = kernels(x.device().index());
   const void* xp = x.data_ptr();
@@ -324,7 +368,7 @@ char* idavlm_fused_compile_check(const char* nvrtc_path, int arch) {
     std::lock_guard<std::mutex> g(mu);
     load_nvrtc(nvrtc_path);
     std::string ptx = compile(arch);
-    for (const char* f : {"rope_bf16", "rope_f32", "adamw_f32"})
+    for (const char* f : {"rope_bf16", "rope_f32", "adamw_f32", "accumulate_bf16_vec8", "accumulate_bf16"})
       if (ptx.find(f) == std::string::npos) throw std::runtime_error(std::string("PTX lacks ") + f);
     return nullptr;
   } catch (const std::exception& e) {
@@ -351,6 +395,29 @@ char* idavlm_adamw(const at::Tensor* p, const at::Tensor* g, const at::Tensor* m
     void* vp = v->data_ptr();
     void* args[] = {&pp, &gp, &mp, &vp, &n, &scale, &scaled, &decay, &w1, &beta2, &omb2, &step, &inv_bc2_sqrt, &eps};
     launch(k, k.adamw_f32, n, args, "launching the fused AdamW kernel");
+    return nullptr;
+  } catch (const std::exception& e) {
+    return message(e);
+  }
+}
+
+// acc (contiguous f32 CUDA) = g (add = 0) or += g (add = 1), g contiguous bf16 of acc's length on its device.
+char* idavlm_accumulate(const at::Tensor* acc, const at::Tensor* g, int add) {
+  try {
+    if (!acc->is_cuda() || acc->scalar_type() != at::kFloat || !acc->is_contiguous() || g->scalar_type() != at::kBFloat16 ||
+        !g->is_contiguous() || g->numel() != acc->numel() || g->device() != acc->device())
+      throw std::runtime_error("fused accumulate takes a contiguous f32 CUDA tensor and a contiguous bf16 one of its length");
+    long long n = acc->numel();
+    if (n == 0) return nullptr;
+    const Kernels& k = kernels(acc->device().index());
+    void* ap = acc->data_ptr();
+    const void* gp = g->data_ptr();
+    void* args[] = {&ap, &gp, &n, &add};
+    const bool aligned = (reinterpret_cast<uintptr_t>(ap) % 16 == 0) && (reinterpret_cast<uintptr_t>(gp) % 16 == 0);
+    if (aligned)
+      launch(k, k.accumulate_bf16_vec8, (n + 7) / 8, args, "launching the fused accumulate kernel");
+    else
+      launch(k, k.accumulate_bf16, n, args, "launching the fused accumulate kernel");
     return nullptr;
   } catch (const std::exception& e) {
     return message(e);

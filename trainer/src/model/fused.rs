@@ -33,7 +33,30 @@ extern "C" {
         inv_bc2_sqrt: f32,
         eps: f32,
     ) -> *mut c_char;
+    fn idavlm_accumulate(acc: *const torch_sys::C_tensor, g: *const torch_sys::C_tensor, add: i32) -> *mut c_char;
     fn idavlm_free_message(m: *mut c_char);
+}
+
+/// Whether [`accumulate`] takes this pair: CUDA, `acc` contiguous f32, `g` contiguous bf16 of its length,
+/// and the kernels available.
+pub fn can_accumulate(acc: &Tensor, g: &Tensor) -> bool {
+    acc.device().is_cuda()
+        && acc.kind() == tch::Kind::Float
+        && g.kind() == tch::Kind::BFloat16
+        && acc.is_contiguous()
+        && g.is_contiguous()
+        && acc.numel() == g.numel()
+        && available()
+}
+
+/// `acc = g` (add false) or `acc += g` in f32 from a bf16 gradient, exactly as libtorch's cast-copy and
+/// add but vectorised (libtorch runs mixed-dtype element-wise ops unvectorised: ~2.7 TB/s on an H200).
+/// Call when [`can_accumulate`].
+pub fn accumulate(acc: &Tensor, g: &Tensor, add: bool) {
+    // SAFETY: two live tch tensors borrowed for the call; the shim checks dtypes, layout and length.
+    if let Err(msg) = result(unsafe { idavlm_accumulate(acc.as_ptr(), g.as_ptr(), i32::from(add)) }) {
+        panic!("fused gradient accumulation failed: {msg}");
+    }
 }
 
 /// The f32 scalars of one AdamW step as libtorch's kernels receive them (see `AdamW::update_scaled`).

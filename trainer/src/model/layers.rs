@@ -286,8 +286,54 @@ pub fn check_fast_paths(device: tch::Device, kind: Kind, shape: (i64, i64, i64, 
     ];
     if device.is_cuda() && super::fused::available() {
         out.push(compare("rope_nvrtc", &reference_rope, &|x| super::fused::rope(&heads(x), &cos, &sin).view([b, s, d]), &[&x]));
+        if kind == Kind::BFloat16 {
+            out.push(check_accumulate(device, b * s * d, reps));
+        }
     }
     out
+}
+
+/// The fused bf16 -> f32 gradient copy and add against libtorch's `copy_` and `add_`, at an aligned offset
+/// and at odd ones (the unvectorised kernel and the tail), and the time of one add of `n` elements each.
+fn check_accumulate(device: tch::Device, n: i64, reps: usize) -> FastPathCheck {
+    let sync = || {
+        if let tch::Device::Cuda(i) = device {
+            tch::Cuda::synchronize(i as i64);
+        }
+    };
+    let mut worst: f64 = 0.0;
+    for (off, len) in [(0, n), (3, n - 11), (8, 1001), (5, 7)] {
+        let g = Tensor::randn([len], (Kind::Float, device)).to_kind(Kind::BFloat16);
+        let base = Tensor::randn([len + off], (Kind::Float, device));
+        for add in [false, true] {
+            let (ours, theirs) = (base.copy(), base.copy());
+            super::fused::accumulate(&ours.narrow(0, off, len), &g, add);
+            let mut t = theirs.narrow(0, off, len);
+            if add {
+                let _ = t.g_add_(&g);
+            } else {
+                t.copy_(&g);
+            }
+            worst = worst.max((&ours - &theirs).abs().max().double_value(&[]));
+        }
+    }
+    let g = Tensor::randn([n], (Kind::Float, device)).to_kind(Kind::BFloat16);
+    let mut acc = Tensor::zeros([n], (Kind::Float, device));
+    let time = |f: &mut dyn FnMut()| {
+        f();
+        sync();
+        let t = std::time::Instant::now();
+        for _ in 0..reps.max(1) {
+            f();
+        }
+        sync();
+        t.elapsed().as_secs_f64() * 1e3 / reps.max(1) as f64
+    };
+    let reference_ms = time(&mut || {
+        let _ = acc.g_add_(&g);
+    });
+    let fast_ms = time(&mut || super::fused::accumulate(&acc, &g, true));
+    FastPathCheck { name: "grad_add", kind: Kind::Float, forward_rel: worst, grad_rel: 0.0, reference_ms, fast_ms }
 }
 
 #[cfg(test)]

@@ -21,6 +21,7 @@ use tch::{Device, Kind, Tensor};
 use crate::comm::{Communicator, InFlight};
 use crate::error::{Error, Result};
 use crate::model::{ModelConfig, ParamSet, ParamSpec};
+use crate::model::fused;
 use crate::optim::{clip_coef, AdamW, StepArgs};
 use crate::profile;
 pub use crate::recipe::ZeroStage;
@@ -403,7 +404,12 @@ impl Sharded {
                     if g.defined() {
                         let g = g.view([-1]);
                         let g = if comm.world() == 1 && rk != Kind::Float && g.kind() != rk { g.to_kind(rk) } else { g };
-                        let _ = acc.narrow(0, e.offset as i64, e.numel as i64).g_add_(&g);
+                        let mut dst = acc.narrow(0, e.offset as i64, e.numel as i64);
+                        if fused::can_accumulate(&dst, &g) {
+                            fused::accumulate(&dst, &g, true);
+                        } else {
+                            let _ = dst.g_add_(&g);
+                        }
                     }
                 }
             });
@@ -419,7 +425,12 @@ impl Sharded {
                 let g = leaf.grad();
                 // A parameter the loss did not reach (e.g. the ID-Former without test images) has no grad.
                 if g.defined() {
-                    dst.copy_(&g.view([-1]));
+                    let g = g.view([-1]);
+                    if fused::can_accumulate(&dst, &g) {
+                        fused::accumulate(&dst, &g, false);
+                    } else {
+                        dst.copy_(&g);
+                    }
                 } else {
                     let _ = dst.zero_();
                 }
