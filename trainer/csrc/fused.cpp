@@ -178,6 +178,64 @@ extern "C" __global__ void accumulate_bf16(float* acc, const bf16_t* g, long lon
   long long k = (long long)blockIdx.x * blockDim.x + threadIdx.x;
   if (k < n) acc[k] = add ? __fadd_rn(acc[k], ld(g, k)) : ld(g, k);
 }
+// Cross-entropy per row of logits (N, V) without f32 copies of them: one block per row. Forward: an
+// online max / sum of exponentials in f32 (lse = max + log sum exp(x - max)), row loss = lse - x[t];
+// backward: dx = (exp(x - lse) - [j == t]) g_row, written in the logits' dtype. A target outside [0, V)
+// gives a NaN loss (the trainer's non-finite handling takes it from there).
+#define NEG_INF __int_as_float(0xff800000u)
+__device__ __forceinline__ void online(float& m, float& s, float x) {
+  if (x > m) {
+    s = s * expf(m - x) + 1.0f;
+    m = x;
+  } else {
+    s += expf(x - m);
+  }
+}
+__device__ __forceinline__ void combine(float& m, float& s, float m2, float s2) {
+  if (m2 == NEG_INF) return;
+  if (m == NEG_INF) { m = m2; s = s2; return; }
+  if (m2 > m) { s = s * expf(m - m2) + s2; m = m2; } else { s += s2 * expf(m2 - m); }
+}
+template <typename T>
+__device__ __forceinline__ void ce_fwd(const T* x, const long long* tgt, float* loss, float* lse, long long V) {
+  __shared__ float wm[32], ws[32];
+  const long long row = blockIdx.x;
+  const T* xr = x + row * V;
+  float m = NEG_INF, s = 0.0f;
+  for (long long j = threadIdx.x; j < V; j += blockDim.x) online(m, s, ld(xr, j));
+  for (int o = 16; o > 0; o >>= 1) combine(m, s, __shfl_xor_sync(0xffffffffu, m, o), __shfl_xor_sync(0xffffffffu, s, o));
+  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32, warps = (blockDim.x + 31) / 32;
+  if (lane == 0) { wm[warp] = m; ws[warp] = s; }
+  __syncthreads();
+  if (warp == 0) {
+    m = lane < warps ? wm[lane] : NEG_INF;
+    s = lane < warps ? ws[lane] : 0.0f;
+    for (int o = 16; o > 0; o >>= 1) combine(m, s, __shfl_xor_sync(0xffffffffu, m, o), __shfl_xor_sync(0xffffffffu, s, o));
+    if (lane == 0) {
+      const float l = m + logf(s);
+      const long long t = tgt[row];
+      lse[row] = l;
+      loss[row] = (t >= 0 && t < V) ? l - ld(xr, t) : __int_as_float(0x7fc00000);
+    }
+  }
+}
+template <typename T>
+__device__ __forceinline__ void ce_bwd(const T* x, const long long* tgt, const float* lse, const float* g, T* gx, long long V) {
+  const long long row = blockIdx.x;
+  const T* xr = x + row * V;
+  T* gr = gx + row * V;
+  const float l = lse[row], gs = g[row];
+  const long long t = tgt[row];
+  for (long long j = threadIdx.x; j < V; j += blockDim.x) {
+    float p = expf(ld(xr, j) - l);
+    if (j == t) p -= 1.0f;
+    st(gr, j, p * gs);
+  }
+}
+extern "C" __global__ void ce_fwd_bf16(const bf16_t* x, const long long* t, float* loss, float* lse, long long V) { ce_fwd<bf16_t>(x, t, loss, lse, V); }
+extern "C" __global__ void ce_fwd_f32(const float* x, const long long* t, float* loss, float* lse, long long V) { ce_fwd<float>(x, t, loss, lse, V); }
+extern "C" __global__ void ce_bwd_bf16(const bf16_t* x, const long long* t, const float* lse, const float* g, bf16_t* gx, long long V) { ce_bwd<bf16_t>(x, t, lse, g, gx, V); }
+extern "C" __global__ void ce_bwd_f32(const float* x, const long long* t, const float* lse, const float* g, float* gx, long long V) { ce_bwd<float>(x, t, lse, g, gx, V); }
 )CUDA";
 
 template <typename F>
@@ -256,6 +314,7 @@ struct Kernels {
   CUfunction adamw_f32 = nullptr;
   CUfunction accumulate_bf16_vec8 = nullptr;
   CUfunction accumulate_bf16 = nullptr;
+  CUfunction ce_fwd_bf16 = nullptr, ce_fwd_f32 = nullptr, ce_bwd_bf16 = nullptr, ce_bwd_f32 = nullptr;
 };
 std::map<int, Kernels> per_device;
 
@@ -283,6 +342,10 @@ const Kernels& kernels(int ordinal) {
   if (r == 0) r = api.cuModuleGetFunction(&k.adamw_f32, module, "adamw_f32");
   if (r == 0) r = api.cuModuleGetFunction(&k.accumulate_bf16_vec8, module, "accumulate_bf16_vec8");
   if (r == 0) r = api.cuModuleGetFunction(&k.accumulate_bf16, module, "accumulate_bf16");
+  if (r == 0) r = api.cuModuleGetFunction(&k.ce_fwd_bf16, module, "ce_fwd_bf16");
+  if (r == 0) r = api.cuModuleGetFunction(&k.ce_fwd_f32, module, "ce_fwd_f32");
+  if (r == 0) r = api.cuModuleGetFunction(&k.ce_bwd_bf16, module, "ce_bwd_bf16");
+  if (r == 0) r = api.cuModuleGetFunction(&k.ce_bwd_f32, module, "ce_bwd_f32");
   CUcontext popped = nullptr;
   api.cuCtxPopCurrent(&popped);
   check_cu(r, "loading the fused kernels");
@@ -331,6 +394,15 @@ at::Tensor rope_launch(const at::Tensor& x_in, const at::Tensor& cos_in, const a
   return y;
 }
 
+// Launches `f` with one block of `threads` per row.
+void launch_rows(const Kernels& k, CUfunction f, long long rows, unsigned threads, void** args, const char* what) {
+  check_cu(api.cuCtxPushCurrent(k.ctx), "cuCtxPushCurrent");
+  CUresult r = api.cuLaunchKernel(f, (unsigned)rows, 1, 1, threads, 1, 1, 0, nullptr, args, nullptr);
+  CUcontext popped = nullptr;
+  api.cuCtxPopCurrent(&popped);
+  check_cu(r, what);
+}
+
 using torch::autograd::AutogradContext;
 using torch::autograd::variable_list;
 
@@ -342,6 +414,60 @@ struct RopeFn : public torch::autograd::Function<RopeFn> {
   static variable_list backward(AutogradContext* ctx, variable_list grad) {
     auto saved = ctx->get_saved_variables();
     return {rope_launch(grad[0], saved[0], saved[1], true), at::Tensor(), at::Tensor()};
+  }
+};
+
+// logits (N, V) contiguous bf16/f32 CUDA, targets (N,) int64 -> (row losses (N,) f32, lse (N,) f32).
+std::pair<at::Tensor, at::Tensor> ce_forward(const at::Tensor& logits, const at::Tensor& target) {
+  if (!logits.is_cuda() || logits.dim() != 2 || !logits.is_contiguous())
+    throw std::runtime_error("fused cross-entropy takes contiguous CUDA logits (N, V)");
+  const bool bf16 = logits.scalar_type() == at::kBFloat16;
+  if (!bf16 && logits.scalar_type() != at::kFloat) throw std::runtime_error("fused cross-entropy takes bf16 or f32 logits");
+  at::Tensor t = target.to(logits.device(), at::kLong).contiguous();
+  if (t.dim() != 1 || t.size(0) != logits.size(0)) throw std::runtime_error("fused cross-entropy: one target per row");
+  const long long rows = logits.size(0);
+  long long V = logits.size(1);
+  at::Tensor loss = at::empty({rows}, logits.options().dtype(at::kFloat));
+  at::Tensor lse = at::empty({rows}, logits.options().dtype(at::kFloat));
+  if (rows == 0) return {loss, lse};
+  const Kernels& k = kernels(logits.device().index());
+  const void* xp = logits.data_ptr();
+  const void* tp = t.data_ptr();
+  void* lp = loss.data_ptr();
+  void* sp = lse.data_ptr();
+  void* args[] = {&xp, &tp, &lp, &sp, &V};
+  launch_rows(k, bf16 ? k.ce_fwd_bf16 : k.ce_fwd_f32, rows, 1024, args, "launching the fused cross-entropy");
+  return {loss, lse};
+}
+
+at::Tensor ce_backward(const at::Tensor& logits, const at::Tensor& target, const at::Tensor& lse, const at::Tensor& grad_rows) {
+  const bool bf16 = logits.scalar_type() == at::kBFloat16;
+  at::Tensor t = target.to(logits.device(), at::kLong).contiguous();
+  at::Tensor g = grad_rows.to(logits.device(), at::kFloat).contiguous();
+  at::Tensor gx = at::empty_like(logits);
+  const long long rows = logits.size(0);
+  long long V = logits.size(1);
+  if (rows == 0) return gx;
+  const Kernels& k = kernels(logits.device().index());
+  const void* xp = logits.data_ptr();
+  const void* tp = t.data_ptr();
+  const void* sp = lse.data_ptr();
+  const void* gp = g.data_ptr();
+  void* op = gx.data_ptr();
+  void* args[] = {&xp, &tp, &sp, &gp, &op, &V};
+  launch_rows(k, bf16 ? k.ce_bwd_bf16 : k.ce_bwd_f32, rows, 1024, args, "launching the fused cross-entropy backward");
+  return gx;
+}
+
+struct CrossEntropyFn : public torch::autograd::Function<CrossEntropyFn> {
+  static at::Tensor forward(AutogradContext* ctx, const at::Tensor& logits, const at::Tensor& target) {
+    auto r = ce_forward(logits, target);
+    ctx->save_for_backward({logits, target, r.second});
+    return r.first;
+  }
+  static variable_list backward(AutogradContext* ctx, variable_list grad) {
+    auto s = ctx->get_saved_variables();
+    return {ce_backward(s[0], s[1], s[2], grad[0]), at::Tensor()};
   }
 };
 
@@ -368,7 +494,8 @@ char* idavlm_fused_compile_check(const char* nvrtc_path, int arch) {
     std::lock_guard<std::mutex> g(mu);
     load_nvrtc(nvrtc_path);
     std::string ptx = compile(arch);
-    for (const char* f : {"rope_bf16", "rope_f32", "adamw_f32", "accumulate_bf16_vec8", "accumulate_bf16"})
+    for (const char* f : {"rope_bf16", "rope_f32", "adamw_f32", "accumulate_bf16_vec8", "accumulate_bf16", "ce_fwd_bf16",
+                          "ce_bwd_bf16"})
       if (ptx.find(f) == std::string::npos) throw std::runtime_error(std::string("PTX lacks ") + f);
     return nullptr;
   } catch (const std::exception& e) {
@@ -421,6 +548,19 @@ char* idavlm_accumulate(const at::Tensor* acc, const at::Tensor* g, int add) {
     return nullptr;
   } catch (const std::exception& e) {
     return message(e);
+  }
+}
+
+// Row losses (N,) f32 of cross-entropy over logits (N, V) with int64 targets (N,), differentiable in the
+// logits (see the kernels). On success stores a new tensor in *out and returns null.
+char* idavlm_cross_entropy_rows(const at::Tensor* logits, const at::Tensor* target, at::Tensor** out) {
+  try {
+    *out = new at::Tensor(CrossEntropyFn::apply(*logits, *target));
+    return nullptr;
+  } catch (const std::exception& e) {
+    return message(e);
+  } catch (...) {
+    return strdup("unknown C++ exception in the fused cross-entropy");
   }
 }
 

@@ -34,7 +34,27 @@ extern "C" {
         eps: f32,
     ) -> *mut c_char;
     fn idavlm_accumulate(acc: *const torch_sys::C_tensor, g: *const torch_sys::C_tensor, add: i32) -> *mut c_char;
+    fn idavlm_cross_entropy_rows(
+        logits: *const torch_sys::C_tensor,
+        target: *const torch_sys::C_tensor,
+        out: *mut *mut torch_sys::C_tensor,
+    ) -> *mut c_char;
     fn idavlm_free_message(m: *mut c_char);
+}
+
+/// Cross-entropy of each row of `logits` (N, V), bf16 or f32 contiguous on CUDA, against int64 `target`
+/// (N,): row losses (N,) f32, differentiable in the logits. Computed in f32 from the logits as they are
+/// (no f32 copy of them, no saved log-probabilities: two passes forward, one backward). Call after
+/// [`available`].
+pub fn cross_entropy_rows(logits: &Tensor, target: &Tensor) -> Tensor {
+    let mut out: *mut torch_sys::C_tensor = std::ptr::null_mut();
+    // SAFETY: two live tch tensors borrowed for the call; on success `out` is a new at::Tensor* we own.
+    let r = result(unsafe { idavlm_cross_entropy_rows(logits.as_ptr(), target.as_ptr(), &mut out) });
+    if let Err(msg) = r {
+        panic!("fused cross-entropy failed: {msg}");
+    }
+    // SAFETY: see above.
+    unsafe { Tensor::from_ptr(out) }
 }
 
 /// Whether [`accumulate`] takes this pair: CUDA, `acc` contiguous f32, `g` contiguous bf16 of its length,

@@ -269,8 +269,19 @@ impl Head {
             return x.sum(Kind::Float) * 0.0;
         }
         let h = x.narrow(1, 0, s - 1).reshape([b * (s - 1), d]).index_select(0, &keep);
-        let logits = self.forward(&h).to_kind(Kind::Float);
-        logits.cross_entropy_loss::<Tensor>(&target.index_select(0, &keep), None, tch::Reduction::Mean, -100, 0.0)
+        let logits = self.forward(&h);
+        let target = target.index_select(0, &keep);
+        if logits.device().is_cuda() && matches!(logits.kind(), Kind::BFloat16 | Kind::Float) && fused::available() {
+            // One kernel each way over the logits as they are (no f32 copy, no saved log-probabilities).
+            return fused::cross_entropy_rows(&logits.contiguous(), &target).mean(Kind::Float);
+        }
+        Self::cross_entropy_reference(&logits, &target)
+    }
+
+    /// The loss of rows of logits against their (all supervised) targets as libtorch computes it: f32
+    /// log-softmax, mean over rows. The reference of [`fused::cross_entropy_rows`].
+    pub fn cross_entropy_reference(logits: &Tensor, target: &Tensor) -> Tensor {
+        logits.to_kind(Kind::Float).cross_entropy_loss::<Tensor>(target, None, tch::Reduction::Mean, -100, 0.0)
     }
 }
 
