@@ -315,6 +315,18 @@ struct Kernels {
   CUfunction accumulate_bf16_vec8 = nullptr;
   CUfunction accumulate_bf16 = nullptr;
   CUfunction ce_fwd_bf16 = nullptr, ce_fwd_f32 = nullptr, ce_bwd_bf16 = nullptr, ce_bwd_f32 = nullptr;
+  // Every kernel of kSource with its name (looked up after loading; checked in the PTX by the build test).
+  std::vector<std::pair<CUfunction*, const char*>> table() {
+    return {{&rope_bf16, "rope_bf16"},
+            {&rope_f32, "rope_f32"},
+            {&adamw_f32, "adamw_f32"},
+            {&accumulate_bf16_vec8, "accumulate_bf16_vec8"},
+            {&accumulate_bf16, "accumulate_bf16"},
+            {&ce_fwd_bf16, "ce_fwd_bf16"},
+            {&ce_fwd_f32, "ce_fwd_f32"},
+            {&ce_bwd_bf16, "ce_bwd_bf16"},
+            {&ce_bwd_f32, "ce_bwd_f32"}};
+  }
 };
 std::map<int, Kernels> per_device;
 
@@ -337,15 +349,8 @@ const Kernels& kernels(int ordinal) {
   check_cu(api.cuCtxPushCurrent(k.ctx), "cuCtxPushCurrent");
   CUmodule module = nullptr;
   CUresult r = api.cuModuleLoadData(&module, ptx.c_str());
-  if (r == 0) r = api.cuModuleGetFunction(&k.rope_bf16, module, "rope_bf16");
-  if (r == 0) r = api.cuModuleGetFunction(&k.rope_f32, module, "rope_f32");
-  if (r == 0) r = api.cuModuleGetFunction(&k.adamw_f32, module, "adamw_f32");
-  if (r == 0) r = api.cuModuleGetFunction(&k.accumulate_bf16_vec8, module, "accumulate_bf16_vec8");
-  if (r == 0) r = api.cuModuleGetFunction(&k.accumulate_bf16, module, "accumulate_bf16");
-  if (r == 0) r = api.cuModuleGetFunction(&k.ce_fwd_bf16, module, "ce_fwd_bf16");
-  if (r == 0) r = api.cuModuleGetFunction(&k.ce_fwd_f32, module, "ce_fwd_f32");
-  if (r == 0) r = api.cuModuleGetFunction(&k.ce_bwd_bf16, module, "ce_bwd_bf16");
-  if (r == 0) r = api.cuModuleGetFunction(&k.ce_bwd_f32, module, "ce_bwd_f32");
+  for (const auto& e : k.table())
+    if (r == 0) r = api.cuModuleGetFunction(e.first, module, e.second);
   CUcontext popped = nullptr;
   api.cuCtxPopCurrent(&popped);
   check_cu(r, "loading the fused kernels");
@@ -471,7 +476,18 @@ struct CrossEntropyFn : public torch::autograd::Function<CrossEntropyFn> {
   }
 };
 
-char* message(const std::exception& e) { return strdup(e.what()); }
+// Runs f; an exception becomes a message for Rust (null: success), never crossing the C boundary.
+template <typename F>
+char* guarded(const char* what, F&& f) {
+  try {
+    f();
+    return nullptr;
+  } catch (const std::exception& e) {
+    return strdup(e.what());
+  } catch (...) {
+    return strdup((std::string("unknown C++ exception in ") + what).c_str());
+  }
+}
 
 }  // namespace
 
@@ -479,42 +495,36 @@ extern "C" {
 
 // Opens libnvrtc at `nvrtc_path` (once). Returns null or a message.
 char* idavlm_fused_setup(const char* nvrtc_path) {
-  try {
+  return guarded("opening libnvrtc", [&] {
     std::lock_guard<std::mutex> g(mu);
     load_nvrtc(nvrtc_path);
-    return nullptr;
-  } catch (const std::exception& e) {
-    return message(e);
-  }
+  });
 }
 
 // Compiles the kernels' source for compute capability `arch` without a GPU (a build check). Null or a message.
 char* idavlm_fused_compile_check(const char* nvrtc_path, int arch) {
-  try {
+  return guarded("compiling the fused kernels", [&] {
     std::lock_guard<std::mutex> g(mu);
     load_nvrtc(nvrtc_path);
     std::string ptx = compile(arch);
-    for (const char* f : {"rope_bf16", "rope_f32", "adamw_f32", "accumulate_bf16_vec8", "accumulate_bf16", "ce_fwd_bf16",
-                          "ce_bwd_bf16"})
-      if (ptx.find(f) == std::string::npos) throw std::runtime_error(std::string("PTX lacks ") + f);
-    return nullptr;
-  } catch (const std::exception& e) {
-    return message(e);
-  }
+    Kernels names;
+    for (const auto& e : names.table())
+      if (ptx.find(e.second) == std::string::npos) throw std::runtime_error(std::string("PTX lacks ") + e.second);
+  });
 }
 
 // One AdamW step in place over contiguous f32 CUDA partitions p, g, m, v of equal length (g unchanged).
 // The scalars come computed (optim.rs, AdamW::update_scaled); scaled = 0 skips the gradient's scaling.
 char* idavlm_adamw(const at::Tensor* p, const at::Tensor* g, const at::Tensor* m, const at::Tensor* v, float scale,
                    int scaled, float decay, float w1, float beta2, float omb2, float step, float inv_bc2_sqrt, float eps) {
-  try {
+  return guarded("the fused AdamW", [&] {
     for (const at::Tensor* x : {p, g, m, v}) {
       if (!x->is_cuda() || x->scalar_type() != at::kFloat || !x->is_contiguous() || x->numel() != p->numel() ||
           x->device() != p->device())
         throw std::runtime_error("fused AdamW takes contiguous f32 tensors of one length on one CUDA device");
     }
     long long n = p->numel();
-    if (n == 0) return nullptr;
+    if (n == 0) return;
     const Kernels& k = kernels(p->device().index());
     void* pp = p->data_ptr();
     void* gp = g->data_ptr();
@@ -522,20 +532,17 @@ char* idavlm_adamw(const at::Tensor* p, const at::Tensor* g, const at::Tensor* m
     void* vp = v->data_ptr();
     void* args[] = {&pp, &gp, &mp, &vp, &n, &scale, &scaled, &decay, &w1, &beta2, &omb2, &step, &inv_bc2_sqrt, &eps};
     launch(k, k.adamw_f32, n, args, "launching the fused AdamW kernel");
-    return nullptr;
-  } catch (const std::exception& e) {
-    return message(e);
-  }
+  });
 }
 
 // acc (contiguous f32 CUDA) = g (add = 0) or += g (add = 1), g contiguous bf16 of acc's length on its device.
 char* idavlm_accumulate(const at::Tensor* acc, const at::Tensor* g, int add) {
-  try {
+  return guarded("the fused gradient accumulation", [&] {
     if (!acc->is_cuda() || acc->scalar_type() != at::kFloat || !acc->is_contiguous() || g->scalar_type() != at::kBFloat16 ||
         !g->is_contiguous() || g->numel() != acc->numel() || g->device() != acc->device())
       throw std::runtime_error("fused accumulate takes a contiguous f32 CUDA tensor and a contiguous bf16 one of its length");
     long long n = acc->numel();
-    if (n == 0) return nullptr;
+    if (n == 0) return;
     const Kernels& k = kernels(acc->device().index());
     void* ap = acc->data_ptr();
     const void* gp = g->data_ptr();
@@ -545,36 +552,19 @@ char* idavlm_accumulate(const at::Tensor* acc, const at::Tensor* g, int add) {
       launch(k, k.accumulate_bf16_vec8, (n + 7) / 8, args, "launching the fused accumulate kernel");
     else
       launch(k, k.accumulate_bf16, n, args, "launching the fused accumulate kernel");
-    return nullptr;
-  } catch (const std::exception& e) {
-    return message(e);
-  }
+  });
 }
 
 // Row losses (N,) f32 of cross-entropy over logits (N, V) with int64 targets (N,), differentiable in the
 // logits (see the kernels). On success stores a new tensor in *out and returns null.
 char* idavlm_cross_entropy_rows(const at::Tensor* logits, const at::Tensor* target, at::Tensor** out) {
-  try {
-    *out = new at::Tensor(CrossEntropyFn::apply(*logits, *target));
-    return nullptr;
-  } catch (const std::exception& e) {
-    return message(e);
-  } catch (...) {
-    return strdup("unknown C++ exception in the fused cross-entropy");
-  }
+  return guarded("the fused cross-entropy", [&] { *out = new at::Tensor(CrossEntropyFn::apply(*logits, *target)); });
 }
 
 // RoPE through the fused kernels, differentiable (see the top of this file). On success stores a new
 // tensor in *out and returns null.
 char* idavlm_rope(const at::Tensor* x, const at::Tensor* cos, const at::Tensor* sin, at::Tensor** out) {
-  try {
-    *out = new at::Tensor(RopeFn::apply(*x, *cos, *sin));
-    return nullptr;
-  } catch (const std::exception& e) {
-    return message(e);
-  } catch (...) {
-    return strdup("unknown C++ exception in the fused rope");
-  }
+  return guarded("the fused rope", [&] { *out = new at::Tensor(RopeFn::apply(*x, *cos, *sin)); });
 }
 
 }
