@@ -236,6 +236,87 @@ extern "C" __global__ void ce_fwd_bf16(const bf16_t* x, const long long* t, floa
 extern "C" __global__ void ce_fwd_f32(const float* x, const long long* t, float* loss, float* lse, long long V) { ce_fwd<float>(x, t, loss, lse, V); }
 extern "C" __global__ void ce_bwd_bf16(const bf16_t* x, const long long* t, const float* lse, const float* g, bf16_t* gx, long long V) { ce_bwd<bf16_t>(x, t, lse, g, gx, V); }
 extern "C" __global__ void ce_bwd_f32(const float* x, const long long* t, const float* lse, const float* g, float* gx, long long V) { ce_bwd<float>(x, t, lse, g, gx, V); }
+// SwiGLU of the MLP, m = a * silu(b), with silu(b) = b / (1 + exp(-b)) rounded to the tensors' dtype before
+// the product, as libtorch's two kernels round it. Backward from g: da = g silu(b), and through
+// dsilu = g a (rounded) db = dsilu sig (1 + b (1 - sig)), sig = 1 / (1 + exp(-b)), libtorch's silu_backward.
+template <typename T>
+__device__ __forceinline__ float rnd(float v) { T t; st(&t, 0, v); return ld(&t, 0); }
+template <typename T>
+__device__ __forceinline__ void swiglu_fwd(const T* a, const T* b, T* m, long long n) {
+  long long i = (long long)blockIdx.x * blockDim.x + threadIdx.x;
+  if (i >= n) return;
+  const float x = ld(b, i);
+  const float s = rnd<T>(__fdiv_rn(x, __fadd_rn(1.0f, expf(-x))));
+  st(m, i, __fmul_rn(ld(a, i), s));
+}
+template <typename T>
+__device__ __forceinline__ void swiglu_bwd(const T* g, const T* a, const T* b, T* da, T* db, long long n) {
+  long long i = (long long)blockIdx.x * blockDim.x + threadIdx.x;
+  if (i >= n) return;
+  const float x = ld(b, i), gi = ld(g, i);
+  const float e = __fadd_rn(1.0f, expf(-x));
+  const float s = rnd<T>(__fdiv_rn(x, e));
+  st(da, i, __fmul_rn(gi, s));
+  const float dy = rnd<T>(__fmul_rn(gi, ld(a, i)));
+  const float sig = __fdiv_rn(1.0f, e);
+  st(db, i, __fmul_rn(__fmul_rn(dy, sig), __fmaf_rn(x, __fsub_rn(1.0f, sig), 1.0f)));
+}
+// bf16, 8 elements per thread with 16-byte accesses (n a multiple of 8, every pointer 16-byte aligned:
+// the host checks), the same arithmetic as above.
+__device__ __forceinline__ void load8(const bf16_t* p, long long i, float* f) {
+  uint4 v = *reinterpret_cast<const uint4*>(p + i);
+  unsigned w[4] = {v.x, v.y, v.z, v.w};
+  for (int k = 0; k < 4; ++k) {
+    f[2 * k] = __uint_as_float(w[k] << 16);
+    f[2 * k + 1] = __uint_as_float(w[k] & 0xffff0000u);
+  }
+}
+__device__ __forceinline__ void store8(bf16_t* p, long long i, const float* f) {
+  bf16_t h[8];
+  for (int k = 0; k < 8; ++k) st(h, k, f[k]);
+  uint4 v;
+  v.x = (unsigned)h[0] | ((unsigned)h[1] << 16);
+  v.y = (unsigned)h[2] | ((unsigned)h[3] << 16);
+  v.z = (unsigned)h[4] | ((unsigned)h[5] << 16);
+  v.w = (unsigned)h[6] | ((unsigned)h[7] << 16);
+  *reinterpret_cast<uint4*>(p + i) = v;
+}
+extern "C" __global__ void swiglu_fwd_bf16_vec8(const bf16_t* a, const bf16_t* b, bf16_t* m, long long n) {
+  long long i = ((long long)blockIdx.x * blockDim.x + threadIdx.x) * 8;
+  if (i >= n) return;
+  float fa[8], fb[8], fm[8];
+  load8(a, i, fa);
+  load8(b, i, fb);
+  for (int k = 0; k < 8; ++k) {
+    const float s = rnd<bf16_t>(__fdiv_rn(fb[k], __fadd_rn(1.0f, expf(-fb[k]))));
+    fm[k] = __fmul_rn(fa[k], s);
+  }
+  store8(m, i, fm);
+}
+extern "C" __global__ void swiglu_bwd_bf16_vec8(const bf16_t* g, const bf16_t* a, const bf16_t* b, bf16_t* da, bf16_t* db,
+                                                long long n) {
+  long long i = ((long long)blockIdx.x * blockDim.x + threadIdx.x) * 8;
+  if (i >= n) return;
+  float fg[8], fa[8], fb[8], oa[8], ob[8];
+  load8(g, i, fg);
+  load8(a, i, fa);
+  load8(b, i, fb);
+  for (int k = 0; k < 8; ++k) {
+    const float x = fb[k];
+    const float e = __fadd_rn(1.0f, expf(-x));
+    const float s = rnd<bf16_t>(__fdiv_rn(x, e));
+    oa[k] = __fmul_rn(fg[k], s);
+    const float dy = rnd<bf16_t>(__fmul_rn(fg[k], fa[k]));
+    const float sig = __fdiv_rn(1.0f, e);
+    ob[k] = __fmul_rn(__fmul_rn(dy, sig), __fmaf_rn(x, __fsub_rn(1.0f, sig), 1.0f));
+  }
+  store8(da, i, oa);
+  store8(db, i, ob);
+}
+extern "C" __global__ void swiglu_fwd_bf16(const bf16_t* a, const bf16_t* b, bf16_t* m, long long n) { swiglu_fwd<bf16_t>(a, b, m, n); }
+extern "C" __global__ void swiglu_fwd_f32(const float* a, const float* b, float* m, long long n) { swiglu_fwd<float>(a, b, m, n); }
+extern "C" __global__ void swiglu_bwd_bf16(const bf16_t* g, const bf16_t* a, const bf16_t* b, bf16_t* da, bf16_t* db, long long n) { swiglu_bwd<bf16_t>(g, a, b, da, db, n); }
+extern "C" __global__ void swiglu_bwd_f32(const float* g, const float* a, const float* b, float* da, float* db, long long n) { swiglu_bwd<float>(g, a, b, da, db, n); }
 )CUDA";
 
 template <typename F>
@@ -315,6 +396,8 @@ struct Kernels {
   CUfunction accumulate_bf16_vec8 = nullptr;
   CUfunction accumulate_bf16 = nullptr;
   CUfunction ce_fwd_bf16 = nullptr, ce_fwd_f32 = nullptr, ce_bwd_bf16 = nullptr, ce_bwd_f32 = nullptr;
+  CUfunction swiglu_fwd_bf16 = nullptr, swiglu_fwd_f32 = nullptr, swiglu_bwd_bf16 = nullptr, swiglu_bwd_f32 = nullptr;
+  CUfunction swiglu_fwd_bf16_vec8 = nullptr, swiglu_bwd_bf16_vec8 = nullptr;
   // Every kernel of kSource with its name (looked up after loading; checked in the PTX by the build test).
   std::vector<std::pair<CUfunction*, const char*>> table() {
     return {{&rope_bf16, "rope_bf16"},
@@ -325,7 +408,13 @@ struct Kernels {
             {&ce_fwd_bf16, "ce_fwd_bf16"},
             {&ce_fwd_f32, "ce_fwd_f32"},
             {&ce_bwd_bf16, "ce_bwd_bf16"},
-            {&ce_bwd_f32, "ce_bwd_f32"}};
+            {&ce_bwd_f32, "ce_bwd_f32"},
+            {&swiglu_fwd_bf16, "swiglu_fwd_bf16"},
+            {&swiglu_fwd_f32, "swiglu_fwd_f32"},
+            {&swiglu_bwd_bf16, "swiglu_bwd_bf16"},
+            {&swiglu_bwd_f32, "swiglu_bwd_f32"},
+            {&swiglu_fwd_bf16_vec8, "swiglu_fwd_bf16_vec8"},
+            {&swiglu_bwd_bf16_vec8, "swiglu_bwd_bf16_vec8"}};
   }
 };
 std::map<int, Kernels> per_device;
@@ -476,6 +565,65 @@ struct CrossEntropyFn : public torch::autograd::Function<CrossEntropyFn> {
   }
 };
 
+// a and b: the MLP's two projections, same shape, contiguous, bf16 or f32 on one CUDA device.
+void check_swiglu_pair(const at::Tensor& a, const at::Tensor& b) {
+  if (!a.is_cuda() || !a.is_contiguous() || !b.is_contiguous() || !a.sizes().equals(b.sizes()) ||
+      a.scalar_type() != b.scalar_type() || a.device() != b.device() ||
+      (a.scalar_type() != at::kBFloat16 && a.scalar_type() != at::kFloat))
+    throw std::runtime_error("fused SwiGLU takes two contiguous bf16 or f32 CUDA tensors of one shape");
+}
+
+// Whether the 8-wide bf16 kernels apply: bf16, n a multiple of 8, every pointer 16-byte aligned.
+bool vec8(std::initializer_list<const void*> ptrs, const at::Tensor& a, long long n) {
+  if (a.scalar_type() != at::kBFloat16 || n % 8 != 0) return false;
+  for (const void* p : ptrs)
+    if (reinterpret_cast<uintptr_t>(p) % 16 != 0) return false;
+  return true;
+}
+
+struct SwiGluFn : public torch::autograd::Function<SwiGluFn> {
+  static at::Tensor forward(AutogradContext* ctx, const at::Tensor& a_in, const at::Tensor& b_in) {
+    at::Tensor a = a_in.contiguous(), b = b_in.contiguous();
+    check_swiglu_pair(a, b);
+    ctx->save_for_backward({a, b});
+    at::Tensor m = at::empty_like(a);
+    long long n = a.numel();
+    if (n == 0) return m;
+    const Kernels& k = kernels(a.device().index());
+    const void* ap = a.data_ptr();
+    const void* bp = b.data_ptr();
+    void* mp = m.data_ptr();
+    void* args[] = {&ap, &bp, &mp, &n};
+    if (vec8({ap, bp, mp}, a, n))
+      launch(k, k.swiglu_fwd_bf16_vec8, n / 8, args, "launching the fused SwiGLU");
+    else
+      launch(k, a.scalar_type() == at::kBFloat16 ? k.swiglu_fwd_bf16 : k.swiglu_fwd_f32, n, args, "launching the fused SwiGLU");
+    return m;
+  }
+  static variable_list backward(AutogradContext* ctx, variable_list grad) {
+    auto saved = ctx->get_saved_variables();
+    const at::Tensor& a = saved[0];
+    const at::Tensor& b = saved[1];
+    at::Tensor g = grad[0].to(a.scalar_type()).contiguous();
+    at::Tensor da = at::empty_like(a), db = at::empty_like(b);
+    long long n = a.numel();
+    if (n == 0) return {da, db};
+    const Kernels& k = kernels(a.device().index());
+    const void* gp = g.data_ptr();
+    const void* ap = a.data_ptr();
+    const void* bp = b.data_ptr();
+    void* dap = da.data_ptr();
+    void* dbp = db.data_ptr();
+    void* args[] = {&gp, &ap, &bp, &dap, &dbp, &n};
+    if (vec8({gp, ap, bp, dap, dbp}, a, n))
+      launch(k, k.swiglu_bwd_bf16_vec8, n / 8, args, "launching the fused SwiGLU backward");
+    else
+      launch(k, a.scalar_type() == at::kBFloat16 ? k.swiglu_bwd_bf16 : k.swiglu_bwd_f32, n, args,
+             "launching the fused SwiGLU backward");
+    return {da, db};
+  }
+};
+
 // Runs f; an exception becomes a message for Rust (null: success), never crossing the C boundary.
 template <typename F>
 char* guarded(const char* what, F&& f) {
@@ -559,6 +707,12 @@ char* idavlm_accumulate(const at::Tensor* acc, const at::Tensor* g, int add) {
 // logits (see the kernels). On success stores a new tensor in *out and returns null.
 char* idavlm_cross_entropy_rows(const at::Tensor* logits, const at::Tensor* target, at::Tensor** out) {
   return guarded("the fused cross-entropy", [&] { *out = new at::Tensor(CrossEntropyFn::apply(*logits, *target)); });
+}
+
+// m = a * silu(b) through the fused kernels, differentiable in a and b. On success stores a new tensor in
+// *out and returns null.
+char* idavlm_swiglu(const at::Tensor* a, const at::Tensor* b, at::Tensor** out) {
+  return guarded("the fused SwiGLU", [&] { *out = new at::Tensor(SwiGluFn::apply(*a, *b)); });
 }
 
 // RoPE through the fused kernels, differentiable (see the top of this file). On success stores a new

@@ -39,7 +39,20 @@ extern "C" {
         target: *const torch_sys::C_tensor,
         out: *mut *mut torch_sys::C_tensor,
     ) -> *mut c_char;
+    fn idavlm_swiglu(a: *const torch_sys::C_tensor, b: *const torch_sys::C_tensor, out: *mut *mut torch_sys::C_tensor) -> *mut c_char;
     fn idavlm_free_message(m: *mut c_char);
+}
+
+/// The MLP's gate `a * silu(b)` (a = w1(h), b = w2(h): same shape, bf16 or f32 on CUDA) in one kernel each
+/// way, saving only a and b for the backward. Call after [`available`].
+pub fn swiglu(a: &Tensor, b: &Tensor) -> Tensor {
+    let mut out: *mut torch_sys::C_tensor = std::ptr::null_mut();
+    // SAFETY: two live tch tensors borrowed for the call; on success `out` is a new at::Tensor* we own.
+    if let Err(msg) = result(unsafe { idavlm_swiglu(a.as_ptr(), b.as_ptr(), &mut out) }) {
+        panic!("fused SwiGLU failed: {msg}");
+    }
+    // SAFETY: see above.
+    unsafe { Tensor::from_ptr(out) }
 }
 
 /// Cross-entropy of each row of `logits` (N, V), bf16 or f32 contiguous on CUDA, against int64 `target`

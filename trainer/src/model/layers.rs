@@ -290,6 +290,36 @@ pub fn check_fast_paths(device: tch::Device, kind: Kind, shape: (i64, i64, i64, 
             out.push(check_accumulate(device, b * s * d, reps));
         }
         out.push(check_cross_entropy(device, kind, b * s, reps));
+        // The MLP gate at W1's width (intermediate_size / 2 = 11,008): inputs a and b, output a * silu(b).
+        let (ga, gb) = (
+            Tensor::randn([b, s, 11_008], (Kind::Float, device)).to_kind(kind).set_requires_grad(true),
+            (Tensor::randn([b, s, 11_008], (Kind::Float, device)) * 2.0).to_kind(kind).set_requires_grad(true),
+        );
+        let gg = Tensor::randn([b, s, 11_008], (Kind::Float, device)).to_kind(kind);
+        let gate = |fused: bool| -> (Tensor, Vec<Tensor>, f64) {
+            let once = || {
+                let m = if fused { super::fused::swiglu(&ga, &gb) } else { &ga * gb.silu() };
+                let loss = (m.to_kind(Kind::Float) * gg.to_kind(Kind::Float)).sum(Kind::Float);
+                let grads = Tensor::run_backward(&[loss], &[&ga, &gb], false, false);
+                (m, grads)
+            };
+            let (m, g) = once();
+            sync();
+            let t = std::time::Instant::now();
+            for _ in 0..reps.max(1) {
+                let _ = once();
+            }
+            sync();
+            (m, g, t.elapsed().as_secs_f64() * 1e3 / reps.max(1) as f64)
+        };
+        let (mr, gr, tr) = gate(false);
+        let (mf, gf, tf) = gate(true);
+        let grad_rel = gf.iter().zip(&gr).map(|(a, r)| rel(a, r)).fold(0.0, f64::max);
+        // An odd length takes the one-element-per-thread kernel.
+        let (oa, ob) = (Tensor::randn([3, 7], (Kind::Float, device)).to_kind(kind), Tensor::randn([3, 7], (Kind::Float, device)).to_kind(kind));
+        let odd = rel(&super::fused::swiglu(&oa, &ob), &(&oa * ob.silu()));
+        let forward_rel = rel(&mf, &mr).max(odd);
+        out.push(FastPathCheck { name: "swiglu", kind, forward_rel, grad_rel, reference_ms: tr, fast_ms: tf });
     }
     out
 }

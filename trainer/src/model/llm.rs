@@ -98,7 +98,12 @@ impl QwenBlock {
     fn finish(&self, x: &Tensor, a: &Tensor) -> Tensor {
         let x = x + self.c_proj.forward(a);
         let h = self.ln_2.forward(&x);
-        let m = self.w1.forward(&h) * self.w2.forward(&h).silu();
+        let (a, g) = (self.w1.forward(&h), self.w2.forward(&h));
+        let m = if a.device().is_cuda() && matches!(a.kind(), Kind::BFloat16 | Kind::Float) && super::fused::available() {
+            super::fused::swiglu(&a, &g)
+        } else {
+            a * g.silu()
+        };
         x + self.mlp_c_proj.forward(&m)
     }
 }
