@@ -446,16 +446,18 @@ const Kernels& kernels(int ordinal) {
   return per_device.emplace(ordinal, k).first->second;
 }
 
-// Launches `f` over n elements on the device's legacy default stream (libtorch's stream).
-// n: threads wanted (one per item).
-void launch(const Kernels& k, CUfunction f, long long n, void** args, const char* what) {
-  const unsigned threads = 256;
-  const unsigned blocks = (unsigned)((n + threads - 1) / threads);
+// Launches `f` as `blocks` blocks of `threads` on the device's legacy default stream (libtorch's stream).
+void launch_grid(const Kernels& k, CUfunction f, long long blocks, unsigned threads, void** args, const char* what) {
   check_cu(api.cuCtxPushCurrent(k.ctx), "cuCtxPushCurrent");
-  CUresult r = api.cuLaunchKernel(f, blocks, 1, 1, threads, 1, 1, 0, nullptr, args, nullptr);
+  CUresult r = api.cuLaunchKernel(f, (unsigned)blocks, 1, 1, threads, 1, 1, 0, nullptr, args, nullptr);
   CUcontext popped = nullptr;
   api.cuCtxPopCurrent(&popped);
   check_cu(r, what);
+}
+
+// Launches `f` with one thread per item (n items), in blocks of 256.
+void launch(const Kernels& k, CUfunction f, long long n, void** args, const char* what) {
+  launch_grid(k, f, (n + 255) / 256, 256, args, what);
 }
 
 // y = RoPE(x) (backward = false) or the transposed rotation of a gradient (backward = true); x (B, S, H, Dh)
@@ -486,15 +488,6 @@ at::Tensor rope_launch(const at::Tensor& x_in, const at::Tensor& cos_in, const a
   void* args[] = {&xp, &yp, &cp, &sp, &n, &half, &heads, &seq, &sb, &ss, &sh, &tb, &bw};
   launch(k, bf16 ? k.rope_bf16 : k.rope_f32, n, args, "launching the fused rope kernel");
   return y;
-}
-
-// Launches `f` with one block of `threads` per row.
-void launch_rows(const Kernels& k, CUfunction f, long long rows, unsigned threads, void** args, const char* what) {
-  check_cu(api.cuCtxPushCurrent(k.ctx), "cuCtxPushCurrent");
-  CUresult r = api.cuLaunchKernel(f, (unsigned)rows, 1, 1, threads, 1, 1, 0, nullptr, args, nullptr);
-  CUcontext popped = nullptr;
-  api.cuCtxPopCurrent(&popped);
-  check_cu(r, what);
 }
 
 using torch::autograd::AutogradContext;
@@ -530,7 +523,7 @@ std::pair<at::Tensor, at::Tensor> ce_forward(const at::Tensor& logits, const at:
   void* lp = loss.data_ptr();
   void* sp = lse.data_ptr();
   void* args[] = {&xp, &tp, &lp, &sp, &V};
-  launch_rows(k, bf16 ? k.ce_fwd_bf16 : k.ce_fwd_f32, rows, 1024, args, "launching the fused cross-entropy");
+  launch_grid(k, bf16 ? k.ce_fwd_bf16 : k.ce_fwd_f32, rows, 1024, args, "launching the fused cross-entropy");
   return {loss, lse};
 }
 
@@ -549,7 +542,7 @@ at::Tensor ce_backward(const at::Tensor& logits, const at::Tensor& target, const
   const void* gp = g.data_ptr();
   void* op = gx.data_ptr();
   void* args[] = {&xp, &tp, &sp, &gp, &op, &V};
-  launch_rows(k, bf16 ? k.ce_bwd_bf16 : k.ce_bwd_f32, rows, 1024, args, "launching the fused cross-entropy backward");
+  launch_grid(k, bf16 ? k.ce_bwd_bf16 : k.ce_bwd_f32, rows, 1024, args, "launching the fused cross-entropy backward");
   return gx;
 }
 

@@ -89,27 +89,12 @@ impl AdamW {
     /// One decoupled AdamW update of `param` (f32) in place, as torch.optim.AdamW: decay, moments,
     /// bias correction with the 1-based step `t`.
     pub fn update(&self, param: &mut Tensor, grad: &Tensor, m: &mut Tensor, v: &mut Tensor, lr: f64, t: u64) {
-        self.update_with(param, grad, m, v, lr, self.weight_decay, t)
+        self.update_scaled(param, grad, m, v, &StepArgs { lr, weight_decay: self.weight_decay, grad_scale: 1.0, t })
     }
 
     /// 1 - beta1^t and 1 - beta2^t for the 1-based step `t`.
     fn bias_corrections(&self, t: u64) -> (f64, f64) {
         (1.0 - self.beta1.powi(t as i32), 1.0 - self.beta2.powi(t as i32))
-    }
-
-    /// [`Self::update`] with its own weight decay (a parameter group's).
-    #[allow(clippy::too_many_arguments)]
-    pub fn update_with(
-        &self,
-        param: &mut Tensor,
-        grad: &Tensor,
-        m: &mut Tensor,
-        v: &mut Tensor,
-        lr: f64,
-        weight_decay: f64,
-        t: u64,
-    ) {
-        self.update_scaled(param, grad, m, v, &StepArgs { lr, weight_decay, grad_scale: 1.0, t })
     }
 
     /// One AdamW step of `grad * k.grad_scale` (global-norm clipping; a scale >= 1 is not applied) with
@@ -118,9 +103,8 @@ impl AdamW {
     /// without libnvrtc, libtorch's operations ([`Self::update_unfused`]).
     pub fn update_scaled(&self, param: &mut Tensor, grad: &Tensor, m: &mut Tensor, v: &mut Tensor, k: &StepArgs) {
         let (bc1, bc2) = self.bias_corrections(k.t);
-        let fusable = param.device().is_cuda()
-            && [&*param, grad, &*m, &*v].iter().all(|x| x.kind() == tch::Kind::Float && x.is_contiguous());
-        if fusable && crate::model::fused::available() {
+        let fusable = [&*param, grad, &*m, &*v].iter().all(|x| x.kind() == tch::Kind::Float && x.is_contiguous());
+        if fusable && crate::model::fused::runs_on(param) {
             let s = crate::model::fused::AdamScalars {
                 scale: k.grad_scale as f32,
                 scaled: k.grad_scale < 1.0,
@@ -159,6 +143,7 @@ impl AdamW {
 /// clipped and not): relative error of the parameters and moments, and the time of one step of each.
 /// None where the kernel does not run (not CUDA, no libnvrtc).
 pub fn check_fused_adamw(device: tch::Device, n: i64, reps: usize) -> Option<crate::model::layers::FastPathCheck> {
+    use crate::model::layers::{measured, rel_err};
     if !device.is_cuda() || !crate::model::fused::available() {
         return None;
     }
@@ -166,50 +151,30 @@ pub fn check_fused_adamw(device: tch::Device, n: i64, reps: usize) -> Option<cra
     let f = (tch::Kind::Float, device);
     let init = [Tensor::randn([n], f), Tensor::randn([n], f) * 1e-3, Tensor::rand([n], f) * 1e-6];
     let grads: Vec<Tensor> = (0..3).map(|_| Tensor::randn([n], f) * 1e-2).collect();
-    let sync = || {
-        if let tch::Device::Cuda(i) = device {
-            tch::Cuda::synchronize(i as i64);
-        }
-    };
     let run = |fused: bool| -> (Vec<Tensor>, f64) {
-        let (mut p, mut m, mut v) = (init[0].copy(), init[1].copy(), init[2].copy());
-        let step = |p: &mut Tensor, m: &mut Tensor, v: &mut Tensor, g: &Tensor, scale: f64, t: u64| {
+        let step = |[p, m, v]: &[Tensor; 3], g: &Tensor, scale: f64, t: u64| {
             let k = StepArgs { lr: 1e-3, weight_decay: 0.1, grad_scale: scale, t };
+            let (mut p, mut m, mut v) = (p.shallow_clone(), m.shallow_clone(), v.shallow_clone());
             if fused {
-                o.update_scaled(p, g, m, v, &k);
+                o.update_scaled(&mut p, g, &mut m, &mut v, &k);
             } else {
-                o.update_unfused(p, g, m, v, &k);
+                o.update_unfused(&mut p, g, &mut m, &mut v, &k);
             }
         };
         // Three steps compared (the second clipped), then `reps` more timed on copies.
+        let state = init.each_ref().map(|t| t.copy());
         for (t, g) in grads.iter().enumerate() {
-            step(&mut p, &mut m, &mut v, g, if t == 1 { 0.5 } else { 1.0 }, t as u64 + 1);
+            step(&state, g, if t == 1 { 0.5 } else { 1.0 }, t as u64 + 1);
         }
-        let (mut p2, mut m2, mut v2) = (p.copy(), m.copy(), v.copy());
-        sync();
-        let start = std::time::Instant::now();
-        for _ in 0..reps.max(1) {
-            step(&mut p2, &mut m2, &mut v2, &grads[0], 0.5, 4);
-        }
-        sync();
-        (vec![p, m, v], start.elapsed().as_secs_f64() * 1e3 / reps.max(1) as f64)
+        let copies = state.each_ref().map(|t| t.copy());
+        let (_, ms) = measured(device, reps, || step(&copies, &grads[0], 0.5, 4));
+        (state.into(), ms)
     };
     let _ = run(true);
-    let (reference, t_ref) = run(false);
-    let (fused, t_fused) = run(true);
-    let rel = fused
-        .iter()
-        .zip(&reference)
-        .map(|(a, r)| (a - r).abs().max().double_value(&[]) / r.abs().max().double_value(&[]).max(1e-30))
-        .fold(0.0, f64::max);
-    Some(crate::model::layers::FastPathCheck {
-        name: "adamw",
-        kind: tch::Kind::Float,
-        forward_rel: rel,
-        grad_rel: 0.0,
-        reference_ms: t_ref,
-        fast_ms: t_fused,
-    })
+    let (reference, reference_ms) = run(false);
+    let (fused, fast_ms) = run(true);
+    let forward_rel = fused.iter().zip(&reference).map(|(a, r)| rel_err(a, r)).fold(0.0, f64::max);
+    Some(crate::model::layers::FastPathCheck { name: "adamw", kind: tch::Kind::Float, forward_rel, grad_rel: 0.0, reference_ms, fast_ms })
 }
 
 /// The factor gradients are multiplied by for global-norm clipping (torch's clip_grad_norm_).

@@ -42,9 +42,10 @@ enum Cmd {
         #[arg(long, default_value_t = 8192)]
         size: i64,
     },
-    /// Check the GPU formulations (fused RMS norm, RoPE forms and kernel, the fused AdamW) against the
-    /// reference ones on every CUDA device (else the CPU) in f32 and bf16 at a W1 block's shape, forward
-    /// and gradient, and time both; exits 1 when one is off by more than its dtype's rounding.
+    /// Check the GPU formulations (fused RMS norm, RoPE forms, and the NVRTC kernels: RoPE, SwiGLU,
+    /// cross-entropy, AdamW, gradient casts/adds) against their references on every CUDA device (else
+    /// the CPU: norm and RoPE forms) in f32 and bf16 at a W1 block's shape, forward and gradient, and
+    /// time both; exits 1 when one is off by more than its dtype's rounding.
     Kernels {
         /// Tokens per micro-batch row, rows, heads, head dim.
         #[arg(long, default_value_t = 2048)]

@@ -70,22 +70,28 @@ pub fn cross_entropy_rows(logits: &Tensor, target: &Tensor) -> Tensor {
     unsafe { Tensor::from_ptr(out) }
 }
 
-/// Whether [`accumulate`] takes this pair: CUDA, `acc` contiguous f32, `g` contiguous bf16 of its length,
-/// and the kernels available.
-pub fn can_accumulate(acc: &Tensor, g: &Tensor) -> bool {
-    acc.device().is_cuda()
-        && acc.kind() == tch::Kind::Float
+/// `acc = g` (add false) or `acc += g` for a gradient `g` of `acc`'s length. A contiguous bf16 `g` into a
+/// contiguous f32 CUDA `acc` goes through the vectorised kernel (exactly libtorch's cast-copy and add;
+/// libtorch runs mixed-dtype element-wise ops unvectorised: ~2.7 TB/s on an H200); anything else through
+/// libtorch's `copy_` / `add_`.
+pub fn accumulate(acc: &Tensor, g: &Tensor, add: bool) {
+    let kernel = acc.kind() == tch::Kind::Float
         && g.kind() == tch::Kind::BFloat16
         && acc.is_contiguous()
         && g.is_contiguous()
         && acc.numel() == g.numel()
-        && available()
-}
-
-/// `acc = g` (add false) or `acc += g` in f32 from a bf16 gradient, exactly as libtorch's cast-copy and
-/// add but vectorised (libtorch runs mixed-dtype element-wise ops unvectorised: ~2.7 TB/s on an H200).
-/// Call when [`can_accumulate`].
-pub fn accumulate(acc: &Tensor, g: &Tensor, add: bool) {
+        && runs_on(acc);
+    if !kernel {
+        let mut acc = acc.shallow_clone();
+        tch::no_grad(|| {
+            if add {
+                let _ = acc.g_add_(g);
+            } else {
+                acc.copy_(g);
+            }
+        });
+        return;
+    }
     // SAFETY: two live tch tensors borrowed for the call; the shim checks dtypes, layout and length.
     if let Err(msg) = result(unsafe { idavlm_accumulate(acc.as_ptr(), g.as_ptr(), i32::from(add)) }) {
         panic!("fused gradient accumulation failed: {msg}");
@@ -205,6 +211,11 @@ fn setup() -> &'static Result<PathBuf, String> {
         }
         Err(format!("libnvrtc not found ({})", tried.join("; ")))
     })
+}
+
+/// Whether a fused kernel takes `t`: a bf16 or f32 CUDA tensor, and the kernels available.
+pub fn runs_on(t: &Tensor) -> bool {
+    t.device().is_cuda() && matches!(t.kind(), tch::Kind::BFloat16 | tch::Kind::Float) && available()
 }
 
 /// Whether the fused kernels run on CUDA tensors (warns once when not).

@@ -184,7 +184,7 @@ pub fn rope_tables(head_dim: i64, base: f64, start: i64, len: i64, ntk_alpha: f6
 /// has its own positions; returns x's dtype. On CUDA the fused kernel ([`super::fused::rope`], equal to
 /// the reference bit for bit) or, without libnvrtc, [`apply_rope_swapped`]; elsewhere the reference.
 pub fn apply_rope(x: &Tensor, cos: &Tensor, sin: &Tensor) -> Tensor {
-    if x.device().is_cuda() && matches!(x.kind(), Kind::BFloat16 | Kind::Float) && super::fused::available() {
+    if super::fused::runs_on(x) {
         super::fused::rope(x, cos, sin)
     } else if x.device().is_cuda() {
         apply_rope_swapped(x, cos, sin)
@@ -238,8 +238,62 @@ impl FastPathCheck {
     }
 }
 
-/// Compares the fast formulations ([`RmsNorm::fused`], [`apply_rope_swapped`]) with the reference ones on
-/// `device` in `kind` at block shape (B, S, H, Dh), forward and backward, timing each over `reps` runs.
+/// Waits for the work queued on `device` (nothing to wait for on the CPU).
+fn sync(device: tch::Device) {
+    if let tch::Device::Cuda(i) = device {
+        tch::Cuda::synchronize(i as i64);
+    }
+}
+
+/// max |a - r| / max |r|, in f32.
+pub(crate) fn rel_err(a: &Tensor, r: &Tensor) -> f64 {
+    let (a, r) = (a.to_kind(Kind::Float), r.to_kind(Kind::Float));
+    (&a - &r).abs().max().double_value(&[]) / r.abs().max().double_value(&[]).max(1e-30)
+}
+
+/// Runs `once` and keeps what it returns, then times `reps` more runs: (that result, mean ms per run),
+/// the device synchronised around the timing.
+pub(crate) fn measured<T>(device: tch::Device, reps: usize, once: impl Fn() -> T) -> (T, f64) {
+    let out = once();
+    sync(device);
+    let t = std::time::Instant::now();
+    for _ in 0..reps.max(1) {
+        let _ = once();
+    }
+    sync(device);
+    (out, t.elapsed().as_secs_f64() * 1e3 / reps.max(1) as f64)
+}
+
+/// Output and input gradients of `f` at `inputs` under the loss `sum(f * g)` (f32), and its time.
+fn with_grads(device: tch::Device, reps: usize, f: &dyn Fn() -> Tensor, g: &Tensor, inputs: &[&Tensor]) -> ((Tensor, Vec<Tensor>), f64) {
+    measured(device, reps, || {
+        let y = f();
+        let loss = (y.to_kind(Kind::Float) * g.to_kind(Kind::Float)).sum(Kind::Float);
+        let grads = Tensor::run_backward(&[loss], inputs, false, false);
+        (y, grads)
+    })
+}
+
+/// A [`FastPathCheck`] of `fast` against `reference`, both evaluated by [`with_grads`].
+fn compare(
+    name: &'static str,
+    kind: Kind,
+    device: tch::Device,
+    reps: usize,
+    (reference, fast): (&dyn Fn() -> Tensor, &dyn Fn() -> Tensor),
+    g: &Tensor,
+    inputs: &[&Tensor],
+) -> FastPathCheck {
+    let ((yr, gr), reference_ms) = with_grads(device, reps, reference, g, inputs);
+    let ((yf, gf), fast_ms) = with_grads(device, reps, fast, g, inputs);
+    let grad_rel = gf.iter().zip(&gr).map(|(a, r)| rel_err(a, r)).fold(0.0, f64::max);
+    FastPathCheck { name, kind, forward_rel: rel_err(&yf, &yr), grad_rel, reference_ms, fast_ms }
+}
+
+/// Compares the GPU formulations with their references on `device` in `kind` at block shape (B, S, H,
+/// Dh), forward and backward, timing each over `reps` runs: [`RmsNorm::fused`] and
+/// [`apply_rope_swapped`] everywhere; on CUDA also the NVRTC kernels (RoPE, gradient casts/adds,
+/// cross-entropy, SwiGLU).
 pub fn check_fast_paths(device: tch::Device, kind: Kind, shape: (i64, i64, i64, i64), reps: usize) -> Vec<FastPathCheck> {
     let (b, s, h, dh) = shape;
     let d = h * dh;
@@ -248,44 +302,23 @@ pub fn check_fast_paths(device: tch::Device, kind: Kind, shape: (i64, i64, i64, 
     let norm = RmsNorm { weight: weight.shallow_clone(), eps: 1e-6 };
     let x = Tensor::randn([b, s, d], (Kind::Float, device)).to_kind(kind).set_requires_grad(true);
     let g = Tensor::randn([b, s, d], (Kind::Float, device)).to_kind(kind);
-    let sync = || {
-        if let tch::Device::Cuda(i) = device {
-            tch::Cuda::synchronize(i as i64);
-        }
-    };
-    let rel = |a: &Tensor, r: &Tensor| {
-        let (a, r) = (a.to_kind(Kind::Float), r.to_kind(Kind::Float));
-        (&a - &r).abs().max().double_value(&[]) / r.abs().max().double_value(&[]).max(1e-30)
-    };
-    let run = |f: &dyn Fn(&Tensor) -> Tensor, inputs: &[&Tensor]| -> (Tensor, Vec<Tensor>, f64) {
-        let once = || {
-            let y = f(&x);
-            let grads = Tensor::run_backward(&[(y.to_kind(Kind::Float) * g.to_kind(Kind::Float)).sum(Kind::Float)], inputs, false, false);
-            (y, grads)
-        };
-        let out = once();
-        sync();
-        let t = std::time::Instant::now();
-        for _ in 0..reps {
-            let _ = once();
-        }
-        sync();
-        (out.0, out.1, t.elapsed().as_secs_f64() * 1e3 / reps.max(1) as f64)
-    };
-    let compare = |name, reference: &dyn Fn(&Tensor) -> Tensor, fast: &dyn Fn(&Tensor) -> Tensor, inputs: &[&Tensor]| {
-        let (yr, gr, tr) = run(reference, inputs);
-        let (yf, gf, tf) = run(fast, inputs);
-        let grad_rel = gf.iter().zip(&gr).map(|(a, r)| rel(a, r)).fold(0.0, f64::max);
-        FastPathCheck { name, kind, forward_rel: rel(&yf, &yr), grad_rel, reference_ms: tr, fast_ms: tf }
-    };
     let heads = |x: &Tensor| x.view([b, s, h, dh]);
-    let reference_rope = |x: &Tensor| apply_rope_reference(&heads(x), &cos, &sin).view([b, s, d]);
+    let reference_rope = || apply_rope_reference(&heads(&x), &cos, &sin).view([b, s, d]);
     let mut out = vec![
-        compare("rms_norm", &|x| norm.reference(x), &|x| norm.fused(x), &[&x, &weight]),
-        compare("rope", &reference_rope, &|x| apply_rope_swapped(&heads(x), &cos, &sin).view([b, s, d]), &[&x]),
+        compare("rms_norm", kind, device, reps, (&|| norm.reference(&x), &|| norm.fused(&x)), &g, &[&x, &weight]),
+        compare(
+            "rope",
+            kind,
+            device,
+            reps,
+            (&reference_rope, &|| apply_rope_swapped(&heads(&x), &cos, &sin).view([b, s, d])),
+            &g,
+            &[&x],
+        ),
     ];
     if device.is_cuda() && super::fused::available() {
-        out.push(compare("rope_nvrtc", &reference_rope, &|x| super::fused::rope(&heads(x), &cos, &sin).view([b, s, d]), &[&x]));
+        let fused_rope = || super::fused::rope(&heads(&x), &cos, &sin).view([b, s, d]);
+        out.push(compare("rope_nvrtc", kind, device, reps, (&reference_rope, &fused_rope), &g, &[&x]));
         if kind == Kind::BFloat16 {
             out.push(check_accumulate(device, b * s * d, reps));
         }
@@ -296,30 +329,12 @@ pub fn check_fast_paths(device: tch::Device, kind: Kind, shape: (i64, i64, i64, 
             (Tensor::randn([b, s, 11_008], (Kind::Float, device)) * 2.0).to_kind(kind).set_requires_grad(true),
         );
         let gg = Tensor::randn([b, s, 11_008], (Kind::Float, device)).to_kind(kind);
-        let gate = |fused: bool| -> (Tensor, Vec<Tensor>, f64) {
-            let once = || {
-                let m = if fused { super::fused::swiglu(&ga, &gb) } else { &ga * gb.silu() };
-                let loss = (m.to_kind(Kind::Float) * gg.to_kind(Kind::Float)).sum(Kind::Float);
-                let grads = Tensor::run_backward(&[loss], &[&ga, &gb], false, false);
-                (m, grads)
-            };
-            let (m, g) = once();
-            sync();
-            let t = std::time::Instant::now();
-            for _ in 0..reps.max(1) {
-                let _ = once();
-            }
-            sync();
-            (m, g, t.elapsed().as_secs_f64() * 1e3 / reps.max(1) as f64)
-        };
-        let (mr, gr, tr) = gate(false);
-        let (mf, gf, tf) = gate(true);
-        let grad_rel = gf.iter().zip(&gr).map(|(a, r)| rel(a, r)).fold(0.0, f64::max);
+        let gates: (&dyn Fn() -> Tensor, &dyn Fn() -> Tensor) = (&|| &ga * gb.silu(), &|| super::fused::swiglu(&ga, &gb));
+        let mut c = compare("swiglu", kind, device, reps, gates, &gg, &[&ga, &gb]);
         // An odd length takes the one-element-per-thread kernel.
         let (oa, ob) = (Tensor::randn([3, 7], (Kind::Float, device)).to_kind(kind), Tensor::randn([3, 7], (Kind::Float, device)).to_kind(kind));
-        let odd = rel(&super::fused::swiglu(&oa, &ob), &(&oa * ob.silu()));
-        let forward_rel = rel(&mf, &mr).max(odd);
-        out.push(FastPathCheck { name: "swiglu", kind, forward_rel, grad_rel, reference_ms: tr, fast_ms: tf });
+        c.forward_rel = c.forward_rel.max(rel_err(&super::fused::swiglu(&oa, &ob), &(&oa * ob.silu())));
+        out.push(c);
     }
     out
 }
@@ -330,13 +345,8 @@ fn check_cross_entropy(device: tch::Device, kind: Kind, rows: i64, reps: usize) 
     let vocab = 151_936;
     let logits = (Tensor::randn([rows, vocab], (Kind::Float, device)) * 3.0).to_kind(kind).set_requires_grad(true);
     let target = Tensor::randint(vocab, [rows], (Kind::Int64, device));
-    let sync = || {
-        if let tch::Device::Cuda(i) = device {
-            tch::Cuda::synchronize(i as i64);
-        }
-    };
-    let run = |fused: bool| -> (Tensor, Tensor, f64) {
-        let once = || {
+    let run = |fused: bool| {
+        measured(device, reps, || {
             let loss = if fused {
                 super::fused::cross_entropy_rows(&logits, &target).mean(Kind::Float)
             } else {
@@ -344,33 +354,16 @@ fn check_cross_entropy(device: tch::Device, kind: Kind, rows: i64, reps: usize) 
             };
             let g = Tensor::run_backward(&[&loss * 0.5], &[&logits], false, false).remove(0);
             (loss, g)
-        };
-        let (loss, g) = once();
-        sync();
-        let t = std::time::Instant::now();
-        for _ in 0..reps.max(1) {
-            let _ = once();
-        }
-        sync();
-        (loss, g, t.elapsed().as_secs_f64() * 1e3 / reps.max(1) as f64)
+        })
     };
-    let (lr, gr, tr) = run(false);
-    let (lf, gf, tf) = run(true);
-    let rel = |a: &Tensor, r: &Tensor| {
-        let (a, r) = (a.to_kind(Kind::Float), r.to_kind(Kind::Float));
-        (&a - &r).abs().max().double_value(&[]) / r.abs().max().double_value(&[]).max(1e-30)
-    };
-    FastPathCheck { name: "cross_entropy", kind, forward_rel: rel(&lf, &lr), grad_rel: rel(&gf, &gr), reference_ms: tr, fast_ms: tf }
+    let ((lr, gr), reference_ms) = run(false);
+    let ((lf, gf), fast_ms) = run(true);
+    FastPathCheck { name: "cross_entropy", kind, forward_rel: rel_err(&lf, &lr), grad_rel: rel_err(&gf, &gr), reference_ms, fast_ms }
 }
 
 /// The fused bf16 -> f32 gradient copy and add against libtorch's `copy_` and `add_`, at an aligned offset
 /// and at odd ones (the unvectorised kernel and the tail), and the time of one add of `n` elements each.
 fn check_accumulate(device: tch::Device, n: i64, reps: usize) -> FastPathCheck {
-    let sync = || {
-        if let tch::Device::Cuda(i) = device {
-            tch::Cuda::synchronize(i as i64);
-        }
-    };
     let mut worst: f64 = 0.0;
     for (off, len) in [(0, n), (3, n - 11), (8, 1001), (5, 7)] {
         let g = Tensor::randn([len], (Kind::Float, device)).to_kind(Kind::BFloat16);
@@ -388,21 +381,11 @@ fn check_accumulate(device: tch::Device, n: i64, reps: usize) -> FastPathCheck {
         }
     }
     let g = Tensor::randn([n], (Kind::Float, device)).to_kind(Kind::BFloat16);
-    let mut acc = Tensor::zeros([n], (Kind::Float, device));
-    let time = |f: &mut dyn FnMut()| {
-        f();
-        sync();
-        let t = std::time::Instant::now();
-        for _ in 0..reps.max(1) {
-            f();
-        }
-        sync();
-        t.elapsed().as_secs_f64() * 1e3 / reps.max(1) as f64
-    };
-    let reference_ms = time(&mut || {
-        let _ = acc.g_add_(&g);
+    let acc = Tensor::zeros([n], (Kind::Float, device));
+    let (_, reference_ms) = measured(device, reps, || {
+        let _ = acc.shallow_clone().g_add_(&g);
     });
-    let fast_ms = time(&mut || super::fused::accumulate(&acc, &g, true));
+    let (_, fast_ms) = measured(device, reps, || super::fused::accumulate(&acc, &g, true));
     FastPathCheck { name: "grad_add", kind: Kind::Float, forward_rel: worst, grad_rel: 0.0, reference_ms, fast_ms }
 }
 

@@ -99,11 +99,7 @@ impl QwenBlock {
         let x = x + self.c_proj.forward(a);
         let h = self.ln_2.forward(&x);
         let (a, g) = (self.w1.forward(&h), self.w2.forward(&h));
-        let m = if a.device().is_cuda() && matches!(a.kind(), Kind::BFloat16 | Kind::Float) && super::fused::available() {
-            super::fused::swiglu(&a, &g)
-        } else {
-            a * g.silu()
-        };
+        let m = if super::fused::runs_on(&a) { super::fused::swiglu(&a, &g) } else { a * g.silu() };
         x + self.mlp_c_proj.forward(&m)
     }
 }

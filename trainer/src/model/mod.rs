@@ -271,7 +271,7 @@ impl Head {
         let h = x.narrow(1, 0, s - 1).reshape([b * (s - 1), d]).index_select(0, &keep);
         let logits = self.forward(&h);
         let target = target.index_select(0, &keep);
-        if logits.device().is_cuda() && matches!(logits.kind(), Kind::BFloat16 | Kind::Float) && fused::available() {
+        if fused::runs_on(&logits) {
             // One kernel each way over the logits as they are (no f32 copy, no saved log-probabilities).
             return fused::cross_entropy_rows(&logits.contiguous(), &target).mean(Kind::Float);
         }

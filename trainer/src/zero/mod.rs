@@ -404,12 +404,7 @@ impl Sharded {
                     if g.defined() {
                         let g = g.view([-1]);
                         let g = if comm.world() == 1 && rk != Kind::Float && g.kind() != rk { g.to_kind(rk) } else { g };
-                        let mut dst = acc.narrow(0, e.offset as i64, e.numel as i64);
-                        if fused::can_accumulate(&dst, &g) {
-                            fused::accumulate(&dst, &g, true);
-                        } else {
-                            let _ = dst.g_add_(&g);
-                        }
+                        fused::accumulate(&acc.narrow(0, e.offset as i64, e.numel as i64), &g, true);
                     }
                 }
             });
@@ -425,12 +420,7 @@ impl Sharded {
                 let g = leaf.grad();
                 // A parameter the loss did not reach (e.g. the ID-Former without test images) has no grad.
                 if g.defined() {
-                    let g = g.view([-1]);
-                    if fused::can_accumulate(&dst, &g) {
-                        fused::accumulate(&dst, &g, false);
-                    } else {
-                        dst.copy_(&g);
-                    }
+                    fused::accumulate(&dst, &g.view([-1]), false);
                 } else {
                     let _ = dst.zero_();
                 }
