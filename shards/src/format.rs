@@ -386,6 +386,27 @@ pub fn read_row_group_with(file: &Path, meta: &Footer, rg: usize) -> Result<Vec<
     Ok(out)
 }
 
+/// The `num_tokens` column of row group `rg` alone (the other columns, images included, are not read):
+/// what packing needs to plan micro-batches.
+pub fn read_num_tokens(file: &Path, meta: &Footer, rg: usize) -> Result<Vec<i32>> {
+    check_row_group(file, meta, rg)?;
+    let col = meta.schema().index_of("num_tokens").map_err(|_| Error::format(file, "column \"num_tokens\" missing"))?;
+    let mask = parquet::arrow::ProjectionMask::roots(meta.metadata().file_metadata().schema_descr(), [col]);
+    let f = File::open(file).map_err(|e| Error::io(file, e))?;
+    let reader = ParquetRecordBatchReaderBuilder::new_with_metadata(f, meta.clone())
+        .with_row_groups(vec![rg])
+        .with_projection(mask)
+        .with_batch_size(1 << 16)
+        .build()
+        .map_err(|e| Error::Parquet { file: file.to_path_buf(), cause: e })?;
+    let mut out = Vec::new();
+    for batch in reader {
+        let batch = batch.map_err(|e| Error::format(file, format!("row group {rg}: {e}")))?;
+        out.extend(column::<Int32Array>(&batch, "num_tokens", file)?.values().iter().copied());
+    }
+    Ok(out)
+}
+
 /// Reads row group `rg` with asynchronous file I/O (tokio): only the row group's column chunks are
 /// read, and the task yields while the bytes arrive.
 pub async fn read_row_group_async(file: &Path, meta: &Footer, rg: usize) -> Result<Vec<Sample>> {

@@ -25,6 +25,15 @@ impl Packing {
     }
 }
 
+/// The one rule between a packing budget and `max_len`: every sample training keeps (at most `max_len`
+/// tokens) must fit a micro-batch. The message names both figures; callers say where they come from.
+pub fn check_budget(tokens: usize, max_len: usize) -> std::result::Result<(), String> {
+    if tokens < max_len {
+        return Err(format!("packing budget {tokens} tokens is below max_len {max_len}: a sample that long could fit no micro-batch"));
+    }
+    Ok(())
+}
+
 /// Packs `lengths` (tokens per sample, in reading order) into micro-batches of at most `budget` tokens.
 pub fn pack(lengths: &[usize], budget: usize, window: usize) -> Packing {
     let window = window.max(1);

@@ -223,6 +223,8 @@ pub struct SampleLoader {
     tok: Arc<Tokenizer>,
     pub opts: LoadOptions,
     cache: Mutex<(HashMap<RowGroupKey, Slot>, VecDeque<RowGroupKey>)>,
+    /// Each row group's `num_tokens` column, read once (4 bytes a sample): the lengths packing plans with.
+    counts: Mutex<HashMap<RowGroupKey, Arc<Vec<i32>>>>,
 }
 
 /// Row groups kept decoded; the prefetch of a few steps touches fewer than this.
@@ -230,7 +232,7 @@ const CACHE_ROW_GROUPS: usize = 32;
 
 impl SampleLoader {
     pub fn new(sources: Vec<Source>, tok: Arc<Tokenizer>, opts: LoadOptions) -> Self {
-        Self { sources, tok, opts, cache: Mutex::new((HashMap::new(), VecDeque::new())) }
+        Self { sources, tok, opts, cache: Mutex::new((HashMap::new(), VecDeque::new())), counts: Mutex::default() }
     }
 
     fn slot(&self, key: RowGroupKey) -> Slot {
@@ -297,7 +299,33 @@ impl SampleLoader {
     }
 
     /// The token length of a sample as training encodes it, None when it is over `max_len` (dropped).
+    /// A sample within `max_len` is measured by its shard's `num_tokens` column alone (no image bytes
+    /// read, no tokenising: every rank plans every packing window); [`Self::prepare`] checks the column
+    /// against the tokeniser when the sample is used. A longer one is tokenised here, to see whether it
+    /// can be cut to `max_len` or is dropped.
     pub fn length(&self, src: usize, loc: Locator) -> Result<Option<usize>> {
+        let key = (src, loc.shard, loc.row_group);
+        let cached = self.counts.lock().expect("counts lock").get(&key).cloned();
+        let counts = match cached {
+            Some(c) => c,
+            None => {
+                self.sources[src].ensure_verified(loc.shard)?;
+                let f = self.sources[src].shard_path(loc.shard);
+                let footer = &self.sources[src].footers[loc.shard as usize];
+                let c = Arc::new(crate::format::read_num_tokens(&f, footer, loc.row_group as usize)?);
+                self.counts.lock().expect("counts lock").insert(key, c.clone());
+                c
+            }
+        };
+        let Some(&n) = counts.get(loc.row as usize) else {
+            return Err(Error::format(
+                &self.sources[src].shard_path(loc.shard),
+                format!("row {} of row group {} does not exist", loc.row, loc.row_group),
+            ));
+        };
+        if n > 0 && n as usize <= self.opts.max_len {
+            return Ok(Some(n as usize));
+        }
         let rows = self.rows_blocking(src, loc)?;
         let s = &rows[self.check_row(&rows, src, loc)?];
         Ok(encode_conversation(&self.tok, &s.id, &s.conversations, self.opts.max_len, Overflow::TruncateOutsideImages)
@@ -312,7 +340,9 @@ impl SampleLoader {
         for (src, loc, rows) in fetched {
             let row = self.check_row(&rows, src, loc)?;
             let s = &rows[row];
-            match encode_conversation(&self.tok, &s.id, &s.conversations, self.opts.max_len, Overflow::TruncateOutsideImages) {
+            let enc = encode_conversation(&self.tok, &s.id, &s.conversations, self.opts.max_len, Overflow::TruncateOutsideImages);
+            self.check_count(s, src, loc, &enc)?;
+            match enc {
                 Ok(enc) => {
                     if enc.image_paths.len() > s.images.len() {
                         return Err(Error::sample(
@@ -330,6 +360,32 @@ impl SampleLoader {
             }
         }
         Ok((out, overlong))
+    }
+
+    /// The stored `num_tokens` must be what the tokeniser gives (packing planned with it on every rank):
+    /// a sample kept whole has exactly that many tokens, one cut or dropped has more than `max_len`.
+    fn check_count(&self, s: &Sample, src: usize, loc: Locator, enc: &Result<crate::chat::Encoded>) -> Result<()> {
+        let within = s.num_tokens > 0 && s.num_tokens as usize <= self.opts.max_len;
+        let agrees = match enc {
+            Ok(e) if !e.truncated => e.input_ids.len() == s.num_tokens as usize,
+            _ => !within,
+        };
+        if agrees {
+            return Ok(());
+        }
+        let measured = match enc {
+            Ok(e) if !e.truncated => format!("this tokeniser gives {} tokens", e.input_ids.len()),
+            Ok(_) => format!("this tokeniser gives more than max_len {}", self.opts.max_len),
+            Err(e) => format!("tokenising it fails ({e})"),
+        };
+        Err(Error::format(
+            &self.sources[src].shard_path(loc.shard),
+            format!(
+                "sample {:?} (row group {}, row {}): num_tokens says {} but {measured}; \
+                 the shard was written with another tokeniser or edited: convert it again",
+                s.id, loc.row_group, loc.row, s.num_tokens
+            ),
+        ))
     }
 
     /// Image `k` of a prepared sample -> normalised pixels.
@@ -591,12 +647,7 @@ impl Reader {
         });
         let main_sources = main.iter().map(|&(s, _)| s).collect();
         if let Some(p) = shape.packing {
-            if p.tokens < opts.max_len {
-                return Err(Error::Invalid(format!(
-                    "packing budget {} tokens is below max_len {}: a sample could fit no micro-batch",
-                    p.tokens, opts.max_len
-                )));
-            }
+            crate::pack::check_budget(p.tokens, opts.max_len).map_err(Error::Invalid)?;
         }
         let loader = Arc::new(SampleLoader::new(sources, tok, opts));
         Ok(Self { loader, main: main_mix, general, main_sources, shape, windows: HashMap::new() })

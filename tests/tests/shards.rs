@@ -326,3 +326,65 @@ fn w2_lengths_pack_at_96_percent_or_better() {
     assert!(p.too_long.is_empty() && e >= 0.96, "efficiency {e}");
     eprintln!("W2: {} micro-batches of 4096, efficiency {:.2}%", p.bins.len(), 100.0 * e);
 }
+
+/// Packing plans with each shard's `num_tokens` column (no image bytes read, no tokenising on every
+/// rank); a shard whose column disagrees with the tokeniser is an error naming the sample and the shard
+/// when that sample is used, not a silently over-full micro-batch.
+#[test]
+fn packing_plans_by_num_tokens_and_a_stale_count_is_an_error_naming_the_sample() {
+    let d = tempfile::tempdir().unwrap();
+    synth(d.path(), 16, 4, 3);
+    let src = d.path().join("id");
+    let m = Manifest::load(&src).unwrap();
+    let tok = Arc::new(idavlm_shards::tokenizer::Tokenizer::load_default().unwrap());
+    let packed = |dir: &Path| {
+        let s = Source::open("id", dir).unwrap();
+        let n = s.layout.len();
+        Reader::new(
+            vec![s],
+            tok.clone(),
+            LoadOptions { image_size: 28, max_len: 4096, bad_image: BadImagePolicy::Fail, workers: 1, resize: Default::default() },
+            5,
+            &[(0, n)],
+            None,
+            StepShape {
+                micro_batch: 1,
+                accum: 2,
+                world: 1,
+                rank: 0,
+                inject_probability: 0.0,
+                packing: Some(idavlm_shards::reader::PackShape { tokens: 4096, window: 16 }),
+            },
+        )
+        .unwrap()
+    };
+    // As written: every packed micro-batch's length is the sum of its samples' num_tokens.
+    let mut r = packed(&src);
+    let (reqs, after) = r.plan_step(0, ReaderState { seed: 5, ..Default::default() }).unwrap();
+    let mut stale_id = None;
+    for req in &reqs {
+        let mb = r.loader.build(req, 0, after).unwrap();
+        let counts: usize = req.samples.iter().map(|&(s, loc)| r.loader.sample(s, loc).unwrap().num_tokens as usize).sum();
+        assert_eq!(mb.seq_lens.iter().sum::<usize>(), counts);
+        assert!(counts <= 4096);
+        stale_id.get_or_insert(mb.sample_ids[0].clone());
+    }
+    // One sample's count edited: planning believes it, the micro-batch that uses it fails clearly.
+    let stale_id = stale_id.unwrap();
+    let out = d.path().join("stale");
+    // Rewritten in the same layout (one shard, row groups of 3), so the order and the plan are the same.
+    assert_eq!(m.shards.len(), 1);
+    let mut w = idavlm_shards::format::DatasetWriter::create(&out, "id", 64 << 20, 3).unwrap();
+    for mut s in Source::open("id", &src).unwrap().read_all().unwrap() {
+        if s.id == stale_id {
+            s.num_tokens -= 1;
+        }
+        w.push(s).unwrap();
+    }
+    w.finish().unwrap();
+    let mut r = packed(&out);
+    let (reqs, after) = r.plan_step(0, ReaderState { seed: 5, ..Default::default() }).unwrap();
+    let errors: Vec<String> = reqs.iter().filter_map(|q| r.loader.build(q, 0, after).err()).map(|e| e.to_string()).collect();
+    assert_eq!(errors.len(), 1, "{errors:?}");
+    assert!(errors[0].contains(&format!("{stale_id:?}")) && errors[0].contains("num_tokens says") && errors[0].contains("shard-"), "{}", errors[0]);
+}

@@ -354,23 +354,32 @@ pub fn run(w: &W1, comm: &dyn Communicator, device: Device, gpu_name: &str) -> R
         let bins: Vec<Vec<(usize, usize, usize)>> = packing.bins.iter().map(|b| b.iter().map(|&i| shapes[i]).collect()).collect();
         (bins, packing.efficiency(&lens, w.pack_tokens), packing.too_long.len(), l.image_tokens)
     });
+    // W2's micro-batches of every timed step and of the split step, built on the device before the
+    // clock starts (as the peer builds its inputs): the timed steps measure training, not input making.
+    let w2_inputs: Vec<(ModelInput, f64, f64)> = match &w2 {
+        None => Vec::new(),
+        Some((bins, _, _, image_tokens)) => (0..(w.steps + 1) * w.accum)
+            .map(|m| {
+                let bin = &bins[(m * world + rank) % bins.len()];
+                tch::manual_seed((1000 + m * world + rank) as i64);
+                let input = w2_input(bin, *image_tokens, w.id_former, cfg.vocab_size, cfg.visual.image_size, device);
+                let real = input.seq_lens.iter().sum::<usize>() as f64;
+                let fl = flops::packed_flops(&cfg, &input.seq_lens, input.image_rows.len());
+                (input, real, fl)
+            })
+            .collect(),
+    };
     let micro_input = |step: usize, j: usize| -> (ModelInput, f64, f64) {
-        match (&w1, &w2) {
-            (Some(input), _) => (
+        match &w1 {
+            Some(input) => (
                 input.shallow_clone(),
                 (w.micro * w.seq) as f64,
                 flops::micro_batch_flops(&cfg, w.micro, w.seq, w.micro * w.images),
             ),
-            (None, Some((bins, _, _, image_tokens))) => {
-                let bin = &bins[((step * w.accum + j) * world + rank) % bins.len()];
-                tch::manual_seed((1000 + (step * w.accum + j) * world + rank) as i64);
-                let input = w2_input(bin, *image_tokens, w.id_former, cfg.vocab_size, cfg.visual.image_size, device);
-                let images = input.image_rows.len();
-                let real = input.seq_lens.iter().sum::<usize>() as f64;
-                let fl = flops::packed_flops(&cfg, &input.seq_lens, images);
-                (input, real, fl)
+            None => {
+                let (input, real, fl) = &w2_inputs[step * w.accum + j];
+                (input.shallow_clone(), *real, *fl)
             }
-            _ => unreachable!("W1 or W2"),
         }
     };
     let (plan_b, plan_s) = if w.lengths.is_some() { (1, w.pack_tokens) } else { (w.micro, w.seq) };

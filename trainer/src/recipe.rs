@@ -872,14 +872,8 @@ impl Recipe {
             return err("batch.accum", "must be at least 1".into());
         }
         if let Some(p) = &self.batch.packing {
-            if p.tokens < self.data.max_len {
-                return err(
-                    "batch.packing.tokens",
-                    format!(
-                        "{} is below data.max_len {}: a sample that long could fit no micro-batch",
-                        p.tokens, self.data.max_len
-                    ),
-                );
+            if let Err(e) = idavlm_shards::pack::check_budget(p.tokens, self.data.max_len) {
+                return err("batch.packing.tokens", format!("{e} (data.max_len)"));
             }
             if self.batch.loss_mean == Some(LossMean::MicroBatch) {
                 return err(
