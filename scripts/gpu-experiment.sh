@@ -263,11 +263,23 @@ opclass)
 demo-sweep)
   # Each variant trains recipes/demo.yaml (data regenerated here) with its overrides as one f32 rank on
   # GPU 0, accum doubled so that the global batch is the CPU demo's; evaluations as the recipe says.
+  # Lines "@data NAME SYNTH-ARGS..." generate runs/sweep/NAME with `idavlm-shards synth SYNTH-ARGS` first
+  # (all at once); a variant trains on one with --set data.sources.0.path=runs/sweep/NAME/id. SWEEP_LIMIT:
+  # seconds each variant may train (its evaluations so far are kept); SWEEP_INFER=0 skips idavlm-infer on
+  # the last checkpoints.
   file=$2
   idavlm-shards synth runs/sweep/data >"$OUT/synth.log" 2>&1 || { cat "$OUT/synth.log"; exit 1; }
   pids=()
+  while read -r tag name args; do
+    [ "$tag" = "@data" ] || continue
+    # shellcheck disable=SC2086
+    idavlm-shards synth "runs/sweep/$name" $args >"$OUT/synth-$name.log" 2>&1 &
+    pids+=($!)
+  done <"$file"
+  for p in "${pids[@]}"; do wait "$p" || { cat "$OUT"/synth-*.log; exit 1; }; done
+  pids=()
   while read -r name sets; do
-    [ -z "$name" ] || [ "${name:0:1}" = "#" ] && continue
+    [ -z "$name" ] || [ "${name:0:1}" = "#" ] || [ "$name" = "@data" ] && continue
     mkdir -p "$OUT/$name"
     # Leading KEY=VALUE words of the line are the variant's environment.
     envs=()
@@ -276,7 +288,7 @@ demo-sweep)
     while [ $# -gt 0 ] && [[ "$1" == *=* && "$1" != --* ]]; do envs+=("$1"); shift; done
     sets="$*"
     # shellcheck disable=SC2086
-    env "${envs[@]}" idavlm-launch --nproc-per-node 1 recipes/demo.yaml --resume none --set model.dtype=f32 \
+    env "${envs[@]}" timeout -s INT "${SWEEP_LIMIT:-3600}" idavlm-launch --nproc-per-node 1 recipes/demo.yaml --resume none --set model.dtype=f32 \
       --set data.sources.0.path=runs/sweep/data/id --set data.general.path=runs/sweep/data/general \
       --set eval.data=runs/sweep/data/heldout --set eval.mmid=runs/sweep/data/eval/mmid.json \
       --set checkpoint.dir=runs/sweep/$name/ckpt --set logging.metrics_file="$OUT/$name/metrics.jsonl" \
@@ -286,7 +298,7 @@ demo-sweep)
   for p in "${pids[@]}"; do wait "$p"; done
   for d in "$OUT"/*/; do
     n=$(basename "$d"); last=$(ls -d runs/sweep/$n/ckpt/step-* 2>/dev/null | sort | tail -1)
-    [ -n "$last" ] && idavlm-infer --checkpoint "$last" --bench runs/sweep/data/eval/mmid.json --out "$d/preds.jsonl" \
+    [ -n "$last" ] && [ "${SWEEP_INFER:-1}" = 1 ] && idavlm-infer --checkpoint "$last" --bench runs/sweep/data/eval/mmid.json --out "$d/preds.jsonl" \
       --max-new-tokens 32 --limit 80 >"$d/infer.log" 2>&1
     echo "== $n"; grep -h "eval:" "$d/log" | sed 's/.*report: //'
   done | tee "$OUT/sweep.txt"

@@ -46,6 +46,7 @@ pub fn synth(dir: &Path, id_samples: usize, general_samples: usize, row_group: u
         eval_per_type: 4,
         row_group_rows: row_group,
         target_shard_bytes: 256 << 10,
+        ..Default::default()
     };
     let tok = tokenizer();
     write_synth(dir, &o, &|turns| Ok(encode_conversation(tok, "t", turns, usize::MAX, Overflow::Reject)?.input_ids.len() as i32))

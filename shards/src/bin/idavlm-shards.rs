@@ -98,6 +98,9 @@ enum Cmd {
         eval_per_type: usize,
         #[arg(long, default_value_t = 32)]
         row_group: usize,
+        /// The ID samples' kinds, taken in turn (a kind named twice comes twice as often).
+        #[arg(long, value_delimiter = ',', default_value = "location,location,matching,qa,caption")]
+        kinds: Vec<idavlm_shards::synth::Kind>,
     },
     /// Data-path benchmark: images/s per core (Parquet bytes -> normalised SIZE x SIZE) and reader samples/s,
     /// plus the PIL anchor of PERF.md on the same photos and core when the project's python is there.
@@ -263,7 +266,7 @@ fn run(cli: Cli) -> Result<i32> {
             println!("{}: {} items in {} shard(s) -> {}", json.display(), m.total_samples, m.shards.len(), out.display());
             Ok(0)
         }
-        Cmd::Synth { out, seed, cast, id_samples, general_samples, heldout_samples, eval_per_type, row_group } => {
+        Cmd::Synth { out, seed, cast, id_samples, general_samples, heldout_samples, eval_per_type, row_group, kinds } => {
             let tok = Tokenizer::load_default()?;
             let o = SynthOptions {
                 seed,
@@ -273,6 +276,7 @@ fn run(cli: Cli) -> Result<i32> {
                 heldout_samples,
                 eval_per_type,
                 row_group_rows: row_group,
+                id_kinds: kinds,
                 ..Default::default()
             };
             write_synth(&out, &o, &|turns| {
