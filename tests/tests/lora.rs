@@ -59,7 +59,11 @@ fn fresh_adapters_leave_the_base_model_unchanged() {
     let input = batch(&base);
     let a = tch::no_grad(|| QwenVl::new(&base, &pb).forward_logits(&input));
     let b = tch::no_grad(|| QwenVl::new(&l, &pl).forward_logits(&input));
-    assert!(a.equal(&b), "step 0 of an adapted model is not the base model");
+    // Equal up to the GEMM library's rounding: CPU BLAS may pick another kernel for another buffer
+    // alignment, so two forwards are bit-equal only while the allocator happens to repeat itself.
+    let diff = (&a - &b).abs().max().double_value(&[]);
+    let scale = a.abs().max().double_value(&[]);
+    assert!(diff <= 2e-5 * scale, "step 0 of an adapted model is not the base model: {diff} (logits up to {scale})");
 }
 
 #[test]

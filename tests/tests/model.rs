@@ -81,6 +81,7 @@ pub(crate) fn batch(cfg: &ModelConfig) -> ModelInput {
         image_starts: starts,
         image_roles: roles,
         seq_lens: vec![],
+        supervised: Some(ModelInput::supervised_positions(&labels, 2, s, Device::Cpu)),
     }
 }
 
@@ -158,8 +159,11 @@ fn logits_and_loss_match_an_independent_pytorch_reference() {
         }
         x
     };
-    let l2 = tch::no_grad(|| model.head.loss(&x, &input.labels)).double_value(&[]);
+    // With the supervised positions made on the host (the trainer's inputs) and found on the device.
+    let l2 = tch::no_grad(|| model.head.loss(&x, &input.labels, input.supervised.as_ref())).double_value(&[]);
     assert!(((l2 - a) / a).abs() < 1e-5, "{l2} vs {a}");
+    let l3 = tch::no_grad(|| model.head.loss(&x, &input.labels, None)).double_value(&[]);
+    assert_eq!(l2, l3);
 }
 
 #[test]
@@ -386,6 +390,7 @@ fn greedy_generation_with_the_kv_cache_equals_recomputing_everything() {
             image_roles: enc.image_roles.clone(),
             image_groups: vec![0; n as usize],
             seq_lens: vec![],
+            supervised: None,
         };
         let logits = tch::no_grad(|| m.forward_logits(&input));
         let next = logits.select(1, l - 1).argmax(-1, false).int64_value(&[0]);

@@ -67,6 +67,7 @@ fn input(enc: &[Encoded], pixels: &Tensor, packed: bool) -> ModelInput {
         image_roles: roles,
         image_groups: groups,
         seq_lens: if packed { lens } else { vec![] },
+        supervised: Some(ModelInput::supervised_positions(&labels, b as usize, l as usize, tch::Device::Cpu)),
     }
 }
 

@@ -714,4 +714,14 @@ char* idavlm_rope(const at::Tensor* x, const at::Tensor* cos, const at::Tensor* 
   return guarded("the fused rope", [&] { *out = new at::Tensor(RopeFn::apply(*x, *cos, *sin)); });
 }
 
+
+// A CPU tensor's copy on CUDA device `device` without a device synchronisation: staged through pinned
+// memory (libtorch's caching host allocator keeps the staging block until the copy has run) and copied
+// with non_blocking. A copy from pageable memory would first wait for everything queued on the stream.
+char* idavlm_upload(const at::Tensor* cpu, int device, at::Tensor** out) {
+  return guarded("the pinned upload", [&] {
+    *out = new at::Tensor(cpu->contiguous().pin_memory().to(at::Device(at::kCUDA, device), /*non_blocking=*/true));
+  });
+}
+
 }

@@ -179,6 +179,7 @@ fn w2_input(
     }
     let s = ids.len() as i64;
     ModelInput {
+        supervised: Some(ModelInput::supervised_positions(&labels, 1, s as usize, device)),
         input_ids: Tensor::from_slice(&ids).view([1, s]).to_device(device),
         labels: Tensor::from_slice(&labels).view([1, s]).to_device(device),
         pixels: Tensor::randn([rows.len() as i64, 3, image_size, image_size], (Kind::BFloat16, device)),
@@ -304,7 +305,9 @@ pub fn w1_input(w: &W1, vocab: i64, image_size: i64, device: Device, rank: usize
     let ids = Tensor::from_slice(&v).view([b, s]);
     let labels = ids.copy();
     let _ = labels.narrow(1, 0, s / 2).fill_(-100);
+    let host_labels = Vec::<i64>::try_from(labels.view([-1])).expect("labels");
     ModelInput {
+        supervised: Some(ModelInput::supervised_positions(&host_labels, b as usize, s as usize, device)),
         input_ids: ids.to_device(device),
         labels: labels.to_device(device),
         pixels: Tensor::randn([b * n as i64, 3, image_size, image_size], (Kind::BFloat16, device)),
@@ -404,13 +407,13 @@ pub fn run(w: &W1, comm: &dyn Communicator, device: Device, gpu_name: &str) -> R
             cuda_profiler(true);
         }
         let t0 = Instant::now();
-        let mut loss = 0.0;
+        let mut loss = None;
         let recomputed = planner.recomputed(plan_b, plan_s);
         planner.log_once(plan_b, plan_s);
         let (mut tok, mut fl) = (0.0, 0.0);
         for j in 0..w.accum {
             let (input, t, f) = micro_input(step, j);
-            loss = forward_backward(&mut st, comm, &cfg, &input, scale, recomputed, 0)?;
+            loss = Some(forward_backward(&mut st, comm, &cfg, &input, scale, recomputed, 0)?);
             tok += t;
             fl += f;
         }
@@ -429,6 +432,7 @@ pub fn run(w: &W1, comm: &dyn Communicator, device: Device, gpu_name: &str) -> R
         planner.calibrate(comm, device)?;
         times.push(dt);
         if comm.rank() == 0 {
+            let loss = loss.map_or(f64::NAN, |l| l.double_value(&[]));
             eprintln!("step {step} loss {loss:.4} time {dt:.2}s (optimizer + reduce {:.2}s)", t1.elapsed().as_secs_f64());
         }
     }
@@ -441,7 +445,7 @@ pub fn run(w: &W1, comm: &dyn Communicator, device: Device, gpu_name: &str) -> R
     let t0 = Instant::now();
     let recomputed = planner.recomputed(plan_b, plan_s);
     for j in 0..w.accum {
-        forward_backward(&mut st, comm, &cfg, &micro_input(w.steps, j).0, scale, recomputed, 0)?;
+        let _ = forward_backward(&mut st, comm, &cfg, &micro_input(w.steps, j).0, scale, recomputed, 0)?;
     }
     st.finish_grads(comm)?;
     crate::profile::time(crate::profile::OPTIMIZER, 0.0, || st.step(comm, &opt, 5e-6, Some(1.0)))?;

@@ -89,6 +89,7 @@ pub fn generate_batch(
         image_starts: starts,
         image_roles: roles,
         seq_lens: vec![],
+        supervised: None,
     };
     let alphas: Vec<f64> = pads.iter().map(|&p| model.ntk_alpha(l - p)).collect();
     // Which key positions are real tokens; None when no row is padded.

@@ -15,6 +15,7 @@ use tch::{Kind, Tensor};
 use crate::comm::Communicator;
 use crate::error::Result;
 use crate::model::attention::backward_with;
+use crate::model::fused::upload;
 use crate::model::{Head, ModelConfig, ModelInput, QwenVl, Stem};
 use crate::profile;
 use crate::zero::{BucketParams, Prefetch, Role, Sharded, Use};
@@ -35,14 +36,16 @@ pub fn model_input(mb: &MicroBatch, image_size: i64, device: tch::Device) -> Mod
             image_roles: vec![],
             image_groups: vec![],
             seq_lens: vec![],
+            supervised: Some(Tensor::zeros([0], (Kind::Int64, device))),
         };
     }
     let (b, s) = (mb.batch as i64, mb.seq as i64);
     let n = mb.num_images() as i64;
     ModelInput {
-        input_ids: Tensor::from_slice(&mb.input_ids).view([b, s]).to_device(device),
-        labels: Tensor::from_slice(&mb.labels).view([b, s]).to_device(device),
-        pixels: Tensor::from_slice(&mb.pixels).view([n, 3, image_size, image_size]).to_device(device),
+        input_ids: upload(&Tensor::from_slice(&mb.input_ids).view([b, s]), device),
+        labels: upload(&Tensor::from_slice(&mb.labels).view([b, s]), device),
+        pixels: upload(&Tensor::from_slice(&mb.pixels).view([n, 3, image_size, image_size]), device),
+        supervised: Some(ModelInput::supervised_positions(&mb.labels, mb.batch, mb.seq, device)),
         image_rows: mb.image_rows.clone(),
         image_starts: mb.image_starts.clone(),
         image_roles: mb.image_roles.clone(),
@@ -64,7 +67,8 @@ fn leaf(t: &Tensor) -> Tensor {
 }
 
 /// Forward + backward of one micro-batch; gradients (scaled by `scale`) go to the strategy. Returns the
-/// unscaled loss (mean over the micro-batch's supervised tokens).
+/// unscaled loss (mean over the micro-batch's supervised tokens) as a 0-d tensor on the device: reading
+/// it waits for the GPU, so callers read a step's losses once, after its last micro-batch.
 ///
 /// Blocks `0..recomputed` keep only their input and are recomputed in the backward; the others keep
 /// their graph (see [`crate::memplan`]). `dropout_seed` seeds LoRA's dropout per block, so that a
@@ -77,7 +81,7 @@ pub fn forward_backward(
     scale: f64,
     recomputed: usize,
     dropout_seed: u64,
-) -> Result<f64> {
+) -> Result<Tensor> {
     let seed_block = |i: usize| {
         if cfg.lora.as_ref().is_some_and(|l| l.dropout > 0.0) {
             tch::manual_seed(mix(dropout_seed ^ mix(i as u64 + 1)) as i64 & i64::MAX);
@@ -125,8 +129,8 @@ pub fn forward_backward(
     let mut next = if recomputed > 0 { st.prefetch(comm, Role::Block(recomputed - 1))? } else { Prefetch::none() };
     let xl = leaf(&x);
     let loss_value = profile::time(profile::HEAD, 0.0, || {
-        let loss = Head::new(cfg, &st.getter(&[&head])).loss(&xl, &input.labels);
-        let v = loss.double_value(&[]);
+        let loss = Head::new(cfg, &st.getter(&[&head])).loss(&xl, &input.labels, input.supervised.as_ref());
+        let v = loss.detach();
         (loss * scale).backward();
         v
     });
@@ -182,6 +186,6 @@ pub fn forward_loss(st: &Sharded, comm: &dyn Communicator, cfg: &ModelConfig, in
         x = QwenVl::block_from(cfg, i, &st.getter(&[&p])).forward(&x, &rope, None);
     }
     let head = st.take(comm, next, Use::Views)?;
-    let loss = Head::new(cfg, &st.getter(&[&head])).loss(&x, &input.labels).double_value(&[]);
+    let loss = Head::new(cfg, &st.getter(&[&head])).loss(&x, &input.labels, input.supervised.as_ref()).double_value(&[]);
     Ok(loss)
 }

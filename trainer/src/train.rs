@@ -7,7 +7,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::Instant;
 
-use tch::Device;
+use tch::{Device, Tensor};
 
 use crate::checkpoint::{self, FolderLock, Saver, TrainerState};
 use crate::comm::Communicator;
@@ -361,6 +361,9 @@ impl<'a> Trainer<'a> {
             }
         };
         let mut sums = StepSums::default();
+        // Each micro-batch's loss stays on the device until the last one is queued (reading one would
+        // make the host wait for the GPU between micro-batches).
+        let mut losses: Vec<(Tensor, bool, f64)> = Vec::new();
         for (j, mb) in data.micro_batches.iter().enumerate() {
             let input = model_input(mb, self.plan.cfg.visual.image_size, device);
             self.planner.log_once(mb.batch.max(1), mb.seq);
@@ -373,12 +376,7 @@ impl<'a> Trainer<'a> {
             let dropout_seed = mix(mix(mix(self.recipe.seed) ^ data.step) ^ ((j as u64) << 32 | self.comm.rank() as u64));
             let loss = forward_backward(&mut self.st, self.comm, &self.plan.cfg, &input, scale, recomputed, dropout_seed)?;
             if mb.batch > 0 && weight > 0.0 {
-                let (l, w) = match mb.kind {
-                    BatchKind::Id => (&mut sums.id_loss, &mut sums.id_weight),
-                    _ => (&mut sums.general_loss, &mut sums.general_weight),
-                };
-                *l += loss * weight;
-                *w += weight;
+                losses.push((loss, mb.kind == BatchKind::Id, weight));
             }
             sums.tokens += (mb.batch * mb.seq) as f64;
             sums.flops += if mb.seq_lens.is_empty() {
@@ -387,6 +385,12 @@ impl<'a> Trainer<'a> {
                 flops::packed_flops(&self.plan.cfg, &mb.seq_lens, mb.num_images())
             };
             sums.dropped += (mb.dropped_bad_image + mb.dropped_overlong) as f64;
+        }
+        for (loss, id, weight) in losses {
+            let (l, w) =
+                if id { (&mut sums.id_loss, &mut sums.id_weight) } else { (&mut sums.general_loss, &mut sums.general_weight) };
+            *l += loss.double_value(&[]) * weight;
+            *w += weight;
         }
         Ok(sums)
     }

@@ -27,7 +27,7 @@ impl Segments {
             cu.push(cu.last().expect("non-empty") + l as i32);
         }
         let max_len = lens.iter().copied().max().unwrap_or(0);
-        Self { cu_seqlens: Tensor::from_slice(&cu).to_device(device), lens, max_len, mask: Default::default() }
+        Self { cu_seqlens: super::fused::upload(&Tensor::from_slice(&cu), device), lens, max_len, mask: Default::default() }
     }
 
     pub fn total(&self) -> i64 {
@@ -46,7 +46,7 @@ impl Segments {
 
     fn build_mask(&self, device: Device) -> Tensor {
         let seg: Vec<i64> = self.lens.iter().enumerate().flat_map(|(k, &l)| std::iter::repeat_n(k as i64, l as usize)).collect();
-        let seg = Tensor::from_slice(&seg).to_device(device);
+        let seg = super::fused::upload(&Tensor::from_slice(&seg), device);
         let s = self.total();
         let idx = Tensor::arange(s, (Kind::Int64, device));
         seg.unsqueeze(1).eq_tensor(&seg.unsqueeze(0)).logical_and(&idx.unsqueeze(0).le_tensor(&idx.unsqueeze(1)))

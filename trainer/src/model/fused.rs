@@ -7,7 +7,7 @@ use std::ffi::{c_char, CStr, CString};
 use std::path::PathBuf;
 use std::sync::OnceLock;
 
-use tch::Tensor;
+use tch::{Device, Tensor};
 
 extern "C" {
     fn idavlm_fused_setup(nvrtc: *const c_char) -> *mut c_char;
@@ -41,6 +41,21 @@ extern "C" {
     ) -> *mut c_char;
     fn idavlm_swiglu(a: *const torch_sys::C_tensor, b: *const torch_sys::C_tensor, out: *mut *mut torch_sys::C_tensor) -> *mut c_char;
     fn idavlm_free_message(m: *mut c_char);
+    fn idavlm_upload(cpu: *const torch_sys::C_tensor, device: i32, out: *mut *mut torch_sys::C_tensor) -> *mut c_char;
+}
+
+/// `t` (on the CPU) on `device`. To a GPU the copy goes through pinned memory without blocking: a copy
+/// from pageable memory first waits for all work queued on the stream, which left the GPU idle while
+/// the host built the next kernels (the step's index tensors, inputs and targets come this way).
+pub fn upload(t: &Tensor, device: Device) -> Tensor {
+    let Device::Cuda(i) = device else { return t.to_device(device) };
+    let mut out: *mut torch_sys::C_tensor = std::ptr::null_mut();
+    // SAFETY: a live tch tensor borrowed for the call; on success `out` is a new at::Tensor* we own.
+    if let Err(msg) = result(unsafe { idavlm_upload(t.as_ptr(), i as i32, &mut out) }) {
+        panic!("upload to {device:?} failed: {msg}");
+    }
+    // SAFETY: see above.
+    unsafe { Tensor::from_ptr(out) }
 }
 
 /// The MLP's gate `a * silu(b)` (a = w1(h), b = w2(h): same shape, bf16 or f32 on CUDA) in one kernel each

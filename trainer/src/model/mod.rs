@@ -99,12 +99,25 @@ pub struct ModelInput {
     /// A packed micro-batch (one row of several samples): the samples' lengths, in order; empty when
     /// every row is one sample.
     pub seq_lens: Vec<usize>,
+    /// The positions (flattened over rows, each row's last position left out) whose next label is
+    /// supervised, made on the host with the labels ([`ModelInput::supervised_positions`]); None: the
+    /// head finds them on the device, which makes the host wait for the GPU.
+    pub supervised: Option<Tensor>,
 }
 
 impl ModelInput {
+    /// The value of [`ModelInput::supervised`] for (B, S) row-major host labels.
+    pub fn supervised_positions(labels: &[i64], b: usize, s: usize, device: Device) -> Tensor {
+        let rows: Vec<i64> = (0..b)
+            .flat_map(|r| (0..s - 1).filter(move |&t| labels[r * s + t + 1] != -100).map(move |t| (r * (s - 1) + t) as i64))
+            .collect();
+        fused::upload(&Tensor::from_slice(&rows), device)
+    }
+
     /// The same inputs, tensors shared.
     pub fn shallow_clone(&self) -> Self {
         Self {
+            supervised: self.supervised.as_ref().map(|t| t.shallow_clone()),
             input_ids: self.input_ids.shallow_clone(),
             labels: self.labels.shallow_clone(),
             pixels: self.pixels.shallow_clone(),
@@ -229,7 +242,7 @@ impl Stem {
                 base..base + body
             })
             .collect();
-        let idx = Tensor::from_slice(&idx).to_device(emb.device());
+        let idx = fused::upload(&Tensor::from_slice(&idx), emb.device());
         emb.reshape([b * s, d]).index_copy(0, &idx, &visual.reshape([-1, d]).to_kind(emb.kind())).reshape([b, s, d])
     }
 
@@ -259,10 +272,14 @@ impl Head {
     /// The shifted cross-entropy computed only where it is non-zero: the hidden states whose next label
     /// is supervised go through ln_f and lm_head; mean over those tokens (0 when there are none). Equal
     /// to [`QwenVl::loss`] on full logits, at a fraction of the lm_head cost.
-    pub fn loss(&self, x: &Tensor, labels: &Tensor) -> Tensor {
+    /// `supervised`: those positions when the host knows them (see [`ModelInput::supervised`]).
+    pub fn loss(&self, x: &Tensor, labels: &Tensor, supervised: Option<&Tensor>) -> Tensor {
         let (b, s, d) = x.size3().expect("(B, S, D)");
         let target = labels.narrow(1, 1, s - 1).reshape([b * (s - 1)]);
-        let keep = target.ne(-100).nonzero().squeeze_dim(1);
+        let keep = match supervised {
+            Some(k) => k.shallow_clone(),
+            None => target.ne(-100).nonzero().squeeze_dim(1),
+        };
         let n = keep.size()[0];
         if n == 0 {
             // Keeps the graph connected so backward still runs (and yields zero gradients).
@@ -352,7 +369,7 @@ impl QwenVl {
     pub fn rope_packed(cfg: &ModelConfig, lens: &[usize], device: Device) -> Rope {
         let seg = attention::Segments::new(lens, device);
         let (cos, sin) = layers::rope_tables(cfg.kv_channels, cfg.rotary_emb_base, 0, seg.max_len.max(1), 1.0, device);
-        let pos = Tensor::from_slice(&seg.positions()).to_device(device);
+        let pos = fused::upload(&Tensor::from_slice(&seg.positions()), device);
         Rope { cos: cos.index_select(0, &pos), sin: sin.index_select(0, &pos), logn: None, keys: None, segments: Some(seg) }
     }
 

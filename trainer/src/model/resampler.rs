@@ -2,6 +2,7 @@
 
 use tch::Tensor;
 
+use super::fused::upload;
 use super::layers::{resize_pos_table, LayerNorm, Linear, Mha};
 use idavlm_shards::chat::ImageRole;
 
@@ -40,7 +41,7 @@ impl Resampler {
         }
         let dev = feats.device();
         let plain: Vec<i64> = (0..n).filter(|&i| roles[i as usize] != ImageRole::Test).collect();
-        let plain_idx = Tensor::from_slice(&plain).to_device(dev);
+        let plain_idx = upload(&Tensor::from_slice(&plain), dev);
         let plain_out = self.pool(&x.index_select(0, &plain_idx), &pos_k);
         // Position of each image inside plain_out.
         let slot = |i: i64| plain.iter().position(|&p| p == i);
@@ -56,10 +57,10 @@ impl Resampler {
             let tests: Vec<i64> = test.iter().copied().filter(|&i| rows[i as usize] == row).collect();
             let (r, t) = (refs.len() as i64, tests.len() as i64);
             // M: stop-gradient of the row's reference outputs, (T, R*256, D).
-            let mem = plain_out.index_select(0, &Tensor::from_slice(&refs).to_device(dev)).detach();
+            let mem = plain_out.index_select(0, &upload(&Tensor::from_slice(&refs), dev)).detach();
             let d = mem.size()[2];
             let mem = mem.reshape([1, r * mem.size()[1], d]).expand([t, -1, -1], false);
-            let xt = x.index_select(0, &Tensor::from_slice(&tests).to_device(dev));
+            let xt = x.index_select(0, &upload(&Tensor::from_slice(&tests), dev));
             let h = attn1.forward(&(&xt + &pos_k), &mem, &mem) + &xt;
             test_outs.push(self.pool(&h, &pos_k));
             test_order.extend(tests);
@@ -73,6 +74,6 @@ impl Resampler {
         for (pos, &img) in order.iter().enumerate() {
             inverse[img as usize] = pos as i64;
         }
-        all.index_select(0, &Tensor::from_slice(&inverse).to_device(dev))
+        all.index_select(0, &upload(&Tensor::from_slice(&inverse), dev))
     }
 }
