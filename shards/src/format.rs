@@ -369,41 +369,48 @@ fn check_row_group(file: &Path, meta: &Footer, rg: usize) -> Result<()> {
     Ok(())
 }
 
-/// Reads row group `rg` with a footer already parsed (blocking I/O).
-pub fn read_row_group_with(file: &Path, meta: &Footer, rg: usize) -> Result<Vec<Sample>> {
+/// Row group `rg`'s record batches (blocking I/O), all columns or those of `mask`, each handed to `each`.
+fn read_batches(
+    file: &Path,
+    meta: &Footer,
+    rg: usize,
+    mask: Option<parquet::arrow::ProjectionMask>,
+    mut each: impl FnMut(&RecordBatch) -> Result<()>,
+) -> Result<()> {
     check_row_group(file, meta, rg)?;
     let f = File::open(file).map_err(|e| Error::io(file, e))?;
-    let reader = ParquetRecordBatchReaderBuilder::new_with_metadata(f, meta.clone())
-        .with_row_groups(vec![rg])
-        .with_batch_size(1 << 16)
-        .build()
-        .map_err(|e| Error::Parquet { file: file.to_path_buf(), cause: e })?;
-    let mut out = Vec::new();
-    for batch in reader {
-        let batch = batch.map_err(|e| Error::format(file, format!("row group {rg}: {e}")))?;
-        out.extend(from_record_batch(&batch, file)?);
+    let mut builder = ParquetRecordBatchReaderBuilder::new_with_metadata(f, meta.clone()).with_row_groups(vec![rg]);
+    if let Some(mask) = mask {
+        builder = builder.with_projection(mask);
     }
+    let reader =
+        builder.with_batch_size(1 << 16).build().map_err(|e| Error::Parquet { file: file.to_path_buf(), cause: e })?;
+    for batch in reader {
+        each(&batch.map_err(|e| Error::format(file, format!("row group {rg}: {e}")))?)?;
+    }
+    Ok(())
+}
+
+/// Reads row group `rg` with a footer already parsed (blocking I/O).
+pub fn read_row_group_with(file: &Path, meta: &Footer, rg: usize) -> Result<Vec<Sample>> {
+    let mut out = Vec::new();
+    read_batches(file, meta, rg, None, |b| {
+        out.extend(from_record_batch(b, file)?);
+        Ok(())
+    })?;
     Ok(out)
 }
 
 /// The `num_tokens` column of row group `rg` alone (the other columns, images included, are not read):
 /// what packing needs to plan micro-batches.
 pub fn read_num_tokens(file: &Path, meta: &Footer, rg: usize) -> Result<Vec<i32>> {
-    check_row_group(file, meta, rg)?;
     let col = meta.schema().index_of("num_tokens").map_err(|_| Error::format(file, "column \"num_tokens\" missing"))?;
     let mask = parquet::arrow::ProjectionMask::roots(meta.metadata().file_metadata().schema_descr(), [col]);
-    let f = File::open(file).map_err(|e| Error::io(file, e))?;
-    let reader = ParquetRecordBatchReaderBuilder::new_with_metadata(f, meta.clone())
-        .with_row_groups(vec![rg])
-        .with_projection(mask)
-        .with_batch_size(1 << 16)
-        .build()
-        .map_err(|e| Error::Parquet { file: file.to_path_buf(), cause: e })?;
     let mut out = Vec::new();
-    for batch in reader {
-        let batch = batch.map_err(|e| Error::format(file, format!("row group {rg}: {e}")))?;
-        out.extend(column::<Int32Array>(&batch, "num_tokens", file)?.values().iter().copied());
-    }
+    read_batches(file, meta, rg, Some(mask), |b| {
+        out.extend(column::<Int32Array>(b, "num_tokens", file)?.values().iter().copied());
+        Ok(())
+    })?;
     Ok(out)
 }
 
