@@ -250,15 +250,19 @@ impl SampleLoader {
         s
     }
 
+    /// `loc`'s shard, its checksum verified (hashed once, blocking), and its parsed footer.
+    fn verified_shard(&self, src: usize, loc: Locator) -> Result<(PathBuf, &Footer)> {
+        self.sources[src].ensure_verified(loc.shard)?;
+        Ok((self.sources[src].shard_path(loc.shard), &self.sources[src].footers[loc.shard as usize]))
+    }
+
     /// A row group, read with blocking I/O on a miss.
     fn rows_blocking(&self, src: usize, loc: Locator) -> Result<Rows> {
         let slot = self.slot((src, loc.shard, loc.row_group));
         if let Some(r) = slot.get() {
             return Ok(r.clone());
         }
-        self.sources[src].ensure_verified(loc.shard)?;
-        let f = self.sources[src].shard_path(loc.shard);
-        let footer = &self.sources[src].footers[loc.shard as usize];
+        let (f, footer) = self.verified_shard(src, loc)?;
         let rows = Arc::new(read_row_group_with(&f, footer, loc.row_group as usize)?);
         let _ = slot.set(rows.clone());
         Ok(rows)
@@ -284,11 +288,12 @@ impl SampleLoader {
 
     pub fn sample(&self, src: usize, loc: Locator) -> Result<Sample> {
         let rows = self.rows_blocking(src, loc)?;
-        self.check_row(&rows, src, loc).map(|r| rows[r].clone())
+        self.check_row(rows.len(), src, loc).map(|r| rows[r].clone())
     }
 
-    fn check_row(&self, rows: &Rows, src: usize, loc: Locator) -> Result<usize> {
-        if (loc.row as usize) < rows.len() {
+    /// `loc`'s row as an index into its row group of `len` rows, or an error naming the shard.
+    fn check_row(&self, len: usize, src: usize, loc: Locator) -> Result<usize> {
+        if (loc.row as usize) < len {
             Ok(loc.row as usize)
         } else {
             Err(Error::format(
@@ -309,25 +314,18 @@ impl SampleLoader {
         let counts = match cached {
             Some(c) => c,
             None => {
-                self.sources[src].ensure_verified(loc.shard)?;
-                let f = self.sources[src].shard_path(loc.shard);
-                let footer = &self.sources[src].footers[loc.shard as usize];
+                let (f, footer) = self.verified_shard(src, loc)?;
                 let c = Arc::new(crate::format::read_num_tokens(&f, footer, loc.row_group as usize)?);
                 self.counts.lock().expect("counts lock").insert(key, c.clone());
                 c
             }
         };
-        let Some(&n) = counts.get(loc.row as usize) else {
-            return Err(Error::format(
-                &self.sources[src].shard_path(loc.shard),
-                format!("row {} of row group {} does not exist", loc.row, loc.row_group),
-            ));
-        };
+        let n = counts[self.check_row(counts.len(), src, loc)?];
         if n > 0 && n as usize <= self.opts.max_len {
             return Ok(Some(n as usize));
         }
         let rows = self.rows_blocking(src, loc)?;
-        let s = &rows[self.check_row(&rows, src, loc)?];
+        let s = &rows[self.check_row(rows.len(), src, loc)?];
         Ok(encode_conversation(&self.tok, &s.id, &s.conversations, self.opts.max_len, Overflow::TruncateOutsideImages)
             .ok()
             .map(|e| e.input_ids.len()))
@@ -338,7 +336,7 @@ impl SampleLoader {
         let mut out = Vec::new();
         let mut overlong = 0;
         for (src, loc, rows) in fetched {
-            let row = self.check_row(&rows, src, loc)?;
+            let row = self.check_row(rows.len(), src, loc)?;
             let s = &rows[row];
             let enc = encode_conversation(&self.tok, &s.id, &s.conversations, self.opts.max_len, Overflow::TruncateOutsideImages);
             self.check_count(s, src, loc, &enc)?;
