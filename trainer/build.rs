@@ -1,12 +1,14 @@
 //! Compiles the C++ for what tch's API lacks (csrc/varlen.cpp: packed flash attention, backward from an
-//! output gradient; csrc/fused.cpp: NVRTC-compiled fused kernels as autograd functions) against the
-//! libtorch that torch-sys found, with torch-sys's flags.
+//! output gradient; csrc/fused.cpp: NVRTC-compiled fused kernels as autograd functions; csrc/block.cpp:
+//! the LLM block with an explicit backward) against the libtorch that torch-sys found, with its flags.
 
 use std::path::PathBuf;
 
 fn main() {
     println!("cargo:rerun-if-changed=csrc/varlen.cpp");
     println!("cargo:rerun-if-changed=csrc/fused.cpp");
+    println!("cargo:rerun-if-changed=csrc/fused.h");
+    println!("cargo:rerun-if-changed=csrc/block.cpp");
     let lib = PathBuf::from(std::env::var("DEP_TCH_LIBTORCH_LIB").expect("torch-sys passes DEP_TCH_LIBTORCH_LIB"));
     let root = lib.parent().expect("libtorch's lib folder has a parent").to_path_buf();
     cc::Build::new()
@@ -21,5 +23,6 @@ fn main() {
         .flag("-DGLOG_USE_GLOG_EXPORT")
         .file("csrc/varlen.cpp")
         .file("csrc/fused.cpp")
+        .file("csrc/block.cpp")
         .compile("idavlm_varlen");
 }

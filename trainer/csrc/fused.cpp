@@ -28,6 +28,8 @@
 #include <string>
 #include <vector>
 
+#include "fused.h"
+
 namespace {
 
 using CUresult = int;
@@ -86,7 +88,7 @@ __device__ __forceinline__ void st(bf16_t* p, long long i, float v) {
 template <typename T>
 __device__ __forceinline__ void rope(const T* x, T* y, const float* cs, const float* sn, long long n_items, int half,
                                      int heads, int seq, long long sb, long long ss, long long sh, long long tb,
-                                     int backward) {
+                                     int backward, long long ysb, long long yss, long long ysh) {
   // One thread per (row, position, i) pair slot, looping over the heads: the four table values are read
   // once for all heads, and a warp's reads of x and writes of y stay contiguous within each head.
   long long p = (long long)blockIdx.x * blockDim.x + threadIdx.x;
@@ -98,9 +100,9 @@ __device__ __forceinline__ void rope(const T* x, T* y, const float* cs, const fl
   long long ti = b * tb + (long long)s * (2 * half) + i;
   float c_lo = cs[ti], c_hi = cs[ti + half], s_lo = sn[ti], s_hi = sn[ti + half];
   long long xb = b * sb + s * ss + i;
-  long long yb = (b * seq + s) * heads * (2LL * half) + i;
+  long long yb = b * ysb + s * yss + i;
   for (int h = 0; h < heads; ++h) {
-    long long xi = xb + h * sh, yi = yb + (long long)h * (2 * half);
+    long long xi = xb + h * sh, yi = yb + h * ysh;
     float lo = ld(x, xi), hi = ld(x, xi + half);
     float a, c;
     if (!backward) {  // y = x cos + rotate_half(x) sin, rotate_half(x) = (-x_hi, x_lo)
@@ -114,12 +116,13 @@ __device__ __forceinline__ void rope(const T* x, T* y, const float* cs, const fl
     st(y, yi + half, c);
   }
 }
-#define ARGS long long n, int half, int heads, int seq, long long sb, long long ss, long long sh, long long tb, int bw
+#define ARGS long long n, int half, int heads, int seq, long long sb, long long ss, long long sh, long long tb, int bw, \
+             long long ysb, long long yss, long long ysh
 extern "C" __global__ void rope_bf16(const bf16_t* x, bf16_t* y, const float* c, const float* s, ARGS) {
-  rope<bf16_t>(x, y, c, s, n, half, heads, seq, sb, ss, sh, tb, bw);
+  rope<bf16_t>(x, y, c, s, n, half, heads, seq, sb, ss, sh, tb, bw, ysb, yss, ysh);
 }
 extern "C" __global__ void rope_f32(const float* x, float* y, const float* c, const float* s, ARGS) {
-  rope<float>(x, y, c, s, n, half, heads, seq, sb, ss, sh, tb, bw);
+  rope<float>(x, y, c, s, n, half, heads, seq, sb, ss, sh, tb, bw, ysb, yss, ysh);
 }
 // One AdamW step over f32 partitions in one pass, the operations of optim.rs's libtorch form in order and
 // rounded as libtorch's kernels round them (a division by a scalar is a product with its f32 reciprocal;
@@ -461,8 +464,11 @@ void launch(const Kernels& k, CUfunction f, long long n, void** args, const char
 }
 
 // y = RoPE(x) (backward = false) or the transposed rotation of a gradient (backward = true); x (B, S, H, Dh)
-// bf16 or f32 with unit last stride, tables f32 (S, Dh) or (B, S, Dh). Returns y contiguous.
-at::Tensor rope_launch(const at::Tensor& x_in, const at::Tensor& cos_in, const at::Tensor& sin_in, bool backward) {
+// bf16 or f32 with unit last stride, tables f32 (S, Dh) or (B, S, Dh). Returns y: a new contiguous tensor,
+// or `into` (x's shape and dtype, unit last stride; x itself for an in-place rotation: each thread reads
+// its pair of every head before writing it, and no other thread touches them).
+at::Tensor rope_launch(const at::Tensor& x_in, const at::Tensor& cos_in, const at::Tensor& sin_in, bool backward,
+                       const at::Tensor* into = nullptr) {
   if (!x_in.is_cuda() || x_in.dim() != 4) throw std::runtime_error("fused rope takes a CUDA (B, S, H, Dh) tensor");
   at::Tensor x = x_in.stride(3) == 1 ? x_in : x_in.contiguous();
   const bool bf16 = x.scalar_type() == at::kBFloat16;
@@ -475,7 +481,10 @@ at::Tensor rope_launch(const at::Tensor& x_in, const at::Tensor& cos_in, const a
   if ((per_row && (cs.size(0) != B || cs.size(1) != S || cs.size(2) != D)) || (!per_row && (cs.dim() != 2 || cs.size(0) != S || cs.size(1) != D)) ||
       !sn.sizes().equals(cs.sizes()))
     throw std::runtime_error("fused rope: tables do not match x");
-  at::Tensor y = at::empty({B, S, H, D}, x.options());
+  if (into && (!into->sizes().equals(x.sizes()) || into->scalar_type() != x.scalar_type() || into->stride(3) != 1 ||
+               into->device() != x.device()))
+    throw std::runtime_error("fused rope: the output must match x, with unit last stride");
+  at::Tensor y = into ? *into : at::empty({B, S, H, D}, x.options());
   long long n = B * S * (D / 2);  // threads: one per (row, position, pair slot), each over all heads
   if (n == 0) return y;
   const Kernels& k = kernels(x.device().index());
@@ -485,7 +494,8 @@ at::Tensor rope_launch(const at::Tensor& x_in, const at::Tensor& cos_in, const a
   const void* sp = sn.data_ptr();
   int half = (int)(D / 2), heads = (int)H, seq = (int)S, bw = backward ? 1 : 0;
   long long sb = x.stride(0), ss = x.stride(1), sh = x.stride(2), tb = per_row ? S * D : 0;
-  void* args[] = {&xp, &yp, &cp, &sp, &n, &half, &heads, &seq, &sb, &ss, &sh, &tb, &bw};
+  long long ysb = y.stride(0), yss = y.stride(1), ysh = y.stride(2);
+  void* args[] = {&xp, &yp, &cp, &sp, &n, &half, &heads, &seq, &sb, &ss, &sh, &tb, &bw, &ysb, &yss, &ysh};
   launch(k, bf16 ? k.rope_bf16 : k.rope_f32, n, args, "launching the fused rope kernel");
   return y;
 }
@@ -574,46 +584,57 @@ bool vec8(std::initializer_list<const void*> ptrs, const at::Tensor& a, long lon
   return true;
 }
 
+// m = a * silu(b) (a, b contiguous after the call's copies, checked).
+at::Tensor swiglu_forward(const at::Tensor& a_in, const at::Tensor& b_in) {
+  at::Tensor a = a_in.contiguous(), b = b_in.contiguous();
+  check_swiglu_pair(a, b);
+  at::Tensor m = at::empty_like(a);
+  long long n = a.numel();
+  if (n == 0) return m;
+  const Kernels& k = kernels(a.device().index());
+  const void* ap = a.data_ptr();
+  const void* bp = b.data_ptr();
+  void* mp = m.data_ptr();
+  void* args[] = {&ap, &bp, &mp, &n};
+  if (vec8({ap, bp, mp}, a, n))
+    launch(k, k.swiglu_fwd_bf16_vec8, n / 8, args, "launching the fused SwiGLU");
+  else
+    launch(k, a.scalar_type() == at::kBFloat16 ? k.swiglu_fwd_bf16 : k.swiglu_fwd_f32, n, args, "launching the fused SwiGLU");
+  return m;
+}
+
+// (da, db) of m = a * silu(b) for the gradient g at m.
+std::pair<at::Tensor, at::Tensor> swiglu_backward(const at::Tensor& g_in, const at::Tensor& a, const at::Tensor& b) {
+  check_swiglu_pair(a, b);
+  at::Tensor g = g_in.to(a.scalar_type()).contiguous();
+  at::Tensor da = at::empty_like(a), db = at::empty_like(b);
+  long long n = a.numel();
+  if (n == 0) return {da, db};
+  const Kernels& k = kernels(a.device().index());
+  const void* gp = g.data_ptr();
+  const void* ap = a.data_ptr();
+  const void* bp = b.data_ptr();
+  void* dap = da.data_ptr();
+  void* dbp = db.data_ptr();
+  void* args[] = {&gp, &ap, &bp, &dap, &dbp, &n};
+  if (vec8({gp, ap, bp, dap, dbp}, a, n))
+    launch(k, k.swiglu_bwd_bf16_vec8, n / 8, args, "launching the fused SwiGLU backward");
+  else
+    launch(k, a.scalar_type() == at::kBFloat16 ? k.swiglu_bwd_bf16 : k.swiglu_bwd_f32, n, args,
+           "launching the fused SwiGLU backward");
+  return {da, db};
+}
+
 struct SwiGluFn : public torch::autograd::Function<SwiGluFn> {
   static at::Tensor forward(AutogradContext* ctx, const at::Tensor& a_in, const at::Tensor& b_in) {
     at::Tensor a = a_in.contiguous(), b = b_in.contiguous();
-    check_swiglu_pair(a, b);
     ctx->save_for_backward({a, b});
-    at::Tensor m = at::empty_like(a);
-    long long n = a.numel();
-    if (n == 0) return m;
-    const Kernels& k = kernels(a.device().index());
-    const void* ap = a.data_ptr();
-    const void* bp = b.data_ptr();
-    void* mp = m.data_ptr();
-    void* args[] = {&ap, &bp, &mp, &n};
-    if (vec8({ap, bp, mp}, a, n))
-      launch(k, k.swiglu_fwd_bf16_vec8, n / 8, args, "launching the fused SwiGLU");
-    else
-      launch(k, a.scalar_type() == at::kBFloat16 ? k.swiglu_fwd_bf16 : k.swiglu_fwd_f32, n, args, "launching the fused SwiGLU");
-    return m;
+    return swiglu_forward(a, b);
   }
   static variable_list backward(AutogradContext* ctx, variable_list grad) {
     auto saved = ctx->get_saved_variables();
-    const at::Tensor& a = saved[0];
-    const at::Tensor& b = saved[1];
-    at::Tensor g = grad[0].to(a.scalar_type()).contiguous();
-    at::Tensor da = at::empty_like(a), db = at::empty_like(b);
-    long long n = a.numel();
-    if (n == 0) return {da, db};
-    const Kernels& k = kernels(a.device().index());
-    const void* gp = g.data_ptr();
-    const void* ap = a.data_ptr();
-    const void* bp = b.data_ptr();
-    void* dap = da.data_ptr();
-    void* dbp = db.data_ptr();
-    void* args[] = {&gp, &ap, &bp, &dap, &dbp, &n};
-    if (vec8({gp, ap, bp, dap, dbp}, a, n))
-      launch(k, k.swiglu_bwd_bf16_vec8, n / 8, args, "launching the fused SwiGLU backward");
-    else
-      launch(k, a.scalar_type() == at::kBFloat16 ? k.swiglu_bwd_bf16 : k.swiglu_bwd_f32, n, args,
-             "launching the fused SwiGLU backward");
-    return {da, db};
+    auto d = swiglu_backward(grad[0], saved[0], saved[1]);
+    return {d.first, d.second};
   }
 };
 
@@ -631,6 +652,20 @@ char* guarded(const char* what, F&& f) {
 }
 
 }  // namespace
+
+// For the explicit LLM block (block.cpp); see fused.h.
+namespace idavlm {
+at::Tensor rope(const at::Tensor& x, const at::Tensor& cos, const at::Tensor& sin, bool backward) {
+  return rope_launch(x, cos, sin, backward);
+}
+void rope_into(const at::Tensor& x, const at::Tensor& cos, const at::Tensor& sin, bool backward, const at::Tensor& y) {
+  rope_launch(x, cos, sin, backward, &y);
+}
+at::Tensor swiglu(const at::Tensor& a, const at::Tensor& b) { return swiglu_forward(a, b); }
+std::pair<at::Tensor, at::Tensor> swiglu_grad(const at::Tensor& g, const at::Tensor& a, const at::Tensor& b) {
+  return swiglu_backward(g, a, b);
+}
+}  // namespace idavlm
 
 extern "C" {
 

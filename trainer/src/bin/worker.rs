@@ -43,9 +43,10 @@ enum Cmd {
         size: i64,
     },
     /// Check the GPU formulations (fused RMS norm, RoPE forms, and the NVRTC kernels: RoPE, SwiGLU,
-    /// cross-entropy, AdamW, gradient casts/adds) against their references on every CUDA device (else
-    /// the CPU: norm and RoPE forms) in f32 and bf16 at a W1 block's shape, forward and gradient, and
-    /// time both; exits 1 when one is off by more than its dtype's rounding.
+    /// cross-entropy, AdamW, gradient casts/adds; the explicit LLM block against autograd) against their
+    /// references on every CUDA device (else the CPU: norm and RoPE forms) in f32 and bf16 at a W1
+    /// block's shape, forward and gradient, and time both; exits 1 when one is off by more than its
+    /// dtype's rounding.
     Kernels {
         /// Tokens per micro-batch row, rows, heads, head dim.
         #[arg(long, default_value_t = 2048)]
@@ -272,11 +273,16 @@ fn run(cli: Cli) -> Result<i32> {
             let n = tch::Cuda::device_count() as usize;
             let devices: Vec<tch::Device> = if n > 0 { (0..n).map(tch::Device::Cuda).collect() } else { vec![tch::Device::Cpu] };
             let mut failed = 0;
-            println!("{:<10} {:<9} {:<5} {:>12} {:>12} {:>9} {:>9}  (fwd+bwd ms, shape {rows}x{seq}x{heads}x{head_dim})", "device", "op", "dtype", "forward rel", "grad rel", "ref ms", "fast ms");
+            println!("{:<10} {:<20} {:<5} {:>12} {:>12} {:>9} {:>9}  (fwd+bwd ms, shape {rows}x{seq}x{heads}x{head_dim})", "device", "op", "dtype", "forward rel", "grad rel", "ref ms", "fast ms");
             for d in devices {
                 for kind in [tch::Kind::Float, tch::Kind::BFloat16] {
                     tch::manual_seed(7);
                     let mut checks = idavlm::model::layers::check_fast_paths(d, kind, (rows, seq, heads, head_dim), reps);
+                    // The whole LLM block, explicit backward against autograd, at the given shape (on GPUs:
+                    // at full width the CPU would take minutes).
+                    if d.is_cuda() {
+                        checks.extend(idavlm::model::llm::check_explicit_block(d, kind, rows, seq, reps));
+                    }
                     if kind == tch::Kind::Float {
                         // AdamW over a partition the size of one W1 block's parameters.
                         checks.extend(idavlm::optim::check_fused_adamw(d, 202_395_648, reps));
@@ -285,7 +291,7 @@ fn run(cli: Cli) -> Result<i32> {
                         let ok = c.passed();
                         failed += usize::from(!ok);
                         println!(
-                            "{:<10} {:<9} {:<5} {:>12.2e} {:>12.2e} {:>9.3} {:>9.3}  {}",
+                            "{:<10} {:<20} {:<5} {:>12.2e} {:>12.2e} {:>9.3} {:>9.3}  {}",
                             format!("{d:?}"),
                             c.name,
                             if kind == tch::Kind::Float { "f32" } else { "bf16" },

@@ -233,7 +233,15 @@ pub struct FastPathCheck {
 impl FastPathCheck {
     /// f32: rounding only; bf16: one bf16 rounding of the output, a few in the gradients.
     pub fn passed(&self) -> bool {
-        let (f, g) = if self.kind == Kind::BFloat16 { (1.6e-2, 6.4e-2) } else { (2e-6, 1e-5) };
+        let block = self.name.starts_with("qwen_block");
+        let (f, g) = match (block, self.kind == Kind::BFloat16) {
+            // The whole block, explicit against autograd: #14's bound on any gradient in bf16; in f32
+            // the GEMMs' sums over 4096-11008 products in another order.
+            (true, true) => (1.6e-2, 2e-2),
+            (true, false) => (1e-5, 1e-4),
+            (false, true) => (1.6e-2, 6.4e-2),
+            (false, false) => (2e-6, 1e-5),
+        };
         self.forward_rel <= f && self.grad_rel <= g
     }
 }
@@ -275,7 +283,7 @@ fn with_grads(device: tch::Device, reps: usize, f: &dyn Fn() -> Tensor, g: &Tens
 }
 
 /// A [`FastPathCheck`] of `fast` against `reference`, both evaluated by [`with_grads`].
-fn compare(
+pub(crate) fn compare(
     name: &'static str,
     kind: Kind,
     device: tch::Device,

@@ -1,0 +1,19 @@
+// The fused CUDA kernels of fused.cpp that the explicit LLM block (block.cpp) calls directly, outside
+// autograd. Each takes CUDA bf16 or f32 tensors and needs the kernels set up (idavlm_fused_setup).
+#pragma once
+
+#include <ATen/core/Tensor.h>
+
+#include <utility>
+
+namespace idavlm {
+// Rotate-half RoPE of x (B, S, H, Dh) (unit last stride, any other strides) with f32 tables (S, Dh) or
+// (B, S, Dh); backward = true applies the transposed rotation to a gradient. Returns a contiguous tensor.
+at::Tensor rope(const at::Tensor& x, const at::Tensor& cos, const at::Tensor& sin, bool backward);
+// The same written into y (x's shape, unit last stride, any other strides; y may be x: in place).
+void rope_into(const at::Tensor& x, const at::Tensor& cos, const at::Tensor& sin, bool backward, const at::Tensor& y);
+// a * silu(b) of two tensors of one shape.
+at::Tensor swiglu(const at::Tensor& a, const at::Tensor& b);
+// (da, db) of a * silu(b) for the gradient g at its output.
+std::pair<at::Tensor, at::Tensor> swiglu_grad(const at::Tensor& g, const at::Tensor& a, const at::Tensor& b);
+}  // namespace idavlm
