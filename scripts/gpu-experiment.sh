@@ -3,6 +3,8 @@
 # .carry/qwen.tiktoken and .carry/fsdp2_qwenvl.py). Usage:
 #   bash scripts/gpu-experiment.sh check            # devices, `idavlm-worker kernels` (fused paths vs reference),
 #                                                   # tiny model: 2 GPUs x ZeRO-1/2/3 vs 1 GPU, resume on 2 GPUs
+#                                                   # (PARTS: any of tiny medium all mpi lora packed explicit;
+#                                                   # explicit: 20 steps of the 4-layer model, explicit vs autograd block)
 #   bash scripts/gpu-experiment.sh w1 LAYERS [ZERO...]   # W1 (LAYERS LLM layers) for idavlm and the FSDP2 peer, same call
 #                                                        # (PEER_FLAGS="--ac none --compile": the peer's fastest setting)
 #   bash scripts/gpu-experiment.sh ckpt [ZERO...]        # checkpoint stall and write speed, 4-layer model, raw disk speed
@@ -120,6 +122,14 @@ check)
     idavlm-launch --nproc-per-node 2 "$(mk m2z$z $z 2 4 $med)" --resume none "${nock[@]}" >"$OUT/m2z$z.log" 2>&1; echo "medium 2 GPUs ZeRO-$z rc=$?"
   done
   fi
+  # The explicit LLM block (csrc/block.cpp) against the autograd block: 20 steps of the 4-layer
+  # full-width model on 1 GPU, each way (IDAVLM_EXPLICIT_BLOCK=0: autograd).
+  if has explicit; then
+  for e in 0 1; do
+    IDAVLM_EXPLICIT_BLOCK=$e idavlm-launch --nproc-per-node 1 "$(mk x$e 2 2 20 $med)" --resume none "${nock[@]}" >"$OUT/x$e.log" 2>&1
+    echo "medium 1 GPU, explicit block $e: rc=$?"
+  done
+  fi
   # Every GPU of the machine: stop at step 3 with a checkpoint, resume to 6 (tiny model, accum 1).
   if has all && [ "$ngpu" -ge 4 ]; then
     r=$(mk all 2 1 3); idavlm-launch --nproc-per-node "$ngpu" "$r" --resume none >"$OUT/all-a.log" 2>&1
@@ -150,6 +160,7 @@ def table(ref_name, names, title):
         print(f"{n:22s}", " ".join(f"{x:.5f}" for x in l), f"  max rel diff {rel:.2e} over {min(len(l), len(ref))} steps")
 table("g1", ["g2z1", "g2z2", "g2z3", "res", "mpi"], "tiny, 1 GPU (accum 4):")
 table("m1", ["m2z1", "m2z2", "m2z3"], "medium, 1 GPU:")
+table("x0", ["x1"], "medium, autograd block:")
 table("l1", ["l2z2", "l2z3"], "LoRA tiny, 1 GPU:")
 table("p1pad", ["p1pk"], "padded (4 samples):")
 table("q1", ["q2z3"], "packed 1 GPU accum 2:")

@@ -393,7 +393,8 @@ pub fn run(w: &W1, comm: &dyn Communicator, device: Device, gpu_name: &str) -> R
             tch::Cuda::synchronize(i as i64);
         }
     };
-    let mut planner = Planner::new(w.ac, &cfg, w.zero, st.kind.elt_size_in_bytes(), st.block_numel(), None);
+    let mut planner = Planner::new(w.ac, &cfg, w.zero, st.kind.elt_size_in_bytes(), st.block_numel(), None)
+        .with_explicit_blocks(crate::model::llm::explicit_runs(&cfg, st.device, st.kind));
     let mut times = Vec::new();
     let mut opt_times = Vec::new();
     // Real tokens and model FLOPs of this rank per step.

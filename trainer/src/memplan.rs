@@ -19,11 +19,16 @@ use crate::recipe::ZeroStage;
 /// Extra margin on the estimate of a block's saved activations (allocator rounding, transients).
 const MARGIN: f64 = 1.15;
 
-/// Bytes autograd keeps for one LLM block's backward at micro-batch shape (batch, seq), in the compute
-/// dtype of `elt` bytes: per RMSNorm its f32 input and its scaled output, the linears' inputs, the QKV
+/// Bytes one LLM block keeps for its backward at micro-batch shape (batch, seq), in the compute dtype of
+/// `elt` bytes, plus, under ZeRO-3, the block's gathered parameters, which a kept graph holds until its
+/// backward.
+///
+/// Through autograd: per RMSNorm its f32 input and its scaled output, the linears' inputs, the QKV
 /// projection (kept alive by the V view), rotated Q and K, the attention output and its reshaped copy,
-/// and the MLP's two projections, SiLU and product; plus, under ZeRO-3, the block's gathered
-/// parameters, which a kept graph holds until its backward.
+/// and the MLP's two projections, SiLU and product. The explicit block (`explicit`, csrc/block.cpp):
+/// rotated Q and K, V, the attention output with its f32 log-sum-exp, the residual stream after
+/// attention, the MLP's two projections and the norms' f32 inverse RMS, and unless it recomputes them
+/// ([`crate::model::llm::explicit_recomputes`]) the norms' outputs and the SwiGLU product.
 pub fn block_activation_bytes(
     cfg: &ModelConfig,
     batch: usize,
@@ -31,17 +36,22 @@ pub fn block_activation_bytes(
     elt: usize,
     stage: ZeroStage,
     block_params: usize,
+    explicit: bool,
 ) -> u64 {
     let bs = (batch * seq) as u64;
     let (d, f) = (cfg.hidden_size as u64, cfg.mlp_width() as u64);
     let e = elt as u64;
+    let params = if stage == ZeroStage::Three { block_params as u64 * e } else { 0 };
+    if explicit {
+        let inner = if crate::model::llm::explicit_recomputes() { 0 } else { bs * (2 * d + f) * e };
+        return bs * (5 * d + 2 * f) * e + inner + bs * (cfg.num_attention_heads as u64 + 2) * 4 + params;
+    }
     // Two norms: f32 input (4) + scaled output (e) + the linear's input copy (e).
     let norms = 2 * bs * d * (4 + 2 * e);
     // QKV (3), rotated Q and K (2), attention output and its contiguous copy (2).
     let attn = bs * d * 7 * e;
     // w1 and w2 outputs, SiLU, product.
     let mlp = bs * f * 4 * e;
-    let params = if stage == ZeroStage::Three { block_params as u64 * e } else { 0 };
     norms + attn + mlp + params
 }
 
@@ -58,6 +68,8 @@ pub struct Planner {
     /// `auto` on a GPU: bytes free for kept graphs, known after the first step.
     avail: Option<u64>,
     logged: bool,
+    /// Whether the blocks run the explicit formulation (see [`block_activation_bytes`]).
+    explicit: bool,
 }
 
 impl Planner {
@@ -79,7 +91,15 @@ impl Planner {
             limit_bytes: limit_gib.map(|g| (g * (1u64 << 30) as f64) as u64),
             avail: None,
             logged: false,
+            explicit: false,
         }
+    }
+
+    /// Counts the explicit block's saved tensors instead of autograd's (see
+    /// [`crate::model::llm::explicit_runs`]).
+    pub fn with_explicit_blocks(mut self, explicit: bool) -> Self {
+        self.explicit = explicit;
+        self
     }
 
     /// The number of leading blocks to recompute for a micro-batch of this shape (the rest keep their
@@ -97,7 +117,7 @@ impl Planner {
     }
 
     fn per_block(&self, batch: usize, seq: usize) -> f64 {
-        block_activation_bytes(&self.cfg, batch, seq, self.elt, self.stage, self.block_params).max(1) as f64 * MARGIN
+        block_activation_bytes(&self.cfg, batch, seq, self.elt, self.stage, self.block_params, self.explicit).max(1) as f64 * MARGIN
     }
 
     /// After a step run with full recomputation: measures the device memory in use (the driver's total
@@ -163,14 +183,19 @@ mod tests {
         let cfg = ModelConfig::qwen_vl_chat();
         let mut p = Planner::new(Checkpointing::Auto, &cfg, ZeroStage::Two, 2, 0, None);
         assert_eq!(p.recomputed(2, 2048), 32, "before calibration: full recomputation");
-        let per = block_activation_bytes(&cfg, 2, 2048, 2, ZeroStage::Two, 0) as f64 * MARGIN;
+        let per = block_activation_bytes(&cfg, 2, 2048, 2, ZeroStage::Two, 0, false) as f64 * MARGIN;
         p.avail = Some((10.5 * per).ceil() as u64 + 1);
         assert_eq!(p.recomputed(2, 2048), 22);
         assert_eq!(p.recomputed(1, 2048), 11, "half the tokens: twice the blocks kept, 21");
         p.avail = Some(u64::MAX / 2);
         assert_eq!(p.recomputed(2, 2048), 0);
         // W1's block at 2 x 2048 in bf16: about 0.8 GiB.
-        let gib = block_activation_bytes(&cfg, 2, 2048, 2, ZeroStage::Two, 0) as f64 / GIB;
+        let gib = block_activation_bytes(&cfg, 2, 2048, 2, ZeroStage::Two, 0, false) as f64 / GIB;
         assert!((0.7..0.9).contains(&gib), "{gib}");
+        // The explicit block keeps Q, K, V, the attention output, the residual and the MLP's two
+        // projections, 4096 x (5 x 4096 + 2 x 11008) x 2 bytes, and the norms' outputs and the SwiGLU
+        // product, 4096 x (2 x 4096 + 11008) x 2: about 0.47 GiB.
+        let gib = block_activation_bytes(&cfg, 2, 2048, 2, ZeroStage::Two, 0, true) as f64 / GIB;
+        assert!((0.45..0.5).contains(&gib), "{gib}");
     }
 }
