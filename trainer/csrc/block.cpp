@@ -24,8 +24,6 @@
 #include <cmath>
 #include <cstdio>
 #include <cstdlib>
-#include <cstring>
-#include <exception>
 #include <stdexcept>
 #include <string>
 #include <vector>
@@ -135,6 +133,27 @@ struct Attn {
 // (T, H, Dh) of a (B, S, H, Dh) view whose rows are evenly spaced (always a view, never a copy).
 at::Tensor flat3(const at::Tensor& t) { return t.view({t.size(0) * t.size(1), t.size(2), t.size(3)}); }
 
+// The masked attention's pieces (CPU, f32): q, k, v as (H, T, Dh), the scaled scores (H, T, T) with -inf
+// where a query may not see a key, the (T, H, Dh) shape and the scale.
+struct Scores {
+  at::Tensor qh, kh, vh, s;
+  std::vector<int64_t> thd;
+  double scale;
+};
+
+Scores masked_scores(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& cu) {
+  const int64_t T = q.size(0) * q.size(1);
+  Scores m;
+  m.thd = {T, q.size(2), q.size(3)};
+  m.scale = 1.0 / std::sqrt((double)q.size(3));
+  m.qh = q.reshape(m.thd).transpose(0, 1);
+  m.kh = k.reshape(m.thd).transpose(0, 1);
+  m.vh = v.reshape(m.thd).transpose(0, 1);
+  m.s = at::matmul(m.qh, m.kh.transpose(1, 2)) * m.scale;
+  m.s.masked_fill_(block_causal_mask(cu, T, q.device()).logical_not(), -INFINITY);
+  return m;
+}
+
 // Causal attention within each sample: q, k, v (B, S, H, Dh) with unit last stride (views of the QKV
 // projection). packed: the samples lie at offsets cu (n+1,) int32 of the flattened positions, varlen flash
 // attention; otherwise each row is one sample, the batched kernel. Returns out (B, S, H, Dh).
@@ -162,15 +181,10 @@ Attn attention_forward(const at::Tensor& q, const at::Tensor& k, const at::Tenso
     auto r = at::_flash_attention_forward(q, k, v, std::nullopt, std::nullopt, S, S, 0.0, /*is_causal=*/true, false);
     return {std::get<0>(r), std::get<1>(r), std::get<2>(r), std::get<3>(r)};
   }
-  const double scale = 1.0 / std::sqrt((double)q.size(3));
-  const std::vector<int64_t> thd{B * S, q.size(2), q.size(3)};
-  at::Tensor mask = block_causal_mask(cu, B * S, q.device());
-  at::Tensor qh = q.reshape(thd).transpose(0, 1), kh = k.reshape(thd).transpose(0, 1), vh = v.reshape(thd).transpose(0, 1);
-  at::Tensor s = at::matmul(qh, kh.transpose(1, 2)) * scale;
-  s.masked_fill_(mask.logical_not(), -INFINITY);
-  at::Tensor lse = s.logsumexp({-1});
-  at::Tensor p = (s - lse.unsqueeze(-1)).exp();
-  return {at::matmul(p, vh).transpose(0, 1).contiguous().view(q.sizes()), lse, at::Tensor(), at::Tensor()};
+  Scores m = masked_scores(q, k, v, cu);
+  at::Tensor lse = m.s.logsumexp({-1});
+  at::Tensor p = (m.s - lse.unsqueeze(-1)).exp();
+  return {at::matmul(p, m.vh).transpose(0, 1).contiguous().view(q.sizes()), lse, at::Tensor(), at::Tensor()};
 }
 
 // (dq, dk, dv), each (B, S, H, Dh), for the gradient dout at the attention's output.
@@ -196,20 +210,15 @@ std::vector<at::Tensor> attention_backward(const at::Tensor& dout_in, const at::
                                            /*is_causal=*/true, a.rng, a.unused);
     return {std::get<0>(r), std::get<1>(r), std::get<2>(r)};
   }
-  const double scale = 1.0 / std::sqrt((double)q.size(3));
-  const std::vector<int64_t> thd{B * S, q.size(2), q.size(3)};
-  at::Tensor mask = block_causal_mask(cu, B * S, q.device());
-  at::Tensor qh = q.reshape(thd).transpose(0, 1), kh = k.reshape(thd).transpose(0, 1), vh = v.reshape(thd).transpose(0, 1);
-  at::Tensor s = at::matmul(qh, kh.transpose(1, 2)) * scale;
-  s.masked_fill_(mask.logical_not(), -INFINITY);
-  at::Tensor p = (s - a.lse.unsqueeze(-1)).exp();  // (H, T, T), 0 where masked
-  at::Tensor doh = dout.reshape(thd).transpose(0, 1);
+  Scores m = masked_scores(q, k, v, cu);
+  at::Tensor p = (m.s - a.lse.unsqueeze(-1)).exp();  // (H, T, T), 0 where masked
+  at::Tensor doh = dout.reshape(m.thd).transpose(0, 1);
   at::Tensor dv = at::matmul(p.transpose(1, 2), doh);
-  at::Tensor dp = at::matmul(doh, vh.transpose(1, 2));
-  at::Tensor rowdot = (doh * a.out.reshape(thd).transpose(0, 1)).sum({-1}, true);
+  at::Tensor dp = at::matmul(doh, m.vh.transpose(1, 2));
+  at::Tensor rowdot = (doh * a.out.reshape(m.thd).transpose(0, 1)).sum({-1}, true);
   at::Tensor ds = p * (dp - rowdot);
-  at::Tensor dq = at::matmul(ds, kh) * scale;
-  at::Tensor dk = at::matmul(ds.transpose(1, 2), qh) * scale;
+  at::Tensor dq = at::matmul(ds, m.kh) * m.scale;
+  at::Tensor dk = at::matmul(ds.transpose(1, 2), m.qh) * m.scale;
   auto back = [&](const at::Tensor& t) { return t.transpose(0, 1).reshape(q.sizes()); };
   return {back(dq), back(dk), back(dv)};
 }
@@ -323,18 +332,6 @@ struct QwenBlockFn : public torch::autograd::Function<QwenBlockFn> {
   }
 };
 
-template <typename F>
-char* guarded(const char* what, F&& f) {
-  try {
-    f();
-    return nullptr;
-  } catch (const std::exception& e) {
-    return strdup((std::string(what) + ": " + e.what()).c_str());
-  } catch (...) {
-    return strdup((std::string("unknown C++ exception in ") + what).c_str());
-  }
-}
-
 }  // namespace
 
 extern "C" {
@@ -345,7 +342,7 @@ char* idavlm_qwen_block(const at::Tensor* x, const at::Tensor* ln1, const at::Te
                         const at::Tensor* proj, const at::Tensor* ln2, const at::Tensor* w1, const at::Tensor* w2,
                         const at::Tensor* mproj, const at::Tensor* cos, const at::Tensor* sin, const at::Tensor* cu,
                         int64_t heads, int64_t max_len, double eps, int keep, at::Tensor** out) {
-  return guarded("the explicit Qwen block", [&] {
+  return idavlm::guarded("the explicit Qwen block", [&] {
     // Autograd functions take defined tensors only: a padded batch's rows become samples of S (which
     // only the CPU's masked attention reads; flash attention runs batched then).
     const int64_t S = x->size(1);

@@ -638,20 +638,9 @@ struct SwiGluFn : public torch::autograd::Function<SwiGluFn> {
   }
 };
 
-// Runs f; an exception becomes a message for Rust (null: success), never crossing the C boundary.
-template <typename F>
-char* guarded(const char* what, F&& f) {
-  try {
-    f();
-    return nullptr;
-  } catch (const std::exception& e) {
-    return strdup(e.what());
-  } catch (...) {
-    return strdup((std::string("unknown C++ exception in ") + what).c_str());
-  }
-}
-
 }  // namespace
+
+using idavlm::guarded;
 
 // For the explicit LLM block (block.cpp); see fused.h.
 namespace idavlm {

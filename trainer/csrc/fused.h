@@ -1,12 +1,31 @@
 // The fused CUDA kernels of fused.cpp that the explicit LLM block (block.cpp) calls directly, outside
-// autograd. Each takes CUDA bf16 or f32 tensors and needs the kernels set up (idavlm_fused_setup).
+// autograd (each takes CUDA bf16 or f32 tensors and needs the kernels set up: idavlm_fused_setup), and
+// the shims' common exception guard.
 #pragma once
 
 #include <ATen/core/Tensor.h>
 
+#include <cstdlib>
+#include <cstring>
+#include <exception>
+#include <string>
 #include <utility>
 
 namespace idavlm {
+// Runs f; an exception becomes a message for Rust (null: success; the caller frees it with
+// idavlm_free_message), never crossing the C boundary.
+template <typename F>
+char* guarded(const char* what, F&& f) {
+  try {
+    f();
+    return nullptr;
+  } catch (const std::exception& e) {
+    return strdup(e.what());
+  } catch (...) {
+    return strdup((std::string("unknown C++ exception in ") + what).c_str());
+  }
+}
+
 // Rotate-half RoPE of x (B, S, H, Dh) (unit last stride, any other strides) with f32 tables (S, Dh) or
 // (B, S, Dh); backward = true applies the transposed rotation to a gradient. Returns a contiguous tensor.
 at::Tensor rope(const at::Tensor& x, const at::Tensor& cos, const at::Tensor& sin, bool backward);

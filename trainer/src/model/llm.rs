@@ -157,7 +157,7 @@ impl QwenBlock {
             )
         };
         if let Err(msg) = super::fused::result(err) {
-            panic!("{msg}");
+            panic!("the explicit Qwen block failed: {msg}");
         }
         // SAFETY: see above.
         unsafe { Tensor::from_ptr(out) }
