@@ -63,27 +63,21 @@ std::pair<at::Tensor, at::Tensor> norm_backward(const at::Tensor& dy, const at::
 }
 
 // Rotate-half RoPE of x (B, S, H, Dh) with f32 tables (S, Dh) or (B, S, Dh), or its transpose applied to
-// a gradient (backward). Contiguous result in x's dtype.
-at::Tensor rope(const at::Tensor& x, const at::Tensor& cos, const at::Tensor& sin, bool backward) {
-  if (x.is_cuda()) return idavlm::rope(x, cos, sin, backward);
+// a gradient (backward), written into y (x's shape; y may be x itself: in place). CUDA: the NVRTC kernel;
+// elsewhere Qwen's formulation in f32.
+void rope_into(const at::Tensor& x, const at::Tensor& cos, const at::Tensor& sin, bool backward, const at::Tensor& y) {
+  if (x.is_cuda()) return idavlm::rope_into(x, cos, sin, backward, y);
   at::Tensor xf = x.to(at::kFloat);
   const int64_t half = xf.size(3) / 2;
   at::Tensor c = cos.unsqueeze(-2), s = sin.unsqueeze(-2);
-  at::Tensor y;
+  at::Tensor r;
   if (!backward) {  // x cos + rotate_half(x) sin, rotate_half(x) = (-x_hi, x_lo)
-    y = xf * c + at::cat({xf.narrow(3, half, half).neg(), xf.narrow(3, 0, half)}, 3) * s;
+    r = xf * c + at::cat({xf.narrow(3, half, half).neg(), xf.narrow(3, 0, half)}, 3) * s;
   } else {  // g cos + rotate_half^T(g sin), rotate_half^T(v) = (v_hi, -v_lo)
     at::Tensor t = xf * s;
-    y = xf * c + at::cat({t.narrow(3, half, half), t.narrow(3, 0, half).neg()}, 3);
+    r = xf * c + at::cat({t.narrow(3, half, half), t.narrow(3, 0, half).neg()}, 3);
   }
-  return y.to(x.scalar_type()).contiguous();
-}
-
-// The same written into y (x's shape; y may be x itself: in place).
-void rope_into(const at::Tensor& x, const at::Tensor& cos, const at::Tensor& sin, bool backward, const at::Tensor& y) {
-  if (x.is_cuda()) return idavlm::rope_into(x, cos, sin, backward, y);
-  at::Tensor r = rope(x, cos, sin, backward);
-  at::Tensor(y).copy_(r);
+  y.copy_(r);  // computed whole before the copy: in place is safe
 }
 
 at::Tensor swiglu(const at::Tensor& a, const at::Tensor& b) {
@@ -263,9 +257,7 @@ struct QwenBlockFn : public torch::autograd::Function<QwenBlockFn> {
     at::Tensor y = at::addmm(x2, m, mproj.t());  // x2 + c_proj(w1(h) * silu(w2(h)))
     if (!keep) m.reset();
     ctx->save_for_backward({xc, n1.second, qkv, a.out, a.lse, x2, n2.second, m1, m2, ln1, attn_w, proj, ln2, w1, w2, mproj,
-                            cos, sin, cu, h1, h2, m});
-    if (a.rng.defined()) ctx->saved_data["rng"] = a.rng;
-    if (a.unused.defined()) ctx->saved_data["unused"] = a.unused;
+                            cos, sin, cu, h1, h2, m, a.rng, a.unused});
     ctx->saved_data["heads"] = heads;
     ctx->saved_data["max_len"] = max_len;
     ctx->saved_data["eps"] = eps;
@@ -279,8 +271,10 @@ struct QwenBlockFn : public torch::autograd::Function<QwenBlockFn> {
     const at::Tensor &x = s[0], &inv1 = s[1], &qkv = s[2], &out = s[3], &lse = s[4], &x2 = s[5], &inv2 = s[6], &m1 = s[7],
                      &m2 = s[8], &ln1 = s[9], &attn_w = s[10], &proj = s[11], &ln2 = s[12], &w1 = s[13], &w2 = s[14],
                      &mproj = s[15], &cos = s[16], &sin = s[17], &cu = s[18];
-    // The norms' outputs and the SwiGLU product: kept by the forward, or recomputed here.
+    // The norms' outputs and the SwiGLU product: kept by the forward (else undefined: recomputed here).
     const at::Tensor &h1_kept = s[19], &h2_kept = s[20], &m_kept = s[21];
+    // The attention's random state (undefined on the CPU path).
+    const at::Tensor &rng = s[22], &unused = s[23];
     const bool packed = ctx->saved_data["packed"].toBool();
     const int64_t H = ctx->saved_data["heads"].toInt(), max_len = ctx->saved_data["max_len"].toInt();
     const double eps = ctx->saved_data["eps"].toDouble();
@@ -307,11 +301,7 @@ struct QwenBlockFn : public torch::autograd::Function<QwenBlockFn> {
     const at::Tensor o = out.reshape({T, D});
     if (need(PROJ)) g[PROJ] = at::mm(dx2.t(), o);
     at::Tensor dout = at::mm(dx2, proj).view({B, S, H, Dh});
-    auto kept = [&](const char* key) {
-      auto it = ctx->saved_data.find(key);
-      return it != ctx->saved_data.end() && it->second.isTensor() ? it->second.toTensor() : at::Tensor();
-    };
-    Attn a{out, lse, kept("rng"), kept("unused"), ctx->saved_data["cudnn"].toBool()};
+    Attn a{out, lse, rng, unused, ctx->saved_data["cudnn"].toBool()};
     auto d = attention_backward(dout, head_view(qkv, 0, B, S, H), head_view(qkv, 1, B, S, H), head_view(qkv, 2, B, S, H), a,
                                 cu, max_len, packed);
     dout.reset();

@@ -644,9 +644,6 @@ using idavlm::guarded;
 
 // For the explicit LLM block (block.cpp); see fused.h.
 namespace idavlm {
-at::Tensor rope(const at::Tensor& x, const at::Tensor& cos, const at::Tensor& sin, bool backward) {
-  return rope_launch(x, cos, sin, backward);
-}
 void rope_into(const at::Tensor& x, const at::Tensor& cos, const at::Tensor& sin, bool backward, const at::Tensor& y) {
   rope_launch(x, cos, sin, backward, &y);
 }

@@ -27,9 +27,8 @@ char* guarded(const char* what, F&& f) {
 }
 
 // Rotate-half RoPE of x (B, S, H, Dh) (unit last stride, any other strides) with f32 tables (S, Dh) or
-// (B, S, Dh); backward = true applies the transposed rotation to a gradient. Returns a contiguous tensor.
-at::Tensor rope(const at::Tensor& x, const at::Tensor& cos, const at::Tensor& sin, bool backward);
-// The same written into y (x's shape, unit last stride, any other strides; y may be x: in place).
+// (B, S, Dh), written into y (x's shape, unit last stride, any other strides; y may be x: in place);
+// backward = true applies the transposed rotation to a gradient.
 void rope_into(const at::Tensor& x, const at::Tensor& cos, const at::Tensor& sin, bool backward, const at::Tensor& y);
 // a * silu(b) of two tensors of one shape.
 at::Tensor swiglu(const at::Tensor& a, const at::Tensor& b);

@@ -117,7 +117,8 @@ impl Planner {
     }
 
     fn per_block(&self, batch: usize, seq: usize) -> f64 {
-        block_activation_bytes(&self.cfg, batch, seq, self.elt, self.stage, self.block_params, self.explicit).max(1) as f64 * MARGIN
+        block_activation_bytes(&self.cfg, batch, seq, self.elt, self.stage, self.block_params, self.explicit).max(1) as f64
+            * MARGIN
     }
 
     /// After a step run with full recomputation: measures the device memory in use (the driver's total

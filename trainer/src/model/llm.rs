@@ -83,20 +83,20 @@ pub struct Rope {
 /// [`QwenBlock::forward`] picks for a training forward): CUDA, bf16, the fused kernels available, the
 /// explicit block not switched off, and no LoRA adapter.
 pub fn explicit_runs(cfg: &super::ModelConfig, device: tch::Device, kind: Kind) -> bool {
-    device.is_cuda() && kind == Kind::BFloat16 && cfg.lora.is_none() && explicit_enabled() && super::fused::available()
+    cfg.lora.is_none() && explicit_on(device, kind)
+}
+
+/// Whether tensors of `kind` on `device` go through the explicit block: CUDA, bf16, the fused kernels
+/// available, and the explicit block not switched off.
+fn explicit_on(device: tch::Device, kind: Kind) -> bool {
+    device.is_cuda() && kind == Kind::BFloat16 && explicit_enabled() && super::fused::available()
 }
 
 impl QwenBlock {
     /// x (B, S, D) -> (B, S, D). With a cache, x holds only the new positions, which attend to the
     /// cached ones and causally among themselves; the cache is extended in place.
     pub fn forward(&self, x: &Tensor, rope: &Rope, cache: Option<&mut Option<KvCache>>) -> Tensor {
-        if cache.is_none()
-            && x.device().is_cuda()
-            && x.kind() == Kind::BFloat16
-            && explicit_enabled()
-            && super::fused::available()
-            && self.explicit_applies(rope)
-        {
+        if cache.is_none() && explicit_on(x.device(), x.kind()) && self.explicit_applies(rope) {
             return self.forward_explicit(x, rope);
         }
         self.forward_autograd(x, rope, cache)
@@ -227,6 +227,43 @@ impl QwenBlock {
     }
 }
 
+/// A block of `cfg`'s shape with random weights in `kind` on `device` (scaled as an initialisation would
+/// be, the norms' around 1), and its eight parameters as leaves, in the block's order.
+pub(crate) fn random_block(cfg: &super::ModelConfig, device: tch::Device, kind: Kind) -> (QwenBlock, Vec<Tensor>) {
+    let (d, i) = (cfg.hidden_size, cfg.mlp_width());
+    let param = |shape: &[i64], scale: f64, shift: f64| {
+        (Tensor::randn(shape, (Kind::Float, device)) * scale + shift).to_kind(kind).set_requires_grad(true)
+    };
+    let w = |o: i64, n: i64| param(&[o, n], 1.0 / (n as f64).sqrt(), 0.0);
+    let params = vec![
+        param(&[d], 0.2, 1.0),
+        w(3 * d, d),
+        param(&[3 * d], 0.1, 0.0),
+        w(d, d),
+        param(&[d], 0.2, 1.0),
+        w(i, d),
+        w(i, d),
+        w(d, i),
+    ];
+    let lin = |k: usize, bias: Option<usize>| Linear {
+        weight: params[k].shallow_clone(),
+        bias: bias.map(|b| params[b].shallow_clone()),
+        lora: None,
+    };
+    let eps = cfg.layer_norm_epsilon;
+    let block = QwenBlock {
+        ln_1: RmsNorm { weight: params[0].shallow_clone(), eps },
+        c_attn: lin(1, Some(2)),
+        c_proj: lin(3, None),
+        ln_2: RmsNorm { weight: params[4].shallow_clone(), eps },
+        w1: lin(5, None),
+        w2: lin(6, None),
+        mlp_c_proj: lin(7, None),
+        heads: cfg.num_attention_heads,
+    };
+    (block, params)
+}
+
 /// [`QwenBlock::forward_explicit`] against [`QwenBlock::forward_autograd`] at Qwen-VL-Chat's width (random
 /// weights in `kind` on `device`), output and the gradients of the input and of every parameter, each
 /// timed forward + backward over `reps` runs: `rows` padded rows of `seq` tokens ("qwen_block"; and
@@ -240,24 +277,8 @@ pub fn check_explicit_block(
     reps: usize,
 ) -> Vec<super::layers::FastPathCheck> {
     let cfg = super::ModelConfig::qwen_vl_chat();
-    let (d, i) = (cfg.hidden_size, cfg.mlp_width());
-    let param = |shape: &[i64], scale: f64, shift: f64| {
-        (Tensor::randn(shape, (Kind::Float, device)) * scale + shift).to_kind(kind).set_requires_grad(true)
-    };
-    let w = |o: i64, n: i64| param(&[o, n], 1.0 / (n as f64).sqrt(), 0.0);
-    let params = [param(&[d], 0.2, 1.0), w(3 * d, d), param(&[3 * d], 0.1, 0.0), w(d, d), param(&[d], 0.2, 1.0), w(i, d), w(i, d), w(d, i)];
-    let lin = |k: usize, bias: Option<usize>| Linear { weight: params[k].shallow_clone(), bias: bias.map(|b| params[b].shallow_clone()), lora: None };
-    let eps = cfg.layer_norm_epsilon;
-    let block = QwenBlock {
-        ln_1: RmsNorm { weight: params[0].shallow_clone(), eps },
-        c_attn: lin(1, Some(2)),
-        c_proj: lin(3, None),
-        ln_2: RmsNorm { weight: params[4].shallow_clone(), eps },
-        w1: lin(5, None),
-        w2: lin(6, None),
-        mlp_c_proj: lin(7, None),
-        heads: cfg.num_attention_heads,
-    };
+    let d = cfg.hidden_size;
+    let (block, params) = random_block(&cfg, device, kind);
     let total = rows * seq;
     // Uneven samples filling the same tokens, as the packer leaves them.
     let mut lens = Vec::new();
@@ -292,51 +313,9 @@ pub fn check_explicit_block(
 mod tests {
     use tch::{Device, Kind, Tensor};
 
-    use super::{QwenBlock, Rope};
+    use super::{random_block, QwenBlock, Rope};
+    use crate::model::layers::rel_err;
     use crate::model::{ModelConfig, QwenVl};
-
-    /// A block of `cfg`'s shape with random f32 weights (scaled as an initialisation would be) as leaves.
-    fn random_block(cfg: &ModelConfig, seed: i64) -> (QwenBlock, Vec<Tensor>) {
-        tch::manual_seed(seed);
-        let (d, i) = (cfg.hidden_size, cfg.mlp_width());
-        let leaf = |shape: &[i64], scale: f64| (Tensor::randn(shape, (Kind::Float, Device::Cpu)) * scale).set_requires_grad(true);
-        let w = |o: i64, n: i64| leaf(&[o, n], 1.0 / (n as f64).sqrt());
-        let params = vec![
-            leaf(&[d], 0.2) + 1.0,
-            w(3 * d, d),
-            leaf(&[3 * d], 0.1),
-            w(d, d),
-            leaf(&[d], 0.2) + 1.0,
-            w(i, d),
-            w(i, d),
-            w(d, i),
-        ];
-        // The norms' weights as leaves too (the `+ 1.0` above made them non-leaves).
-        let params: Vec<Tensor> = params.into_iter().map(|t| t.detach().set_requires_grad(true)).collect();
-        let lin = |k: usize, bias: Option<usize>| super::Linear {
-            weight: params[k].shallow_clone(),
-            bias: bias.map(|b| params[b].shallow_clone()),
-            lora: None,
-        };
-        let eps = cfg.layer_norm_epsilon;
-        let block = QwenBlock {
-            ln_1: super::RmsNorm { weight: params[0].shallow_clone(), eps },
-            c_attn: lin(1, Some(2)),
-            c_proj: lin(3, None),
-            ln_2: super::RmsNorm { weight: params[4].shallow_clone(), eps },
-            w1: lin(5, None),
-            w2: lin(6, None),
-            mlp_c_proj: lin(7, None),
-            heads: cfg.num_attention_heads,
-        };
-        (block, params)
-    }
-
-    fn rel(a: &Tensor, b: &Tensor) -> f64 {
-        let num = (a - b).abs().max().double_value(&[]);
-        let den = b.abs().max().double_value(&[]).max(1e-30);
-        num / den
-    }
 
     /// Output and every gradient (input, then the eight parameters) of one forward + backward.
     /// `explicit`: None for autograd, Some(keep) for the explicit block keeping or recomputing its inner
@@ -360,7 +339,8 @@ mod tests {
     }
 
     fn compare(cfg: &ModelConfig, b: i64, s: i64, packed: Option<&[usize]>) {
-        let (block, params) = random_block(cfg, 7);
+        tch::manual_seed(7);
+        let (block, params) = random_block(cfg, Device::Cpu, Kind::Float);
         let rope = match packed {
             Some(lens) => QwenVl::rope_packed(cfg, lens, Device::Cpu),
             None => QwenVl::rope(cfg, s, Device::Cpu),
@@ -372,8 +352,11 @@ mod tests {
             let explicit = run(&block, &params, &x, &rope, &g, Some(keep));
             let names = ["output", "x", "ln_1", "c_attn.weight", "c_attn.bias", "c_proj", "ln_2", "w1", "w2", "mlp.c_proj"];
             for ((name, e), r) in names.iter().zip(&explicit).zip(&reference) {
-                let err = rel(e, r);
-                assert!(err <= 1e-5, "{name}: explicit (keep {keep}) vs autograd relative error {err:e} (b {b}, s {s}, packed {packed:?})");
+                let err = rel_err(e, r);
+                assert!(
+                    err <= 1e-5,
+                    "{name}: explicit (keep {keep}) vs autograd relative error {err:e} (b {b}, s {s}, packed {packed:?})"
+                );
             }
         }
     }
