@@ -157,8 +157,25 @@ pub fn launch(recipe: &Path, n: usize, extra: &[&str]) -> Command {
     c
 }
 
+/// A port nobody listens on, for a launcher's rendezvous. Taken below Linux's ephemeral range (32768 and
+/// up): a port the kernel hands out (`bind(0)`, or the source port of any test's outgoing connection) can
+/// be taken by another test between this check and the launcher's own bind, which failed a CI run with
+/// "Address already in use". A per-process counter keeps two tests of one run apart; the process id
+/// spreads runs.
 pub fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0").expect("bind").local_addr().expect("addr").port()
+    use std::sync::atomic::{AtomicU32, Ordering};
+    const LOW: u32 = 20_000;
+    const SPAN: u32 = 12_000;
+    static NEXT: AtomicU32 = AtomicU32::new(0);
+    let start = std::process::id().wrapping_mul(37) % SPAN;
+    loop {
+        let n = NEXT.fetch_add(1, Ordering::Relaxed);
+        assert!(n < SPAN, "no free port in {LOW}..{}", LOW + SPAN);
+        let port = (LOW + (start + n) % SPAN) as u16;
+        if std::net::TcpListener::bind(("0.0.0.0", port)).is_ok() {
+            return port;
+        }
+    }
 }
 
 extern "C" {
