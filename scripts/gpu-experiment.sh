@@ -14,6 +14,8 @@
 #                                                        # 4096) against the peer's --lengths, same call
 #   bash scripts/gpu-experiment.sh opclass LAYERS [ZERO] # one W1 micro-batch step under ncu, kernel time by class
 #                                                        # (GEMM, attention, norm, softmax/CE, elementwise, comm)
+#   bash scripts/gpu-experiment.sh trace w1|w2 LAYERS [ZERO] # one step as a timeline (libtorch's profiler): kernel time
+#                                                        # by phase and class, GPU idle gaps and their host causes
 #   bash scripts/gpu-experiment.sh demo-sweep FILE       # the demo's learning curve per design variant (FILE: lines
 #                                                        # "NAME [ENV=VALUE ...] --set k=v ..."), all at once on GPU 0, f32, 1 rank
 # STEPS: optimizer steps of both benchmarks (default 3, the first a warm-up). OURS_FLAGS: extra flags of `idavlm-worker bench` (e.g. "--ac auto"). Logs and a table go to $OUT (or ./gpu-out).
@@ -270,6 +272,21 @@ opclass)
   echo "rc $?"; tail -4 "$OUT/opclass-l$layers-z$z.log"; cat "$OUT/opclass-l$layers-z$z.json"
   python3 scripts/op-classes.py "$OUT/ncu-l$layers-z$z.csv" "$OUT/opclass-l$layers-z$z.classes.json" | tee "$OUT/opclass-l$layers-z$z.txt"
   tar czf "$OUT/opclass.tar.gz" -C "$OUT" --exclude opclass.tar.gz . 2>/dev/null
+  ;;
+trace)
+  # One W1 or W2 step ($2) at LAYERS ($3) and ZeRO stage $4 (default 2) on one GPU recorded as a timeline by
+  # libtorch's profiler (--trace-step), then split into kernel time and idle gaps by scripts/trace-gaps.py.
+  what=${2:-w1}; layers=${3:-8}; z=${4:-2}
+  flags=""
+  [ "$what" = w2 ] && flags="--lengths .carry/w2_lengths.json --pack-tokens ${W2_PACK:-8192} --grad-accum ${W2_ACCUM:-2}"
+  tag=trace${TAG:-}-$what-l$layers-z$z
+  # shellcheck disable=SC2086
+  RANK=0 WORLD_SIZE=1 LOCAL_RANK=0 MASTER_ADDR=127.0.0.1 MASTER_PORT=$((29600 + RANDOM % 1000)) \
+    idavlm-worker bench --layers "$layers" --zero "$z" --steps "${STEPS:-3}" $flags --trace-step "$OUT/$tag" \
+      ${OURS_FLAGS:-} >"$OUT/$tag.json" 2>"$OUT/$tag.log"
+  echo "rc $?"; tail -4 "$OUT/$tag.log"; cat "$OUT/$tag.json"
+  python3 scripts/trace-gaps.py "$OUT/$tag.r0.json" "$OUT/$tag.gaps.json" | tee "$OUT/$tag.txt"
+  gzip -f "$OUT/$tag.r0.json"
   ;;
 demo-sweep)
   # Each variant trains recipes/demo.yaml (data regenerated here) with its overrides as one f32 rank on

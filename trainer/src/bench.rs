@@ -52,6 +52,8 @@ pub struct W1 {
     /// Bracket the last timed step with the CUDA profiler's start and stop (for `ncu
     /// --profile-from-start off`).
     pub cuda_profiler_step: bool,
+    /// Record the last timed step as a timeline into `FILE.rR.json` (rank R; [`crate::profile::trace_start`]).
+    pub trace_step: Option<std::path::PathBuf>,
 }
 
 /// PERF.md's w2_lengths.json: per sample (images, prompt text tokens, answer tokens).
@@ -407,6 +409,10 @@ pub fn run(w: &W1, comm: &dyn Communicator, device: Device, gpu_name: &str) -> R
         if profiled {
             cuda_profiler(true);
         }
+        let traced = w.trace_step.as_ref().filter(|_| step + 1 == w.steps);
+        if traced.is_some() {
+            crate::profile::trace_start(device).map_err(crate::error::Error::Config)?;
+        }
         let t0 = Instant::now();
         let mut loss = None;
         let recomputed = planner.recomputed(plan_b, plan_s);
@@ -426,15 +432,20 @@ pub fn run(w: &W1, comm: &dyn Communicator, device: Device, gpu_name: &str) -> R
         st.step(comm, &opt, 5e-6, Some(1.0))?;
         sync();
         let dt = t0.elapsed().as_secs_f64();
+        let opt_s = t1.elapsed().as_secs_f64();
         if profiled {
             cuda_profiler(false);
         }
-        opt_times.push(t1.elapsed().as_secs_f64());
+        if let Some(path) = traced {
+            let path = std::path::PathBuf::from(format!("{}.r{}.json", path.display(), comm.rank()));
+            crate::profile::trace_stop(&path).map_err(crate::error::Error::Config)?;
+        }
+        opt_times.push(opt_s);
         planner.calibrate(comm, device)?;
         times.push(dt);
         if comm.rank() == 0 {
             let loss = loss.map_or(f64::NAN, |l| l.double_value(&[]));
-            eprintln!("step {step} loss {loss:.4} time {dt:.2}s (optimizer + reduce {:.2}s)", t1.elapsed().as_secs_f64());
+            eprintln!("step {step} loss {loss:.4} time {dt:.2}s (optimizer + reduce {opt_s:.2}s)");
         }
     }
     // Device memory in use after the timed steps (libtorch's pool at its high-water mark, NCCL buffers).

@@ -113,6 +113,11 @@ enum Cmd {
         /// records that one step's kernels (scripts/gpu-experiment.sh opclass).
         #[arg(long)]
         cuda_profiler_step: bool,
+        /// Record the last timed step as a timeline (libtorch's profiler: CPU ops, CUDA runtime calls,
+        /// kernels; the phases as named ranges) into this Chrome trace, rank R's as FILE.rR.json
+        /// (read it with scripts/trace-gaps.py).
+        #[arg(long)]
+        trace_step: Option<PathBuf>,
     },
     /// Verify a checkpoint folder and write its model in the Hugging Face layout (bf16). A LoRA
     /// checkpoint's adapter goes to OUT/adapter in PEFT's layout, or into the weights with --merge.
@@ -332,6 +337,7 @@ fn run(cli: Cli) -> Result<i32> {
             pack_window,
             reduce_dtype,
             cuda_profiler_step,
+            trace_step,
         } => {
             runtime::prepare_nccl();
             let info = RankInfo::from_env()?;
@@ -358,6 +364,7 @@ fn run(cli: Cli) -> Result<i32> {
                 pack_window,
                 reduce_dtype,
                 cuda_profiler_step,
+                trace_step,
             };
             let r = idavlm::bench::run(&w, comm.as_ref(), device, &name)?;
             if info.rank == 0 {
