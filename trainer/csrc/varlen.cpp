@@ -1,10 +1,11 @@
-// Variable-length (packed) causal attention through libtorch's flash-attention operator, which tch does
-// not expose. `at::_flash_attention_forward` goes through the dispatcher, autograd included: its
+// Variable-length (packed) causal attention, and dense flash attention, through libtorch's flash-attention
+// operators, which tch does not expose. `at::_flash_attention_forward` goes through the dispatcher, autograd included: its
 // backward is libtorch's own `_flash_attention_backward`. Exceptions never cross into Rust: a failure
 // comes back as a message the caller frees with `idavlm_free_message`.
 
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/_flash_attention_forward.h>
+#include <ATen/ops/_scaled_dot_product_flash_attention.h>
 #include <torch/csrc/autograd/autograd.h>
 
 #include <cstdlib>
@@ -27,6 +28,21 @@ char* idavlm_flash_varlen(const at::Tensor* q, const at::Tensor* k, const at::Te
     return strdup(e.what());
   } catch (...) {
     return strdup("unknown C++ exception in _flash_attention_forward");
+  }
+}
+
+// Flash attention without a mask over q (B, H, Lq, D), k and v (B, H, Lk, D) (unit last stride), CUDA
+// bf16/f16, through the dispatcher (autograd included). Unlike libtorch's scaled_dot_product_attention,
+// which prefers cuDNN on Hopper, it builds no per-shape plan. On success stores the output (B, H, Lq, D).
+char* idavlm_flash_dense(const at::Tensor* q, const at::Tensor* k, const at::Tensor* v, at::Tensor** out) {
+  try {
+    auto r = at::_scaled_dot_product_flash_attention(*q, *k, *v, 0.0, /*is_causal=*/false, /*return_debug_mask=*/false);
+    *out = new at::Tensor(std::get<0>(r));
+    return nullptr;
+  } catch (const std::exception& e) {
+    return strdup(e.what());
+  } catch (...) {
+    return strdup("unknown C++ exception in _scaled_dot_product_flash_attention");
   }
 }
 

@@ -2,7 +2,8 @@
 //! to itself (block-diagonal causal). On CUDA in bf16/f16 it is libtorch's variable-length flash
 //! attention (`_flash_attention_forward` with cumulative sequence lengths, through csrc/varlen.cpp); on
 //! CPU, and for f32, an explicit block-diagonal mask through scaled_dot_product_attention, which is the
-//! reference the tests compare the packed path against.
+//! reference the tests compare the packed path against. Also dense flash attention ([`dense_flash`]) for
+//! the resampler and the ID-Former, whose shapes change with every micro-batch.
 
 use std::ffi::c_char;
 
@@ -62,6 +63,12 @@ extern "C" {
         max_len: i64,
         out: *mut *mut torch_sys::C_tensor,
     ) -> *mut c_char;
+    fn idavlm_flash_dense(
+        q: *const torch_sys::C_tensor,
+        k: *const torch_sys::C_tensor,
+        v: *const torch_sys::C_tensor,
+        out: *mut *mut torch_sys::C_tensor,
+    ) -> *mut c_char;
     fn idavlm_backward_with(out: *const torch_sys::C_tensor, grad: *const torch_sys::C_tensor) -> *mut c_char;
 }
 
@@ -74,6 +81,28 @@ pub fn backward_with(out: &Tensor, grad: &Tensor) {
     if let Err(msg) = super::fused::result(unsafe { idavlm_backward_with(out.as_ptr(), grad.as_ptr()) }) {
         panic!("backward through a block failed: {msg}");
     }
+}
+
+/// Whether [`dense_flash`] can take q (B, H, L, Dh): CUDA bf16/f16, head size a multiple of 8 up to 256.
+pub fn dense_flash_applies(q: &Tensor) -> bool {
+    let dh = q.size().last().copied().unwrap_or(0);
+    q.device().is_cuda() && matches!(q.kind(), Kind::BFloat16 | Kind::Half) && dh % 8 == 0 && dh <= 256
+}
+
+/// Attention without a mask through libtorch's flash-attention operator: q (B, H, Lq, Dh), k and v
+/// (B, H, Lk, Dh) -> (B, H, Lq, Dh), differentiable. For shapes that change from call to call (the
+/// resampler and the ID-Former over each micro-batch's images): scaled_dot_product_attention runs cuDNN
+/// there, which builds a plan for each new shape (40-190 ms on an H200, `scripts/stem-attention-probe.py`).
+pub fn dense_flash(q: &Tensor, k: &Tensor, v: &Tensor) -> Tensor {
+    let mut out: *mut torch_sys::C_tensor = std::ptr::null_mut();
+    // SAFETY: the pointers are live tch tensors borrowed for the call; the shim catches every C++
+    // exception; on success `out` is a new at::Tensor* we own (from_ptr takes it).
+    let err = unsafe { idavlm_flash_dense(q.as_ptr(), k.as_ptr(), v.as_ptr(), &mut out) };
+    if let Err(msg) = super::fused::result(err) {
+        panic!("flash attention failed: {msg}");
+    }
+    // SAFETY: see above.
+    unsafe { Tensor::from_ptr(out) }
 }
 
 /// Packed causal attention: q, k, v (1, S, H, Dh) in the row's sample order -> (1, S, H, Dh).

@@ -91,9 +91,21 @@ impl Mha {
             let (n, l, _) = t.size3().expect("(N, L, D)");
             t.view([n, l, self.heads, hd]).transpose(1, 2)
         };
-        let a = Tensor::scaled_dot_product_attention::<Tensor>(&heads(&q), &heads(&k), &heads(&v), None, 0.0, false, None, false);
+        let (q, k, v) = (heads(&q), heads(&k), heads(&v));
+        // Flash attention where it applies (see `attention::dense_flash`: the shapes here change with
+        // every micro-batch); `IDAVLM_MHA_ATTENTION=sdpa` keeps libtorch's choice (cuDNN on Hopper).
+        let a = if mha_flash() && super::attention::dense_flash_applies(&q) {
+            super::attention::dense_flash(&q, &k, &v)
+        } else {
+            Tensor::scaled_dot_product_attention::<Tensor>(&q, &k, &v, None, 0.0, false, None, false)
+        };
         self.out_proj.forward(&a.transpose(1, 2).reshape([n, lq, d]))
     }
+}
+
+fn mha_flash() -> bool {
+    static ON: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    *ON.get_or_init(|| !std::env::var("IDAVLM_MHA_ATTENTION").is_ok_and(|v| v == "sdpa"))
 }
 
 /// Bicubic (align_corners = false) resize of a square position table (G*G, D) to (T*T, D), in f32,
@@ -301,7 +313,7 @@ pub(crate) fn compare(
 /// Compares the GPU formulations with their references on `device` in `kind` at block shape (B, S, H,
 /// Dh), forward and backward, timing each over `reps` runs: [`RmsNorm::fused`] and
 /// [`apply_rope_swapped`] everywhere; on CUDA also the NVRTC kernels (RoPE, gradient casts/adds,
-/// cross-entropy, SwiGLU).
+/// cross-entropy, SwiGLU) and, in bf16, the flash attention of [`Mha::forward`].
 pub fn check_fast_paths(device: tch::Device, kind: Kind, shape: (i64, i64, i64, i64), reps: usize) -> Vec<FastPathCheck> {
     let (b, s, h, dh) = shape;
     let d = h * dh;
@@ -343,6 +355,16 @@ pub fn check_fast_paths(device: tch::Device, kind: Kind, shape: (i64, i64, i64, 
         let (oa, ob) = (Tensor::randn([3, 7], (Kind::Float, device)).to_kind(kind), Tensor::randn([3, 7], (Kind::Float, device)).to_kind(kind));
         c.forward_rel = c.forward_rel.max(rel_err(&super::fused::swiglu(&oa, &ob), &(&oa * ob.silu())));
         out.push(c);
+    }
+    if device.is_cuda() && kind == Kind::BFloat16 {
+        // The resampler's pool at full size: 8 images x 32 heads, 256 queries over 1,024 keys, head size
+        // 128: flash attention (`Mha::forward`) against libtorch's scaled_dot_product_attention.
+        let mk = |l: i64| Tensor::randn([8, 32, l, 128], (Kind::Float, device)).to_kind(kind).set_requires_grad(true);
+        let (q, k, v) = (mk(256), mk(1024), mk(1024));
+        let gm = Tensor::randn([8, 32, 256, 128], (Kind::Float, device)).to_kind(kind);
+        let sdpa = || Tensor::scaled_dot_product_attention::<Tensor>(&q, &k, &v, None, 0.0, false, None, false);
+        let flash = || super::attention::dense_flash(&q, &k, &v);
+        out.push(compare("mha_flash", kind, device, reps, (&sdpa, &flash), &gm, &[&q, &k, &v]));
     }
     out
 }
