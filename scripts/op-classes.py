@@ -3,7 +3,7 @@
 
 Usage: op-classes.py NCU.csv [OUT.json]. Classes come from kernel names (first rule that matches):
 attention (flash/fmha), GEMM (cuBLAS/CUTLASS/nvjet), comm (NCCL), norm (layer/RMS norm),
-softmax/CE, and elementwise (the rest: pointwise, copies, casts, reductions, the optimizer's ops).
+softmax/CE (incl. the fused cross-entropy), copies/fills (in traces), and elementwise (the rest: pointwise, copies, casts, reductions, the optimizer's ops).
 """
 import csv
 import json
@@ -15,7 +15,8 @@ RULES = [
     ("GEMM", r"gemm|cutlass|xmma|nvjet|cublas|gemv|splitk"),
     ("comm", r"nccl"),
     ("norm", r"layer_norm|rms_norm|rmsnorm|norm_kernel"),
-    ("softmax/CE", r"softmax|nll_loss|cross_entropy"),
+    ("softmax/CE", r"softmax|nll_loss|cross_entropy|ce_fwd|ce_bwd"),
+    ("memcpy/memset", r"^memcpy|^memset"),
     ("elementwise", r""),
 ]
 

@@ -17,29 +17,20 @@ compare the trace's step with the bench's step times.
 """
 import bisect
 import gzip
+import importlib.util
 import json
+import os
 import re
 import sys
 from collections import defaultdict
 
-CLASSES = [
-    ("attention", r"flash|fmha|attention|sdpa"),
-    ("GEMM", r"gemm|cutlass|xmma|nvjet|cublas|gemv|splitk"),
-    ("comm", r"nccl"),
-    ("norm", r"layer_norm|rms_norm|rmsnorm|norm_kernel"),
-    ("softmax/CE", r"softmax|nll_loss|cross_entropy|ce_fwd|ce_bwd"),
-    ("memcpy/memset", r"^memcpy|^memset"),
-    ("elementwise", r""),
-]
+# The kernel classes are op-classes.py's (the ncu split), so both splits name kernels alike.
+_spec = importlib.util.spec_from_file_location("op_classes", os.path.join(os.path.dirname(os.path.abspath(__file__)), "op-classes.py"))
+_op_classes = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(_op_classes)
+classify = _op_classes.classify
+
 SYNC_CALLS = re.compile(r"Synchronize|cudaMemcpy$|cuMemcpyDtoH|cudaMemcpyAsync|cudaStreamWaitEvent|cuStreamSynchronize")
-
-
-def classify(name):
-    low = name.lower()
-    for cls, pat in CLASSES:
-        if re.search(pat, low):
-            return cls
-    return "elementwise"
 
 
 def load(path):
