@@ -235,6 +235,10 @@ fn recipe_values_are_checked_and_set_indexes_lists() {
     assert!(e.contains("`trainable`") && e.contains("lora.modules_to_save"), "{e}");
     let e = idavlm::recipe::load(&r, &["activation_checkpointing=some".into()]).unwrap_err().to_string();
     assert!(e.contains("`activation_checkpointing`") && e.contains("auto, full, none"), "{e}");
+    let e = idavlm::recipe::load(&r, &["logging.trace.step=0".into(), "logging.trace.dir=t".into()]).unwrap_err().to_string();
+    assert!(e.contains("logging.trace.step") && e.contains("from 1"), "{e}");
+    let e = idavlm::recipe::load(&r, &["logging.trace.step=3".into()]).unwrap_err().to_string();
+    assert!(e.contains("missing field `dir`"), "{e}");
     // The recipe documented in stage1.yaml's header: its --set line works as written there.
     let s1 = idavlm_tests::root().join("recipes/stage1.yaml");
     let header = std::fs::read_to_string(&s1).unwrap();

@@ -40,15 +40,32 @@ fn recipe_errors_name_the_key_and_the_line() {
     assert_eq!((c.optimizer.lr, c.batch.accum, c.optimizer.weight_decay), (5e-6, 3, 0.1));
 }
 
-/// Also: `logging.phase_split` times each step by phase (in the metrics and the log).
+/// Also: `logging.phase_split` times each step by phase (in the metrics and the log), and
+/// `logging.trace` records one step as a timeline with the phases in it.
 #[test]
 fn the_loss_falls() {
     let d = tempfile::tempdir().unwrap();
     let r = recipe(d.path(), &data(d.path()), "");
-    let sets = ["length.steps=14", "optimizer.lr=3e-3", "checkpoint.at_end=false", "logging.phase_split=true"];
-    let args: Vec<&str> = sets.iter().flat_map(|s| ["--set", s]).collect();
+    let trace_dir = format!("logging.trace.dir={}", d.path().join("trace").display());
+    let sets = [
+        "length.steps=14",
+        "optimizer.lr=3e-3",
+        "checkpoint.at_end=false",
+        "logging.phase_split=true",
+        "logging.trace.step=2",
+        &trace_dir,
+    ];
+    let args: Vec<&str> = sets.iter().flat_map(|s| ["--set", *s]).collect();
     let log = ok(&worker_train(&r, &args));
     assert!(log.contains("step 14 phases (s): "), "{log}");
+    let trace = d.path().join("trace/step-00000002.r0.json");
+    assert!(log.contains("step 2 recorded as a timeline"), "{log}");
+    let v: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(&trace).unwrap()).unwrap();
+    let ev = v["traceEvents"].as_array().unwrap();
+    for phase in ["stem_forward", "blocks_forward", "head_fwd_bwd", "optimizer"] {
+        assert!(ev.iter().any(|e| e["cat"] == "user_annotation" && e["name"] == phase), "{phase} not in the trace");
+    }
+    assert!(ev.iter().any(|e| e["cat"] == "cpu_op" && e["name"] == "aten::mm"), "no ops in the trace");
     for line in std::fs::read_to_string(d.path().join("metrics.jsonl")).unwrap().lines() {
         let v: serde_json::Value = serde_json::from_str(line).unwrap();
         let phases = v["phase_s"].as_object().unwrap_or_else(|| panic!("no phase_s: {line}"));

@@ -569,6 +569,19 @@ pub struct LoggingSection {
     /// synchronised at each phase boundary, so steps run slightly slower; rank 0's split.
     #[serde(default)]
     pub phase_split: bool,
+    /// Record one optimizer step as a timeline (`{step: N, dir: DIR}`, N from 1): libtorch's profiler
+    /// over CPU ops, CUDA calls and kernels, the step's phases as named ranges, one Chrome trace per rank
+    /// (`DIR/step-0000000N.rR.json`; `scripts/trace-gaps.py` splits one into kernel time and GPU idle
+    /// gaps). The recorded step runs slightly slower.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub trace: Option<TraceSection>,
+}
+
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TraceSection {
+    pub step: u64,
+    pub dir: PathBuf,
 }
 
 impl Default for LoggingSection {
@@ -581,6 +594,7 @@ impl Default for LoggingSection {
             tensorboard: None,
             progress_bar: true,
             phase_split: false,
+            trace: None,
         }
     }
 }
@@ -867,6 +881,9 @@ impl Recipe {
         }
         if self.batch.micro == 0 {
             return err("batch.micro", "must be at least 1".into());
+        }
+        if self.logging.trace.as_ref().is_some_and(|t| t.step == 0) {
+            return err("logging.trace.step", "steps count from 1".into());
         }
         if self.batch.accum == 0 {
             return err("batch.accum", "must be at least 1".into());

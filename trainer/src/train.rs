@@ -280,6 +280,11 @@ impl<'a> Trainer<'a> {
         if self.recipe.logging.phase_split {
             crate::profile::take(); // what the evaluation after the last step timed is not this step's
         }
+        let traced = self.recipe.logging.trace.as_ref().filter(|t| t.step == self.ts.step + 1);
+        if let Some(t) = traced {
+            std::fs::create_dir_all(&t.dir).map_err(|e| Error::io(&t.dir, e))?;
+            crate::profile::trace_start(self.plan.device).map_err(|e| Error::Other(format!("logging.trace: {e}")))?;
+        }
         let data = self.stream.next_step()?;
         let t_data = t0.elapsed().as_secs_f64();
         debug_assert_eq!(data.step, self.ts.step);
@@ -291,6 +296,11 @@ impl<'a> Trainer<'a> {
         let stats = crate::profile::time(crate::profile::OPTIMIZER, 0.0, || {
             self.st.step(self.comm, &self.opt, lr, self.recipe.optimizer.clip_grad_norm)
         })?;
+        if let Some(t) = traced {
+            let path = t.dir.join(format!("step-{k:08}.r{}.json", self.comm.rank()));
+            crate::profile::trace_stop(&path).map_err(|e| Error::Other(format!("logging.trace: {e}")))?;
+            self.reporter.note(&format!("step {k} recorded as a timeline: {} (scripts/trace-gaps.py reads it)", path.display()));
+        }
         let phase_s = self.recipe.logging.phase_split.then(|| {
             let mut m = crate::profile::take().named();
             m.insert("data".into(), t_data);
