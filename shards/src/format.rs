@@ -383,8 +383,7 @@ fn read_batches(
     if let Some(mask) = mask {
         builder = builder.with_projection(mask);
     }
-    let reader =
-        builder.with_batch_size(1 << 16).build().map_err(|e| Error::Parquet { file: file.to_path_buf(), cause: e })?;
+    let reader = builder.with_batch_size(1 << 16).build().map_err(|e| Error::Parquet { file: file.to_path_buf(), cause: e })?;
     for batch in reader {
         each(&batch.map_err(|e| Error::format(file, format!("row group {rg}: {e}")))?)?;
     }

@@ -29,7 +29,9 @@ impl Packing {
 /// tokens) must fit a micro-batch. The message names both figures; callers say where they come from.
 pub fn check_budget(tokens: usize, max_len: usize) -> std::result::Result<(), String> {
     if tokens < max_len {
-        return Err(format!("packing budget {tokens} tokens is below max_len {max_len}: a sample that long could fit no micro-batch"));
+        return Err(format!(
+            "packing budget {tokens} tokens is below max_len {max_len}: a sample that long could fit no micro-batch"
+        ));
     }
     Ok(())
 }

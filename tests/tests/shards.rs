@@ -343,7 +343,13 @@ fn packing_plans_by_num_tokens_and_a_stale_count_is_an_error_naming_the_sample()
         Reader::new(
             vec![s],
             tok.clone(),
-            LoadOptions { image_size: 28, max_len: 4096, bad_image: BadImagePolicy::Fail, workers: 1, resize: Default::default() },
+            LoadOptions {
+                image_size: 28,
+                max_len: 4096,
+                bad_image: BadImagePolicy::Fail,
+                workers: 1,
+                resize: Default::default(),
+            },
             5,
             &[(0, n)],
             None,
@@ -386,5 +392,9 @@ fn packing_plans_by_num_tokens_and_a_stale_count_is_an_error_naming_the_sample()
     let (reqs, after) = r.plan_step(0, ReaderState { seed: 5, ..Default::default() }).unwrap();
     let errors: Vec<String> = reqs.iter().filter_map(|q| r.loader.build(q, 0, after).err()).map(|e| e.to_string()).collect();
     assert_eq!(errors.len(), 1, "{errors:?}");
-    assert!(errors[0].contains(&format!("{stale_id:?}")) && errors[0].contains("num_tokens says") && errors[0].contains("shard-"), "{}", errors[0]);
+    assert!(
+        errors[0].contains(&format!("{stale_id:?}")) && errors[0].contains("num_tokens says") && errors[0].contains("shard-"),
+        "{}",
+        errors[0]
+    );
 }

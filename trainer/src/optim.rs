@@ -174,7 +174,14 @@ pub fn check_fused_adamw(device: tch::Device, n: i64, reps: usize) -> Option<cra
     let (reference, reference_ms) = run(false);
     let (fused, fast_ms) = run(true);
     let forward_rel = fused.iter().zip(&reference).map(|(a, r)| rel_err(a, r)).fold(0.0, f64::max);
-    Some(crate::model::layers::FastPathCheck { name: "adamw", kind: tch::Kind::Float, forward_rel, grad_rel: 0.0, reference_ms, fast_ms })
+    Some(crate::model::layers::FastPathCheck {
+        name: "adamw",
+        kind: tch::Kind::Float,
+        forward_rel,
+        grad_rel: 0.0,
+        reference_ms,
+        fast_ms,
+    })
 }
 
 /// The factor gradients are multiplied by for global-norm clipping (torch's clip_grad_norm_).

@@ -278,7 +278,10 @@ fn run(cli: Cli) -> Result<i32> {
             let n = tch::Cuda::device_count() as usize;
             let devices: Vec<tch::Device> = if n > 0 { (0..n).map(tch::Device::Cuda).collect() } else { vec![tch::Device::Cpu] };
             let mut failed = 0;
-            println!("{:<10} {:<20} {:<5} {:>12} {:>12} {:>9} {:>9}  (fwd+bwd ms, shape {rows}x{seq}x{heads}x{head_dim})", "device", "op", "dtype", "forward rel", "grad rel", "ref ms", "fast ms");
+            println!(
+                "{:<10} {:<20} {:<5} {:>12} {:>12} {:>9} {:>9}  (fwd+bwd ms, shape {rows}x{seq}x{heads}x{head_dim})",
+                "device", "op", "dtype", "forward rel", "grad rel", "ref ms", "fast ms"
+            );
             for d in devices {
                 for kind in [tch::Kind::Float, tch::Kind::BFloat16] {
                     tch::manual_seed(7);

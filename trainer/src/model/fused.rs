@@ -39,7 +39,11 @@ extern "C" {
         target: *const torch_sys::C_tensor,
         out: *mut *mut torch_sys::C_tensor,
     ) -> *mut c_char;
-    fn idavlm_swiglu(a: *const torch_sys::C_tensor, b: *const torch_sys::C_tensor, out: *mut *mut torch_sys::C_tensor) -> *mut c_char;
+    fn idavlm_swiglu(
+        a: *const torch_sys::C_tensor,
+        b: *const torch_sys::C_tensor,
+        out: *mut *mut torch_sys::C_tensor,
+    ) -> *mut c_char;
     fn idavlm_free_message(m: *mut c_char);
     fn idavlm_upload(cpu: *const torch_sys::C_tensor, device: i32, out: *mut *mut torch_sys::C_tensor) -> *mut c_char;
 }

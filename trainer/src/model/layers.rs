@@ -285,7 +285,13 @@ pub(crate) fn measured<T>(device: tch::Device, reps: usize, once: impl Fn() -> T
 }
 
 /// Output and input gradients of `f` at `inputs` under the loss `sum(f * g)` (f32), and its time.
-fn with_grads(device: tch::Device, reps: usize, f: &dyn Fn() -> Tensor, g: &Tensor, inputs: &[&Tensor]) -> ((Tensor, Vec<Tensor>), f64) {
+fn with_grads(
+    device: tch::Device,
+    reps: usize,
+    f: &dyn Fn() -> Tensor,
+    g: &Tensor,
+    inputs: &[&Tensor],
+) -> ((Tensor, Vec<Tensor>), f64) {
     measured(device, reps, || {
         let y = f();
         let loss = (y.to_kind(Kind::Float) * g.to_kind(Kind::Float)).sum(Kind::Float);
@@ -352,7 +358,10 @@ pub fn check_fast_paths(device: tch::Device, kind: Kind, shape: (i64, i64, i64, 
         let gates: (&dyn Fn() -> Tensor, &dyn Fn() -> Tensor) = (&|| &ga * gb.silu(), &|| super::fused::swiglu(&ga, &gb));
         let mut c = compare("swiglu", kind, device, reps, gates, &gg, &[&ga, &gb]);
         // An odd length takes the one-element-per-thread kernel.
-        let (oa, ob) = (Tensor::randn([3, 7], (Kind::Float, device)).to_kind(kind), Tensor::randn([3, 7], (Kind::Float, device)).to_kind(kind));
+        let (oa, ob) = (
+            Tensor::randn([3, 7], (Kind::Float, device)).to_kind(kind),
+            Tensor::randn([3, 7], (Kind::Float, device)).to_kind(kind),
+        );
         c.forward_rel = c.forward_rel.max(rel_err(&super::fused::swiglu(&oa, &ob), &(&oa * ob.silu())));
         out.push(c);
     }
@@ -388,7 +397,14 @@ fn check_cross_entropy(device: tch::Device, kind: Kind, rows: i64, reps: usize) 
     };
     let ((lr, gr), reference_ms) = run(false);
     let ((lf, gf), fast_ms) = run(true);
-    FastPathCheck { name: "cross_entropy", kind, forward_rel: rel_err(&lf, &lr), grad_rel: rel_err(&gf, &gr), reference_ms, fast_ms }
+    FastPathCheck {
+        name: "cross_entropy",
+        kind,
+        forward_rel: rel_err(&lf, &lr),
+        grad_rel: rel_err(&gf, &gr),
+        reference_ms,
+        fast_ms,
+    }
 }
 
 /// The fused bf16 -> f32 gradient copy and add against libtorch's `copy_` and `add_`, at an aligned offset

@@ -6,8 +6,8 @@
 //! communication block by block; [`QwenVl::forward_loss`] runs them in one go.
 
 pub mod attention;
-pub mod fused;
 pub mod config;
+pub mod fused;
 pub mod layers;
 pub mod llm;
 pub mod lora;

@@ -20,8 +20,8 @@ use tch::{Device, Kind, Tensor};
 
 use crate::comm::{Communicator, InFlight};
 use crate::error::{Error, Result};
-use crate::model::{ModelConfig, ParamSet, ParamSpec};
 use crate::model::fused;
+use crate::model::{ModelConfig, ParamSet, ParamSpec};
 use crate::optim::{clip_coef, AdamW, StepArgs};
 use crate::profile;
 pub use crate::recipe::ZeroStage;
