@@ -52,6 +52,8 @@ pub struct W1 {
     /// Bracket the last timed step with the CUDA profiler's start and stop (for `ncu
     /// --profile-from-start off`).
     pub cuda_profiler_step: bool,
+    /// `memory.limit_gib` for `ac: auto` (None: the card's memory less a margin).
+    pub memory_limit_gib: Option<f64>,
     /// Record the last timed step as a timeline into `FILE.rR.json` (rank R; [`crate::profile::trace_start`]).
     pub trace_step: Option<std::path::PathBuf>,
 }
@@ -395,7 +397,7 @@ pub fn run(w: &W1, comm: &dyn Communicator, device: Device, gpu_name: &str) -> R
             tch::Cuda::synchronize(i as i64);
         }
     };
-    let mut planner = Planner::new(w.ac, &cfg, w.zero, st.kind.elt_size_in_bytes(), st.block_numel(), None)
+    let mut planner = Planner::new(w.ac, &cfg, w.zero, st.kind.elt_size_in_bytes(), st.block_numel(), w.memory_limit_gib)
         .with_explicit_blocks(crate::model::llm::explicit_runs(&cfg, st.device, st.kind));
     let mut times = Vec::new();
     let mut opt_times = Vec::new();

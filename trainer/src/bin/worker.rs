@@ -118,6 +118,9 @@ enum Cmd {
         /// (read it with scripts/trace-gaps.py).
         #[arg(long)]
         trace_step: Option<PathBuf>,
+        /// The memory limit `--ac auto` plans under (memory.limit_gib; default the card's memory less 4 GiB).
+        #[arg(long)]
+        memory_limit_gib: Option<f64>,
     },
     /// Verify a checkpoint folder and write its model in the Hugging Face layout (bf16). A LoRA
     /// checkpoint's adapter goes to OUT/adapter in PEFT's layout, or into the weights with --merge.
@@ -341,6 +344,7 @@ fn run(cli: Cli) -> Result<i32> {
             reduce_dtype,
             cuda_profiler_step,
             trace_step,
+            memory_limit_gib,
         } => {
             runtime::prepare_nccl();
             let info = RankInfo::from_env()?;
@@ -368,6 +372,7 @@ fn run(cli: Cli) -> Result<i32> {
                 reduce_dtype,
                 cuda_profiler_step,
                 trace_step,
+                memory_limit_gib,
             };
             let r = idavlm::bench::run(&w, comm.as_ref(), device, &name)?;
             if info.rank == 0 {
