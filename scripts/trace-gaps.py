@@ -108,7 +108,7 @@ def main():
         busy[(phase_of(l["ts"]) if l else "unknown", cls)] += k["dur"]
 
     # Gaps in the union of GPU activity.
-    gaps, end, after = [], gpu[0]["ts"], None
+    gaps, end = [], gpu[0]["ts"]
     for k in gpu:
         if k["ts"] > end:
             gaps.append((end, k["ts"], k))

@@ -27,8 +27,9 @@ extern "C" {
 char* idavlm_trace_start(int cuda) {
   return idavlm::guarded("idavlm_trace_start", [&] {
     ProfilerConfig cfg(ProfilerState::KINETO);
-    torch::autograd::profiler::prepareProfiler(cfg, activities(cuda != 0));
-    torch::autograd::profiler::enableProfiler(cfg, activities(cuda != 0));
+    const auto acts = activities(cuda != 0);
+    torch::autograd::profiler::prepareProfiler(cfg, acts);
+    torch::autograd::profiler::enableProfiler(cfg, acts);
   });
 }
 

@@ -94,15 +94,8 @@ pub fn dense_flash_applies(q: &Tensor) -> bool {
 /// resampler and the ID-Former over each micro-batch's images): scaled_dot_product_attention runs cuDNN
 /// there, which builds a plan for each new shape (40-190 ms on an H200, `scripts/stem-attention-probe.py`).
 pub fn dense_flash(q: &Tensor, k: &Tensor, v: &Tensor) -> Tensor {
-    let mut out: *mut torch_sys::C_tensor = std::ptr::null_mut();
-    // SAFETY: the pointers are live tch tensors borrowed for the call; the shim catches every C++
-    // exception; on success `out` is a new at::Tensor* we own (from_ptr takes it).
-    let err = unsafe { idavlm_flash_dense(q.as_ptr(), k.as_ptr(), v.as_ptr(), &mut out) };
-    if let Err(msg) = super::fused::result(err) {
-        panic!("flash attention failed: {msg}");
-    }
-    // SAFETY: see above.
-    unsafe { Tensor::from_ptr(out) }
+    // SAFETY: three live tch tensors borrowed for the call; the shim catches every C++ exception.
+    super::fused::shim_tensor("flash attention", |out| unsafe { idavlm_flash_dense(q.as_ptr(), k.as_ptr(), v.as_ptr(), out) })
 }
 
 /// Packed causal attention: q, k, v (1, S, H, Dh) in the row's sample order -> (1, S, H, Dh).
@@ -113,16 +106,12 @@ pub fn packed(q: &Tensor, k: &Tensor, v: &Tensor, seg: &Segments) -> Tensor {
     let flash = q.device().is_cuda() && matches!(q.kind(), Kind::BFloat16 | Kind::Half);
     if flash {
         let (q, k, v) = (q.view([s, h, dh]).contiguous(), k.view([s, h, dh]).contiguous(), v.view([s, h, dh]).contiguous());
-        let mut out: *mut torch_sys::C_tensor = std::ptr::null_mut();
-        // SAFETY: the four pointers are live tch tensors (at::Tensor*) borrowed for the call; the shim
-        // catches every C++ exception; on success `out` is a new at::Tensor* we own (from_ptr takes it).
-        let err =
-            unsafe { idavlm_flash_varlen(q.as_ptr(), k.as_ptr(), v.as_ptr(), seg.cu_seqlens.as_ptr(), seg.max_len, &mut out) };
-        if let Err(msg) = super::fused::result(err) {
-            panic!("flash attention over packed samples failed: {msg}");
-        }
-        // SAFETY: see above.
-        return unsafe { Tensor::from_ptr(out) }.view([1, s, h, dh]);
+        // SAFETY: the four pointers are live tch tensors borrowed for the call; the shim catches every C++
+        // exception.
+        let out = super::fused::shim_tensor("flash attention over packed samples", |out| unsafe {
+            idavlm_flash_varlen(q.as_ptr(), k.as_ptr(), v.as_ptr(), seg.cu_seqlens.as_ptr(), seg.max_len, out)
+        });
+        return out.view([1, s, h, dh]);
     }
     let mask = seg.mask(q.device());
     let t = |x: &Tensor| x.transpose(1, 2);

@@ -53,25 +53,15 @@ extern "C" {
 /// the host built the next kernels (the step's index tensors, inputs and targets come this way).
 pub fn upload(t: &Tensor, device: Device) -> Tensor {
     let Device::Cuda(i) = device else { return t.to_device(device) };
-    let mut out: *mut torch_sys::C_tensor = std::ptr::null_mut();
-    // SAFETY: a live tch tensor borrowed for the call; on success `out` is a new at::Tensor* we own.
-    if let Err(msg) = result(unsafe { idavlm_upload(t.as_ptr(), i as i32, &mut out) }) {
-        panic!("upload to {device:?} failed: {msg}");
-    }
-    // SAFETY: see above.
-    unsafe { Tensor::from_ptr(out) }
+    // SAFETY: a live tch tensor borrowed for the call.
+    shim_tensor(format_args!("upload to {device:?}"), |out| unsafe { idavlm_upload(t.as_ptr(), i as i32, out) })
 }
 
 /// The MLP's gate `a * silu(b)` (a = w1(h), b = w2(h): same shape, bf16 or f32 on CUDA) in one kernel each
 /// way, saving only a and b for the backward. Call after [`available`].
 pub fn swiglu(a: &Tensor, b: &Tensor) -> Tensor {
-    let mut out: *mut torch_sys::C_tensor = std::ptr::null_mut();
-    // SAFETY: two live tch tensors borrowed for the call; on success `out` is a new at::Tensor* we own.
-    if let Err(msg) = result(unsafe { idavlm_swiglu(a.as_ptr(), b.as_ptr(), &mut out) }) {
-        panic!("fused SwiGLU failed: {msg}");
-    }
-    // SAFETY: see above.
-    unsafe { Tensor::from_ptr(out) }
+    // SAFETY: two live tch tensors borrowed for the call.
+    shim_tensor("fused SwiGLU", |out| unsafe { idavlm_swiglu(a.as_ptr(), b.as_ptr(), out) })
 }
 
 /// Cross-entropy of each row of `logits` (N, V), bf16 or f32 contiguous on CUDA, against int64 `target`
@@ -79,14 +69,8 @@ pub fn swiglu(a: &Tensor, b: &Tensor) -> Tensor {
 /// (no f32 copy of them, no saved log-probabilities: two passes forward, one backward). Call after
 /// [`available`].
 pub fn cross_entropy_rows(logits: &Tensor, target: &Tensor) -> Tensor {
-    let mut out: *mut torch_sys::C_tensor = std::ptr::null_mut();
-    // SAFETY: two live tch tensors borrowed for the call; on success `out` is a new at::Tensor* we own.
-    let r = result(unsafe { idavlm_cross_entropy_rows(logits.as_ptr(), target.as_ptr(), &mut out) });
-    if let Err(msg) = r {
-        panic!("fused cross-entropy failed: {msg}");
-    }
-    // SAFETY: see above.
-    unsafe { Tensor::from_ptr(out) }
+    // SAFETY: two live tch tensors borrowed for the call.
+    shim_tensor("fused cross-entropy", |out| unsafe { idavlm_cross_entropy_rows(logits.as_ptr(), target.as_ptr(), out) })
 }
 
 /// `acc = g` (add false) or `acc += g` for a gradient `g` of `acc`'s length. A contiguous bf16 `g` into a
@@ -162,6 +146,21 @@ pub fn adamw(p: &Tensor, g: &Tensor, m: &Tensor, v: &Tensor, s: AdamScalars) {
     if let Err(msg) = r {
         panic!("fused AdamW failed: {msg}");
     }
+}
+
+/// The tensor a C++ shim function (csrc/*.cpp) stores in its `out` argument. `call` makes the FFI call with
+/// the given out pointer and returns its message (null: success); a failure panics as "`what` failed:
+/// the shim's message".
+pub(crate) fn shim_tensor(
+    what: impl std::fmt::Display,
+    call: impl FnOnce(*mut *mut torch_sys::C_tensor) -> *mut c_char,
+) -> Tensor {
+    let mut out: *mut torch_sys::C_tensor = std::ptr::null_mut();
+    if let Err(msg) = result(call(&mut out)) {
+        panic!("{what} failed: {msg}");
+    }
+    // SAFETY: on success the shim stored a new at::Tensor* in `out`, which we now own (from_ptr takes it).
+    unsafe { Tensor::from_ptr(out) }
 }
 
 /// Takes a message returned by one of the C++ shim's functions (csrc/*.cpp; null: success).
@@ -260,15 +259,8 @@ pub fn compile_check(nvrtc: &std::path::Path, arch: i32) -> Result<(), String> {
 /// Rotate-half RoPE of x (B, S, H, Dh), bf16 or f32 on CUDA, with f32 tables (S, Dh) or (B, S, Dh):
 /// bit for bit [`super::layers::apply_rope_reference`], in one kernel each way. Call after [`available`].
 pub fn rope(x: &Tensor, cos: &Tensor, sin: &Tensor) -> Tensor {
-    let mut out: *mut torch_sys::C_tensor = std::ptr::null_mut();
-    // SAFETY: the three pointers are live tch tensors borrowed for the call; on success `out` is a new
-    // at::Tensor* we own (from_ptr takes it).
-    let r = result(unsafe { idavlm_rope(x.as_ptr(), cos.as_ptr(), sin.as_ptr(), &mut out) });
-    if let Err(msg) = r {
-        panic!("fused rope failed: {msg}");
-    }
-    // SAFETY: see above.
-    unsafe { Tensor::from_ptr(out) }
+    // SAFETY: three live tch tensors borrowed for the call.
+    shim_tensor("fused rope", |out| unsafe { idavlm_rope(x.as_ptr(), cos.as_ptr(), sin.as_ptr(), out) })
 }
 
 #[cfg(test)]

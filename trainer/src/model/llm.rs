@@ -132,10 +132,9 @@ impl QwenBlock {
             None => (std::ptr::null(), x.size()[1]),
         };
         let eps = self.ln_1.eps;
-        let mut out: *mut torch_sys::C_tensor = std::ptr::null_mut();
         // SAFETY: every pointer is a live tch tensor borrowed for the call (cu may be null); the shim
-        // catches every C++ exception; on success `out` is a new at::Tensor* we own.
-        let err = unsafe {
+        // catches every C++ exception.
+        super::fused::shim_tensor("the explicit Qwen block", |out| unsafe {
             idavlm_qwen_block(
                 x.as_ptr(),
                 self.ln_1.weight.as_ptr(),
@@ -153,14 +152,9 @@ impl QwenBlock {
                 max_len,
                 eps,
                 i32::from(keep),
-                &mut out,
+                out,
             )
-        };
-        if let Err(msg) = super::fused::result(err) {
-            panic!("the explicit Qwen block failed: {msg}");
-        }
-        // SAFETY: see above.
-        unsafe { Tensor::from_ptr(out) }
+        })
     }
 
     /// The block through libtorch's autograd, op by op: the reference, the CPU path and the only path
