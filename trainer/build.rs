@@ -1,6 +1,7 @@
 //! Compiles the C++ for what tch's API lacks (csrc/varlen.cpp: packed flash attention, backward from an
 //! output gradient; csrc/fused.cpp: NVRTC-compiled fused kernels as autograd functions; csrc/block.cpp:
-//! the LLM block with an explicit backward; csrc/trace.cpp: libtorch's profiler as a timeline) against the libtorch that torch-sys found, with its flags.
+//! the LLM block with an explicit backward; csrc/trace.cpp: libtorch's profiler as a timeline; csrc/storage.cpp:
+//! freeing and restoring a storage's memory, ZeRO-3's reshard after forward) against the libtorch that torch-sys found, with its flags.
 
 use std::path::PathBuf;
 
@@ -10,6 +11,7 @@ fn main() {
     println!("cargo:rerun-if-changed=csrc/fused.h");
     println!("cargo:rerun-if-changed=csrc/block.cpp");
     println!("cargo:rerun-if-changed=csrc/trace.cpp");
+    println!("cargo:rerun-if-changed=csrc/storage.cpp");
     let lib = PathBuf::from(std::env::var("DEP_TCH_LIBTORCH_LIB").expect("torch-sys passes DEP_TCH_LIBTORCH_LIB"));
     let root = lib.parent().expect("libtorch's lib folder has a parent").to_path_buf();
     cc::Build::new()
@@ -26,5 +28,6 @@ fn main() {
         .file("csrc/fused.cpp")
         .file("csrc/block.cpp")
         .file("csrc/trace.cpp")
+        .file("csrc/storage.cpp")
         .compile("idavlm_varlen");
 }

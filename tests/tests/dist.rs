@@ -29,14 +29,19 @@ fn zero_1_2_3_on_2_and_3_ranks_equal_one_process() {
             assert_state_close(&ckpt_state(&r.with_file_name("ckpt").join("step-00000003")), &want, &name);
         }
     }
-    // Without recomputation (every block keeps its graph) the step is the same, also under ZeRO-3
-    // where the gathered parameters of every block stay alive until its backward.
+    // Without recomputation (every block keeps its graph) the step is the same, also under ZeRO-3,
+    // where each kept block frees its gathered parameters after its forward and gathers them again into
+    // the same storage for its backward (reshard after forward, the default; one process's ZeRO-3 goes
+    // through it too), or with `zero.reshard_after_forward: false` keeps them gathered until then.
     // With one of the two blocks kept (`activation_checkpointing: 1`), block 0's ZeRO-3 gather for its
     // recompute is prefetched across block 1's backward.
-    for (world, stage, keep) in [(1, 2u8, "false"), (2, 3, "false"), (2, 3, "1")] {
-        let name = format!("w{world}z{stage}-keep-{keep}");
+    for (world, stage, keep, reshard) in
+        [(1, 2u8, "false", true), (1, 3, "false", true), (2, 3, "false", true), (2, 3, "false", false), (2, 3, "1", true)]
+    {
+        let name = format!("w{world}z{stage}-keep-{keep}-reshard-{reshard}");
         let r = setup(d.path(), &name, &data, 6, world, stage, 3);
-        run_ok(launch(&r, world, &["--set", &format!("activation_checkpointing={keep}")]));
+        let sets = [format!("activation_checkpointing={keep}"), format!("zero.reshard_after_forward={reshard}")];
+        run_ok(launch(&r, world, &["--set", &sets[0], "--set", &sets[1]]));
         assert_losses_close(&losses(&r.with_file_name("metrics.jsonl")), &want_losses, &name);
         assert_state_close(&ckpt_state(&r.with_file_name("ckpt").join("step-00000003")), &want, &name);
     }

@@ -49,6 +49,8 @@ pub struct W1 {
     pub pack_window: usize,
     /// The dtype gradients are reduced in (`zero.reduce_dtype`).
     pub reduce_dtype: ReduceDtype,
+    /// ZeRO-3: kept blocks free their gathered parameters after the forward (`zero.reshard_after_forward`).
+    pub reshard_after_forward: bool,
     /// Bracket the last timed step with the CUDA profiler's start and stop (for `ncu
     /// --profile-from-start off`).
     pub cuda_profiler_step: bool,
@@ -350,6 +352,7 @@ pub fn run(w: &W1, comm: &dyn Communicator, device: Device, gpu_name: &str) -> R
     let trainable = Trainable::of(cfg.lora.as_ref(), &Default::default());
     let mut st = Sharded::new(&cfg, params, &|s| trainable.contains(s), w.zero, comm);
     st.set_reduce_kind(w.reduce_dtype.kind());
+    st.set_reshard_after_forward(w.reshard_after_forward);
     let (rank, world) = (comm.rank(), comm.world());
     // W1: one micro-batch for every micro-step. W2: the packed micro-batches in order, micro-batch m of
     // step k being global micro-batch (k * accum + j) * world + rank, cycling over the packing.
@@ -397,7 +400,7 @@ pub fn run(w: &W1, comm: &dyn Communicator, device: Device, gpu_name: &str) -> R
             tch::Cuda::synchronize(i as i64);
         }
     };
-    let mut planner = Planner::new(w.ac, &cfg, w.zero, st.kind.elt_size_in_bytes(), st.block_numel(), w.memory_limit_gib)
+    let mut planner = Planner::new(w.ac, &cfg, w.zero, st.kind.elt_size_in_bytes(), st.kept_block_numel(), w.memory_limit_gib)
         .with_explicit_blocks(crate::model::llm::explicit_runs(&cfg, st.device, st.kind));
     let mut times = Vec::new();
     let mut opt_times = Vec::new();
@@ -495,8 +498,9 @@ pub fn run(w: &W1, comm: &dyn Communicator, device: Device, gpu_name: &str) -> R
     let peak_all = Vec::<f32>::try_from(all.to_device(Device::Cpu)).expect("peaks").into_iter().fold(0f32, f32::max) as f64;
     Ok(W1Result {
         system: format!(
-            "idavlm-zero{}{}{}{}-ac-{:?}",
+            "idavlm-zero{}{}{}{}{}-ac-{:?}",
             w.zero,
+            if w.zero == ZeroStage::Three && !w.reshard_after_forward { "-no-reshard" } else { "" },
             if w.reduce_dtype == ReduceDtype::Bf16 { "-reduce-bf16" } else { "" },
             if w.lora { "-lora" } else { "" },
             if w.lengths.is_some() { format!("-w2-packed{}", w.pack_tokens) } else { String::new() },

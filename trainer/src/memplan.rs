@@ -20,8 +20,8 @@ use crate::recipe::ZeroStage;
 const MARGIN: f64 = 1.15;
 
 /// Bytes one LLM block keeps for its backward at micro-batch shape (batch, seq), in the compute dtype of
-/// `elt` bytes, plus, under ZeRO-3, the block's gathered parameters, which a kept graph holds until its
-/// backward.
+/// `elt` bytes, plus `block_params` gathered parameters a kept graph holds until its backward (ZeRO-3
+/// without reshard after forward; see [`crate::zero::Sharded::kept_block_numel`]).
 ///
 /// Through autograd: per RMSNorm its f32 input and its scaled output, the linears' inputs, the QKV
 /// projection (kept alive by the V view), rotated Q and K, the attention output and its reshaped copy,

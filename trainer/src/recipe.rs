@@ -215,6 +215,7 @@ impl LoraSection {
 fn yes() -> bool {
     true
 }
+
 fn default_nonfinite() -> u32 {
     5
 }
@@ -437,7 +438,7 @@ pub enum LossMean {
     Tokens,
 }
 
-#[derive(Clone, Debug, PartialEq, Serialize, Deserialize, Default)]
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct ZeroSection {
     #[serde(default)]
@@ -445,6 +446,18 @@ pub struct ZeroSection {
     /// The dtype gradients are reduced over ranks in: `f32` (default) or `bf16` (half the bytes).
     #[serde(default)]
     pub reduce_dtype: ReduceDtype,
+    /// Stage 3: a block whose activations are kept frees its gathered parameters after its forward and
+    /// gathers them again for its backward (default true, as FSDP's `reshard_after_forward`); false
+    /// keeps them gathered until the backward (one all-gather less per kept block, a whole block's
+    /// parameters more memory per kept block).
+    #[serde(default = "yes")]
+    pub reshard_after_forward: bool,
+}
+
+impl Default for ZeroSection {
+    fn default() -> Self {
+        Self { stage: ZeroStage::default(), reduce_dtype: ReduceDtype::default(), reshard_after_forward: true }
+    }
 }
 
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize, clap::ValueEnum)]

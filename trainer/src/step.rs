@@ -3,7 +3,9 @@
 //!
 //! tch has no autograd hooks, so the schedule is explicit. Forward: the stem (vision under no_grad,
 //! resampler and embedding with a graph), then each LLM block: the first `recomputed` blocks without a
-//! graph, keeping only their input, the others with their graph (see [`crate::memplan`]). Backward: the
+//! graph, keeping only their input, the others with their graph (see [`crate::memplan`]; under ZeRO-3 a
+//! kept graph's gathered parameters are freed after the forward and gathered again for the backward,
+//! the gather of block i-1 overlapping block i's backward whether i-1 is kept or recomputed). Backward: the
 //! head's loss, then for each block from the last, back-propagate the incoming gradient
 //! (`(out * g).sum().backward()`) through its kept graph or through a recomputation with a graph on a
 //! leaf copy of its input; the block's parameter gradient lands on the leaves its views were taken from
@@ -89,6 +91,7 @@ pub fn forward_backward(
     };
     let layers = cfg.num_hidden_layers as usize;
     let device = st.device;
+    let reshard = st.reshards_kept();
     // ZeRO-3: block 0's all-gather runs during the stem (stages 1/2 hand back the kept buffer).
     let mut next = st.prefetch(comm, Role::Block(0))?;
     // Stem, with a graph through the trainable resampler and embedding.
@@ -112,21 +115,26 @@ pub fn forward_backward(
             kept.push((x, None));
             x = out;
         } else {
-            let p = st.take(comm, cur, Use::Leaves)?;
+            let mut p = st.take(comm, cur, Use::Leaves)?;
             let xin = leaf(&x);
             seed_block(i);
             let out = profile::time(profile::BLOCKS_FWD, 0.0, || {
                 QwenVl::block_from(cfg, i, &st.getter(&[&p])).forward(&xin, &rope, None)
             });
             x = out.detach();
+            if reshard {
+                // ZeRO-3: the graph keeps views of the gathered parameters, whose memory goes now; the
+                // backward gathers them again (FSDP's reshard after forward).
+                st.release(&mut p);
+            }
             kept.push((xin, Some((p, out))));
         }
     }
 
-    // Head: loss and the gradient at the last block's output. The gather of the last recomputed block
-    // (ZeRO-3) runs during the head and the kept blocks' backward.
+    // Head: loss and the gradient at the last block's output. The gather for the last block's backward
+    // (ZeRO-3: a recomputed block's parameters, or a kept one's released parameters) runs during the head.
     let head = st.take(comm, next, Use::Leaves)?;
-    let mut next = if recomputed > 0 { st.prefetch(comm, Role::Block(recomputed - 1))? } else { Prefetch::none() };
+    let mut next = backward_gather(st, comm, &mut kept, layers - 1)?;
     let xl = leaf(&x);
     let loss_value = profile::time(profile::HEAD, 0.0, || {
         let loss = Head::new(cfg, &st.getter(&[&head])).loss(&xl, &input.labels, input.supervised.as_ref());
@@ -141,12 +149,16 @@ pub fn forward_backward(
     // Blocks backward, last to first; block i-1's gather (ZeRO-3) overlaps block i's backward.
     for i in (0..layers).rev() {
         let (input_i, graph) = kept.pop().expect("one kept entry per block");
+        let cur =
+            std::mem::replace(&mut next, if i > 0 { backward_gather(st, comm, &mut kept, i - 1)? } else { Prefetch::none() });
         let (xin, p, out) = match graph {
-            Some((p, out)) => (input_i, p, out),
+            Some((p, out)) => {
+                st.finish(comm, cur)?;
+                (input_i, p, out)
+            }
             None => {
                 debug_assert!(i < recomputed);
-                let before = if i > 0 { st.prefetch(comm, Role::Block(i - 1))? } else { Prefetch::none() };
-                let p = st.take(comm, std::mem::replace(&mut next, before), Use::Leaves)?;
+                let p = st.take(comm, cur, Use::Leaves)?;
                 let xin = leaf(&input_i);
                 seed_block(i);
                 let out = profile::time(profile::BLOCKS_BWD, 0.0, || {
@@ -166,6 +178,21 @@ pub fn forward_backward(
     }
     st.accumulate_grad(comm, &stem)?;
     Ok(loss_value)
+}
+
+/// Starts the gather block `i` needs for its backward: under ZeRO-3 a fresh gather of a recomputed
+/// block's parameters, or the gather of a kept block's released parameters back into their storage;
+/// nothing otherwise.
+fn backward_gather(
+    st: &Sharded,
+    comm: &dyn Communicator,
+    kept: &mut [(Tensor, Option<(BucketParams, Tensor)>)],
+    i: usize,
+) -> Result<Prefetch> {
+    match &mut kept[i].1 {
+        Some((p, _)) => st.regather(comm, p),
+        None => st.prefetch(comm, Role::Block(i)),
+    }
 }
 
 /// The forward of one micro-batch without a graph (evaluation): the mean of its shifted token losses (0

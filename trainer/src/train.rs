@@ -164,6 +164,7 @@ impl<'a> Trainer<'a> {
         let mut st = Sharded::new(&plan.cfg, params, &|s| trainable.contains(s), plan.stage, comm);
         st.set_groups(&recipe.optimizer.groups, recipe.optimizer.lr, recipe.optimizer.weight_decay);
         st.set_reduce_kind(recipe.zero.reduce_dtype.kind());
+        st.set_reshard_after_forward(recipe.zero.reshard_after_forward);
         if st.layout.trainable_numel() == 0 {
             return Err(Error::Recipe("recipe key `trainable.include`: no parameter matches".into()));
         }
@@ -221,9 +222,15 @@ impl<'a> Trainer<'a> {
             (Checkpointing::Auto, Device::Cpu) => Checkpointing::Full,
             (m, _) => m,
         };
-        let planner =
-            Planner::new(mode, &plan.cfg, plan.stage, plan.kind.elt_size_in_bytes(), st.block_numel(), recipe.memory.limit_gib)
-                .with_explicit_blocks(crate::model::llm::explicit_runs(&plan.cfg, st.device, plan.kind));
+        let planner = Planner::new(
+            mode,
+            &plan.cfg,
+            plan.stage,
+            plan.kind.elt_size_in_bytes(),
+            st.kept_block_numel(),
+            recipe.memory.limit_gib,
+        )
+        .with_explicit_blocks(crate::model::llm::explicit_runs(&plan.cfg, st.device, plan.kind));
         let evaluator = match &recipe.eval {
             Some(e) => Some(Evaluator::new(e, &recipe.data, plan.cfg.visual.image_size, tok)?),
             None => None,

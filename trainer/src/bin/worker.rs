@@ -109,6 +109,10 @@ enum Cmd {
         /// The dtype gradients are reduced in (zero.reduce_dtype).
         #[arg(long, value_enum, default_value = "f32")]
         reduce_dtype: idavlm::recipe::ReduceDtype,
+        /// ZeRO-3: kept blocks keep their gathered parameters until the backward instead of freeing
+        /// them after the forward (zero.reshard_after_forward: false).
+        #[arg(long)]
+        no_reshard_after_forward: bool,
         /// Bracket the last timed step with cuProfilerStart/Stop, so that `ncu --profile-from-start off`
         /// records that one step's kernels (scripts/gpu-experiment.sh opclass).
         #[arg(long)]
@@ -342,6 +346,7 @@ fn run(cli: Cli) -> Result<i32> {
             pack_tokens,
             pack_window,
             reduce_dtype,
+            no_reshard_after_forward,
             cuda_profiler_step,
             trace_step,
             memory_limit_gib,
@@ -370,6 +375,7 @@ fn run(cli: Cli) -> Result<i32> {
                 pack_tokens,
                 pack_window,
                 reduce_dtype,
+                reshard_after_forward: !no_reshard_after_forward,
                 cuda_profiler_step,
                 trace_step,
                 memory_limit_gib,

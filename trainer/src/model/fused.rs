@@ -46,6 +46,27 @@ extern "C" {
     ) -> *mut c_char;
     fn idavlm_free_message(m: *mut c_char);
     fn idavlm_upload(cpu: *const torch_sys::C_tensor, device: i32, out: *mut *mut torch_sys::C_tensor) -> *mut c_char;
+    fn idavlm_storage_release(t: *const torch_sys::C_tensor) -> *mut c_char;
+    fn idavlm_storage_restore(t: *const torch_sys::C_tensor, nbytes: i64, out: *mut *mut torch_sys::C_tensor) -> *mut c_char;
+}
+
+/// Frees the memory behind `t`'s storage (csrc/storage.cpp): every tensor sharing the storage (views,
+/// detached leaves, what an autograd graph saved) keeps its shape but holds no data until
+/// [`storage_restore`]: none of them may be read until then (libtorch's kernels do not check; the data
+/// pointer is null).
+pub fn storage_release(t: &Tensor) {
+    // SAFETY: a live tch tensor borrowed for the call; the shim catches every C++ exception.
+    if let Err(msg) = result(unsafe { idavlm_storage_release(t.as_ptr()) }) {
+        panic!("releasing a storage failed: {msg}");
+    }
+}
+
+/// Allocates `nbytes` for `t`'s released storage again (contents undefined) and returns a tensor of
+/// `t`'s shape over it with its own version counter, to fill it through without touching the version
+/// of the tensors sharing the storage (which an autograd graph checks in the backward).
+pub fn storage_restore(t: &Tensor, nbytes: usize) -> Tensor {
+    // SAFETY: a live tch tensor borrowed for the call.
+    shim_tensor("restoring a storage", |out| unsafe { idavlm_storage_restore(t.as_ptr(), nbytes as i64, out) })
 }
 
 /// `t` (on the CPU) on `device`. To a GPU the copy goes through pinned memory without blocking: a copy
@@ -275,5 +296,29 @@ mod tests {
         for arch in [80, 90] {
             super::compile_check(&nvrtc, arch).unwrap_or_else(|e| panic!("{}: {e}", nvrtc.display()));
         }
+    }
+
+    /// ZeRO-3's reshard after forward: a graph's saved parameter (a leaf over a flat buffer) survives
+    /// its storage being freed and filled again through the restored alias: the backward sees the
+    /// refilled values and no in-place modification (the alias has its own version counter).
+    #[test]
+    fn a_released_storage_restores_for_the_backward() {
+        use tch::{Kind, Tensor};
+        let values = Tensor::arange(12, (Kind::Float, tch::Device::Cpu)) / 7.0;
+        let flat = values.copy();
+        let w = flat.narrow(0, 4, 6).view([2, 3]).detach().set_requires_grad(true);
+        let x = Tensor::ones([2, 3], (Kind::Float, tch::Device::Cpu)).set_requires_grad(true);
+        let y = (&w * &x).sum(Kind::Float);
+        super::storage_release(&flat);
+        assert_eq!(flat.data_ptr(), std::ptr::null_mut(), "the memory is gone");
+        let mut alias = super::storage_restore(&flat, 12 * 4);
+        assert_eq!(alias.size(), vec![12]);
+        tch::no_grad(|| alias.copy_(&values));
+        y.backward();
+        assert!(x.grad().equal(&values.narrow(0, 4, 6).view([2, 3])));
+        assert!(w.grad().equal(&Tensor::ones([2, 3], (Kind::Float, tch::Device::Cpu))));
+        // Restoring a storage that holds memory is refused.
+        let r = std::panic::catch_unwind(|| super::storage_restore(&flat, 48));
+        assert!(r.is_err());
     }
 }

@@ -6,7 +6,10 @@
 //! - Stage 2: as 1, but each bucket's gradient is reduce-scattered into the rank's f32 partition as soon
 //!   as the bucket's backward finishes, every micro-batch; no full gradient is kept.
 //! - Stage 3: as 2, and the compute-dtype parameters are partitioned too: a bucket is all-gathered just
-//!   before its forward and again before its backward recompute, and dropped after use.
+//!   before its forward and again before its backward (recomputed or not), and dropped after use. A
+//!   block that keeps its graph frees its gathered parameters right after its forward although the graph
+//!   refers to them, and the backward's gather fills the same storage again (`zero.reshard_after_forward`,
+//!   FSDP's reshard after forward; [`Sharded::release`], [`Sharded::regather`]).
 //!
 //! Frozen parameters (the ViT, ln_post, proj) are replicated and never touch the optimizer. After the
 //! optimizer step the updated master partitions are cast to the compute dtype and all-gathered back
@@ -92,6 +95,10 @@ pub struct Sharded {
     /// The dtype gradients travel in (`zero.reduce_dtype`): f32 (default) or bf16 (half the bytes; the
     /// sums over ranks are rounded to bf16 before they join the f32 partitions).
     reduce_kind: Kind,
+    /// Stage 3 (`zero.reshard_after_forward`, default on): a block that keeps its graph frees its
+    /// gathered parameters after its forward and gathers them again for its backward
+    /// ([`Self::release`], [`Self::regather`]); off, the graph holds them gathered until its backward.
+    reshard: bool,
 }
 
 /// A started gather of one bucket's parameters (see [`Sharded::prefetch`]); empty when the role has no
@@ -135,6 +142,19 @@ pub struct BucketParams {
     tensors: Vec<Tensor>,
     /// The role's partitioned frozen parameters (stage 3), as views.
     frozen: Option<(usize, Vec<Tensor>)>,
+    /// Stage 3: the gathered flat buffers the parameters are views of (trained, then frozen), which
+    /// [`Sharded::release`] frees and [`Sharded::regather`] fills again. Empty under stages 1/2, whose
+    /// flat buffers are the kept replicas.
+    gathered: Vec<Gathered>,
+    /// Whether the gathered buffers are released (between a kept block's forward and its backward).
+    released: bool,
+}
+
+/// A gathered flat buffer of a partitioned bucket: which layout (trained or frozen) and bucket.
+struct Gathered {
+    frozen: bool,
+    bucket: usize,
+    flat: Tensor,
 }
 
 impl BucketParams {
@@ -249,6 +269,7 @@ impl Sharded {
             adam_step: 0,
             in_flight: Default::default(),
             reduce_kind: Kind::Float,
+            reshard: true,
         }
     }
 
@@ -258,9 +279,13 @@ impl Sharded {
         self.reduce_kind = kind;
     }
 
-    /// Parameters of LLM block 0 (trained and partitioned frozen ones): what a kept graph holds gathered
-    /// under ZeRO-3.
-    pub fn block_numel(&self) -> usize {
+    /// Parameters of LLM block 0 (trained and partitioned frozen ones) that a kept graph holds gathered
+    /// until its backward: all of them under ZeRO-3 without reshard after forward, none otherwise
+    /// (stages 1/2 hold nothing gathered; stage 3 with reshard frees them after the forward).
+    pub fn kept_block_numel(&self) -> usize {
+        if self.stage != ZeroStage::Three || self.reshard {
+            return 0;
+        }
         let r = Role::Block(0);
         [&self.layout, &self.frozen_layout].iter().filter_map(|l| l.bucket_index(&r).map(|b| l.buckets[b].numel)).sum()
     }
@@ -336,21 +361,88 @@ impl Sharded {
     /// every parameter's gradient to a zero-filled tensor of the whole bucket before accumulating it
     /// (measured: ~1.3 s of a 7.3 s W1 step on 4 x H100, and the largest memory peak).
     pub fn take(&self, comm: &dyn Communicator, p: Prefetch, usage: Use) -> Result<BucketParams> {
+        let mut gathered = Vec::new();
         let frozen = match p.frozen {
             Some((b, flat, f)) => {
                 comm.wait(f)?;
-                Some((b, views_of(&self.frozen_layout.buckets[b], &flat)))
+                let views = views_of(&self.frozen_layout.buckets[b], &flat);
+                gathered.push(Gathered { frozen: true, bucket: b, flat });
+                Some((b, views))
             }
             None => None,
         };
-        let Some((b, flat, f)) = p.trained else { return Ok(BucketParams { frozen, ..Default::default() }) };
+        let Some((b, flat, f)) = p.trained else { return Ok(BucketParams { frozen, gathered, ..Default::default() }) };
         comm.wait(f)?;
         let views = views_of(&self.layout.buckets[b], &flat);
+        if matches!(self.buckets[b].weights, Weights::Partitioned(_)) {
+            gathered.push(Gathered { frozen: false, bucket: b, flat });
+        }
         let tensors = match usage {
             Use::Views => views,
             Use::Leaves => views.into_iter().map(|v| v.detach().set_requires_grad(true)).collect(),
         };
-        Ok(BucketParams { bucket: Some(b), tensors, frozen })
+        Ok(BucketParams { bucket: Some(b), tensors, frozen, gathered, released: false })
+    }
+
+    /// Whether a block that keeps its graph frees its gathered parameters after its forward
+    /// ([`Self::release`]): stage 3 with `zero.reshard_after_forward` on.
+    pub fn reshards_kept(&self) -> bool {
+        self.stage == ZeroStage::Three && self.reshard
+    }
+
+    /// `zero.reshard_after_forward` (stage 3; on by default).
+    pub fn set_reshard_after_forward(&mut self, on: bool) {
+        self.reshard = on;
+    }
+
+    /// Frees the gathered (stage 3) buffers behind `p` while an autograd graph still holds views of
+    /// them: what a kept block holds between its forward and its backward drops from its whole
+    /// parameters to nothing. [`Self::regather`] fills the same storage again before the backward. A
+    /// no-op under stages 1/2 (nothing is gathered).
+    pub fn release(&self, p: &mut BucketParams) {
+        if p.released {
+            return;
+        }
+        for g in &p.gathered {
+            fused::storage_release(&g.flat);
+        }
+        p.released = !p.gathered.is_empty();
+    }
+
+    /// Starts gathering `p`'s released buffers again, into their own storage (so every view an autograd
+    /// graph saved sees the parameters again); [`Self::finish`] waits for it. Nothing to do for
+    /// parameters that were not released.
+    pub fn regather(&self, comm: &dyn Communicator, p: &mut BucketParams) -> Result<Prefetch> {
+        let mut out = Prefetch::none();
+        if !p.released {
+            return Ok(out);
+        }
+        for g in &p.gathered {
+            let (layout, shard) = if g.frozen {
+                (&self.frozen_layout, &self.frozen_shards[g.bucket])
+            } else {
+                let Weights::Partitioned(shard) = &self.buckets[g.bucket].weights else {
+                    unreachable!("only partitioned buckets are gathered")
+                };
+                (&self.layout, shard)
+            };
+            let bk = &layout.buckets[g.bucket];
+            let alias = fused::storage_restore(&g.flat, bk.padded * self.kind.elt_size_in_bytes());
+            let bytes = (bk.padded * self.kind.elt_size_in_bytes()) as f64;
+            let f = profile::time(profile::ALL_GATHER, bytes, || comm.all_gather_async(shard, &alias))?;
+            let slot = if g.frozen { &mut out.frozen } else { &mut out.trained };
+            *slot = Some((g.bucket, alias, f));
+        }
+        p.released = false;
+        Ok(out)
+    }
+
+    /// Waits for the gathers of a prefetch or a [`Self::regather`] without making parameters of them.
+    pub fn finish(&self, comm: &dyn Communicator, p: Prefetch) -> Result<()> {
+        for (_, _, f) in [p.trained, p.frozen].into_iter().flatten() {
+            comm.wait(f)?;
+        }
+        Ok(())
     }
 
     /// [`Self::prefetch`] and [`Self::take`] at once.
