@@ -95,8 +95,13 @@ pub fn forward_backward(
     // ZeRO-3: block 0's all-gather runs during the stem (stages 1/2 hand back the kept buffer).
     let mut next = st.prefetch(comm, Role::Block(0))?;
     // Stem, with a graph through the trainable resampler and embedding.
-    let stem = st.gather_now(comm, Role::Stem, Use::Leaves)?;
+    let mut stem = st.gather_now(comm, Role::Stem, Use::Leaves)?;
     let x0 = profile::time(profile::STEM_FWD, 0.0, || Stem::new(cfg, &st.getter(&[&stem])).forward(input));
+    if reshard {
+        // ZeRO-3: the stem's gathered parameters (the embedding and the resampler) are not needed again
+        // before its backward, at the end of the micro-batch.
+        st.release(&mut stem);
+    }
     let rope = QwenVl::rope_for(cfg, input, device);
 
     // Blocks forward. A recomputed block keeps only its input; the others keep their graph (input leaf,
@@ -146,11 +151,12 @@ pub fn forward_backward(
     st.accumulate_grad(comm, &head)?;
     drop(head);
 
-    // Blocks backward, last to first; block i-1's gather (ZeRO-3) overlaps block i's backward.
+    // Blocks backward, last to first; block i-1's gather (ZeRO-3) overlaps block i's backward, and the
+    // stem's (released after its forward) block 0's.
     for i in (0..layers).rev() {
         let (input_i, graph) = kept.pop().expect("one kept entry per block");
-        let cur =
-            std::mem::replace(&mut next, if i > 0 { backward_gather(st, comm, &mut kept, i - 1)? } else { Prefetch::none() });
+        let before = if i > 0 { backward_gather(st, comm, &mut kept, i - 1)? } else { st.regather(comm, &mut stem)? };
+        let cur = std::mem::replace(&mut next, before);
         let (xin, p, out) = match graph {
             Some((p, out)) => {
                 st.finish(comm, cur)?;
@@ -172,7 +178,8 @@ pub fn forward_backward(
         st.accumulate_grad(comm, &p)?;
     }
 
-    // Stem backward (nothing to do when nothing in the stem is trained).
+    // Stem backward (nothing to do when nothing in the stem is trained), once its parameters are back.
+    st.finish(comm, next)?;
     if x0.requires_grad() {
         profile::time(profile::STEM_BWD, 0.0, || backward_with(&x0, &grad));
     }
