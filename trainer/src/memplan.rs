@@ -143,6 +143,15 @@ impl Planner {
             limit as f64 / GIB,
             self.avail.unwrap_or(0) as f64 / GIB
         );
+        if used > limit && used != u64::MAX {
+            tracing::warn!(
+                "memory: {:.1} GiB in use with every block recomputed is over `memory.limit_gib` ({:.1} GiB): no \
+                 activations are kept, and the job itself does not fit the limit (more ranks shard the state \
+                 further; ZeRO-3 shards the weights too)",
+                used as f64 / GIB,
+                limit as f64 / GIB
+            );
+        }
         Ok(())
     }
 
