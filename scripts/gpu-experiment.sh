@@ -90,6 +90,10 @@ check)
   for z in 1 2 3; do
     idavlm-launch --nproc-per-node 2 "$(mk g2z$z $z 2 6)" --resume none >"$OUT/g2z$z.log" 2>&1; echo "2 GPUs ZeRO-$z rc=$?"
   done
+  # ZeRO-3 with every block's graph kept: reshard after forward frees and re-gathers (NCCL) each block's
+  # and the stem's parameters.
+  idavlm-launch --nproc-per-node 2 "$(mk g2z3keep 3 2 6)" --resume none --set activation_checkpointing=none >"$OUT/g2z3keep.log" 2>&1
+  echo "2 GPUs ZeRO-3, every block kept rc=$?"
   # Resume on 2 GPUs: stop at step 3 (checkpoint), continue to 6, compare with the straight run.
   r=$(mk res 3 2 3); idavlm-launch --nproc-per-node 2 "$r" --resume none >"$OUT/res-a.log" 2>&1
   sed -i "s|  steps: 3|  steps: 6|" "$r"; idavlm-launch --nproc-per-node 2 "$r" --resume auto >"$OUT/res-b.log" 2>&1; echo "resume rc=$?"
@@ -123,6 +127,9 @@ check)
     [ -s "$OUT/m-m1.jsonl" ] || { idavlm-launch --nproc-per-node 1 "$(mk m1 2 4 4 $med)" --resume none "${nock[@]}" >"$OUT/m1.log" 2>&1; echo "medium 1 GPU rc=$?"; }
     idavlm-launch --nproc-per-node 2 "$(mk m2z$z $z 2 4 $med)" --resume none "${nock[@]}" >"$OUT/m2z$z.log" 2>&1; echo "medium 2 GPUs ZeRO-$z rc=$?"
   done
+  idavlm-launch --nproc-per-node 2 "$(mk m2z3keep 3 2 4 $med)" --resume none "${nock[@]}" --set activation_checkpointing=none \
+    >"$OUT/m2z3keep.log" 2>&1
+  echo "medium 2 GPUs ZeRO-3, every block kept rc=$?"
   fi
   # The explicit LLM block (csrc/block.cpp) against the autograd block: 20 steps of the 4-layer
   # full-width model on 1 GPU, each way (IDAVLM_EXPLICIT_BLOCK=0: autograd).
@@ -160,8 +167,8 @@ def table(ref_name, names, title):
         l = losses(n)
         rel = max((abs(a - b) / abs(b) for a, b in zip(l, ref)), default=float("nan"))
         print(f"{n:22s}", " ".join(f"{x:.5f}" for x in l), f"  max rel diff {rel:.2e} over {min(len(l), len(ref))} steps")
-table("g1", ["g2z1", "g2z2", "g2z3", "res", "mpi"], "tiny, 1 GPU (accum 4):")
-table("m1", ["m2z1", "m2z2", "m2z3"], "medium, 1 GPU:")
+table("g1", ["g2z1", "g2z2", "g2z3", "g2z3keep", "res", "mpi"], "tiny, 1 GPU (accum 4):")
+table("m1", ["m2z1", "m2z2", "m2z3", "m2z3keep"], "medium, 1 GPU:")
 table("x0", ["x1"], "medium, autograd block:")
 table("l1", ["l2z2", "l2z3"], "LoRA tiny, 1 GPU:")
 table("p1pad", ["p1pk"], "padded (4 samples):")
