@@ -400,7 +400,7 @@ pub fn run(w: &W1, comm: &dyn Communicator, device: Device, gpu_name: &str) -> R
             tch::Cuda::synchronize(i as i64);
         }
     };
-    let mut planner = Planner::new(w.ac, &cfg, w.zero, st.kind.elt_size_in_bytes(), st.kept_block_numel(), w.memory_limit_gib)
+    let mut planner = Planner::new(w.ac, &cfg, st.kind.elt_size_in_bytes(), st.kept_block_numel(), w.memory_limit_gib)
         .with_explicit_blocks(crate::model::llm::explicit_runs(&cfg, st.device, st.kind));
     let mut times = Vec::new();
     let mut opt_times = Vec::new();

@@ -14,14 +14,13 @@ use crate::comm::Communicator;
 use crate::error::Result;
 use crate::model::ModelConfig;
 pub use crate::recipe::Checkpointing;
-use crate::recipe::ZeroStage;
 
 /// Extra margin on the estimate of a block's saved activations (allocator rounding, transients).
 const MARGIN: f64 = 1.15;
 
 /// Bytes one LLM block keeps for its backward at micro-batch shape (batch, seq), in the compute dtype of
-/// `elt` bytes, plus `block_params` gathered parameters a kept graph holds until its backward (ZeRO-3
-/// without reshard after forward; see [`crate::zero::Sharded::kept_block_numel`]).
+/// `elt` bytes, plus `block_params` gathered parameters a kept graph holds until its backward
+/// ([`crate::zero::Sharded::kept_block_numel`]: ZeRO-3 without reshard after forward; 0 otherwise).
 ///
 /// Through autograd: per RMSNorm its f32 input and its scaled output, the linears' inputs, the QKV
 /// projection (kept alive by the V view), rotated Q and K, the attention output and its reshaped copy,
@@ -34,14 +33,13 @@ pub fn block_activation_bytes(
     batch: usize,
     seq: usize,
     elt: usize,
-    stage: ZeroStage,
     block_params: usize,
     explicit: bool,
 ) -> u64 {
     let bs = (batch * seq) as u64;
     let (d, f) = (cfg.hidden_size as u64, cfg.mlp_width() as u64);
     let e = elt as u64;
-    let params = if stage == ZeroStage::Three { block_params as u64 * e } else { 0 };
+    let params = block_params as u64 * e;
     if explicit {
         let inner = if crate::model::llm::explicit_recomputes() { 0 } else { bs * (2 * d + f) * e };
         return bs * (5 * d + 2 * f) * e + inner + bs * (cfg.num_attention_heads as u64 + 2) * 4 + params;
@@ -61,7 +59,6 @@ pub struct Planner {
     mode: Checkpointing,
     layers: usize,
     cfg: ModelConfig,
-    stage: ZeroStage,
     elt: usize,
     block_params: usize,
     limit_bytes: Option<u64>,
@@ -73,19 +70,11 @@ pub struct Planner {
 }
 
 impl Planner {
-    pub fn new(
-        mode: Checkpointing,
-        cfg: &ModelConfig,
-        stage: ZeroStage,
-        elt: usize,
-        block_params: usize,
-        limit_gib: Option<f64>,
-    ) -> Self {
+    pub fn new(mode: Checkpointing, cfg: &ModelConfig, elt: usize, block_params: usize, limit_gib: Option<f64>) -> Self {
         Self {
             mode,
             layers: cfg.num_hidden_layers as usize,
             cfg: cfg.clone(),
-            stage,
             elt,
             block_params,
             limit_bytes: limit_gib.map(|g| (g * (1u64 << 30) as f64) as u64),
@@ -117,8 +106,7 @@ impl Planner {
     }
 
     fn per_block(&self, batch: usize, seq: usize) -> f64 {
-        block_activation_bytes(&self.cfg, batch, seq, self.elt, self.stage, self.block_params, self.explicit).max(1) as f64
-            * MARGIN
+        block_activation_bytes(&self.cfg, batch, seq, self.elt, self.block_params, self.explicit).max(1) as f64 * MARGIN
     }
 
     /// After a step run with full recomputation: measures the device memory in use (the driver's total
@@ -191,21 +179,21 @@ mod tests {
     #[test]
     fn auto_keeps_what_fits() {
         let cfg = ModelConfig::qwen_vl_chat();
-        let mut p = Planner::new(Checkpointing::Auto, &cfg, ZeroStage::Two, 2, 0, None);
+        let mut p = Planner::new(Checkpointing::Auto, &cfg, 2, 0, None);
         assert_eq!(p.recomputed(2, 2048), 32, "before calibration: full recomputation");
-        let per = block_activation_bytes(&cfg, 2, 2048, 2, ZeroStage::Two, 0, false) as f64 * MARGIN;
+        let per = block_activation_bytes(&cfg, 2, 2048, 2, 0, false) as f64 * MARGIN;
         p.avail = Some((10.5 * per).ceil() as u64 + 1);
         assert_eq!(p.recomputed(2, 2048), 22);
         assert_eq!(p.recomputed(1, 2048), 11, "half the tokens: twice the blocks kept, 21");
         p.avail = Some(u64::MAX / 2);
         assert_eq!(p.recomputed(2, 2048), 0);
         // W1's block at 2 x 2048 in bf16: about 0.8 GiB.
-        let gib = block_activation_bytes(&cfg, 2, 2048, 2, ZeroStage::Two, 0, false) as f64 / GIB;
+        let gib = block_activation_bytes(&cfg, 2, 2048, 2, 0, false) as f64 / GIB;
         assert!((0.7..0.9).contains(&gib), "{gib}");
         // The explicit block keeps Q, K, V, the attention output, the residual and the MLP's two
         // projections, 4096 x (5 x 4096 + 2 x 11008) x 2 bytes, and the norms' outputs and the SwiGLU
         // product, 4096 x (2 x 4096 + 11008) x 2: about 0.47 GiB.
-        let gib = block_activation_bytes(&cfg, 2, 2048, 2, ZeroStage::Two, 0, true) as f64 / GIB;
+        let gib = block_activation_bytes(&cfg, 2, 2048, 2, 0, true) as f64 / GIB;
         assert!((0.45..0.5).contains(&gib), "{gib}");
     }
 }

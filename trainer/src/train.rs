@@ -222,15 +222,9 @@ impl<'a> Trainer<'a> {
             (Checkpointing::Auto, Device::Cpu) => Checkpointing::Full,
             (m, _) => m,
         };
-        let planner = Planner::new(
-            mode,
-            &plan.cfg,
-            plan.stage,
-            plan.kind.elt_size_in_bytes(),
-            st.kept_block_numel(),
-            recipe.memory.limit_gib,
-        )
-        .with_explicit_blocks(crate::model::llm::explicit_runs(&plan.cfg, st.device, plan.kind));
+        let planner =
+            Planner::new(mode, &plan.cfg, plan.kind.elt_size_in_bytes(), st.kept_block_numel(), recipe.memory.limit_gib)
+                .with_explicit_blocks(crate::model::llm::explicit_runs(&plan.cfg, st.device, plan.kind));
         let evaluator = match &recipe.eval {
             Some(e) => Some(Evaluator::new(e, &recipe.data, plan.cfg.visual.image_size, tok)?),
             None => None,

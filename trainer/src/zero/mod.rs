@@ -428,8 +428,7 @@ impl Sharded {
             };
             let bk = &layout.buckets[g.bucket];
             let alias = fused::storage_restore(&g.flat, bk.padded * self.kind.elt_size_in_bytes());
-            let bytes = (bk.padded * self.kind.elt_size_in_bytes()) as f64;
-            let f = profile::time(profile::ALL_GATHER, bytes, || comm.all_gather_async(shard, &alias))?;
+            let f = self.all_gather_into(comm, bk, shard, &alias)?;
             let slot = if g.frozen { &mut out.frozen } else { &mut out.trained };
             *slot = Some((g.bucket, alias, f));
         }
@@ -561,9 +560,14 @@ impl Sharded {
     /// Starts the all-gather of a partitioned bucket's shards into a fresh full buffer.
     fn all_gather_shard(&self, comm: &dyn Communicator, bk: &Bucket, shard: &Tensor) -> Result<(Tensor, InFlight)> {
         let out = Tensor::empty([bk.padded as i64], (self.kind, self.device));
-        let bytes = (bk.padded * self.kind.elt_size_in_bytes()) as f64;
-        let f = profile::time(profile::ALL_GATHER, bytes, || comm.all_gather_async(shard, &out))?;
+        let f = self.all_gather_into(comm, bk, shard, &out)?;
         Ok((out, f))
+    }
+
+    /// Starts the all-gather of a partitioned bucket's shards into `out` (the bucket's padded length).
+    fn all_gather_into(&self, comm: &dyn Communicator, bk: &Bucket, shard: &Tensor, out: &Tensor) -> Result<InFlight> {
+        let bytes = (bk.padded * self.kind.elt_size_in_bytes()) as f64;
+        profile::time(profile::ALL_GATHER, bytes, || comm.all_gather_async(shard, out))
     }
 
     /// Completes the step's gradient reduction: waits for the reduce-scatters in flight (stages 2/3)
