@@ -9,6 +9,8 @@ use idavlm_shards::chat::{encode_conversation, Overflow};
 use idavlm_shards::synth::{write_synth, SynthOptions};
 use idavlm_shards::tokenizer::Tokenizer;
 
+pub mod judge_server;
+
 /// The repository root.
 pub fn root() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).parent().expect("tests/ is in the repo").to_path_buf()

@@ -1,6 +1,7 @@
 //! One integration-test binary: cross-crate and multi-process tests of idavlm.
 mod dist;
 mod integrity;
+mod judge;
 mod layering;
 mod lora;
 mod mmid;

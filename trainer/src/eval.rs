@@ -1,6 +1,8 @@
 //! Evaluation during training (`eval:` in recipes): the loss over a held-out Parquet split and the
 //! MM-ID scoring of a benchmark's matching and location items, every `every_steps` steps and at the
-//! end. Every rank takes a share (item i goes to rank i mod world) and the sums are all-reduced.
+//! end; with `eval.judge`, its QA and caption items too, answered and scored by the LLM judge every
+//! `judge_every` evaluations. Every rank takes a share (item i goes to rank i mod world) and the sums
+//! are all-reduced.
 //!
 //! The held-out loss runs the training forward without a graph through the ZeRO state, so under ZeRO-3
 //! every rank runs the same number of micro-batches (an empty one where its share is shorter). The
@@ -17,6 +19,7 @@ use crate::model::{Head, ModelConfig, QwenVl, Stem};
 use crate::recipe::{DataSection, EvalSection};
 use crate::step::{forward_loss, model_input};
 use crate::zero::{BucketParams, Role, Sharded, Use};
+use idavlm_shards::mmid::judge::{request_for, Cache, Judge};
 use idavlm_shards::order::Locator;
 use idavlm_shards::reader::{BadImagePolicy, BatchKind, LoadOptions, MicroRequest, ReaderState, SampleLoader, Source};
 use idavlm_shards::tokenizer::Tokenizer;
@@ -28,6 +31,18 @@ pub struct EvalScores {
     pub matching: Option<f64>,
     pub location_acc: Option<f64>,
     pub location_iou: Option<f64>,
+    /// Mean judge scores (1-10) of the QA and caption items, on judged evaluations.
+    pub qa: Option<f64>,
+    pub caption: Option<f64>,
+}
+
+/// The judged part of the evaluation: the QA and caption items, the client and its cache.
+struct Judged {
+    items: Vec<Item>,
+    judge: Judge,
+    cache: Cache,
+    every: u64,
+    gen: GenOptions,
 }
 
 pub struct Evaluator {
@@ -41,11 +56,14 @@ pub struct Evaluator {
     heldout: Option<(SampleLoader, Vec<Locator>)>,
     /// The scored MM-ID items and their image root.
     mmid: Option<(Vec<Item>, PathBuf)>,
+    judged: Option<Judged>,
 }
 
 impl Evaluator {
-    /// Opens what `eval` names (checking the held-out shards and every benchmark image before training).
-    pub fn new(e: &EvalSection, data: &DataSection, image_size: i64, tok: Arc<Tokenizer>) -> Result<Self> {
+    /// Opens what `eval` names (checking the held-out shards and every benchmark image before training,
+    /// and setting up the judge: its key variable must be set). `ckpt_dir` holds the judge's default
+    /// cache.
+    pub fn new(e: &EvalSection, data: &DataSection, image_size: i64, tok: Arc<Tokenizer>, ckpt_dir: &Path) -> Result<Self> {
         let heldout = match &e.data {
             Some(dir) => {
                 let src = Source::open_with("eval", dir, data.verify_checksums)?;
@@ -62,25 +80,43 @@ impl Evaluator {
             }
             None => None,
         };
-        let mmid = match &e.mmid {
-            Some(path) => {
-                let root = if path.is_dir() { path.clone() } else { path.parent().unwrap_or(Path::new(".")).to_path_buf() };
-                let mut items: Vec<Item> = crate::infer::read_bench(path)?
-                    .into_iter()
-                    .filter(|i| (i.kind == "matching" || i.kind == "location") && i.unscorable().is_none())
+        let (mut mmid, mut judged) = (None, None);
+        if let Some(path) = &e.mmid {
+            let root = if path.is_dir() { path.clone() } else { path.parent().unwrap_or(Path::new(".")).to_path_buf() };
+            let all = crate::infer::read_bench(path)?;
+            let mut items: Vec<Item> = all
+                .iter()
+                .filter(|i| (i.kind == "matching" || i.kind == "location") && i.unscorable().is_none())
+                .cloned()
+                .collect();
+            items.truncate(e.mmid_limit.unwrap_or(usize::MAX));
+            if let Some(cfg) = &e.judge {
+                let mut jitems: Vec<Item> = all
+                    .iter()
+                    .filter(|i| request_for(&i.kind, &i.question, "", &i.answer).is_some())
+                    .cloned()
                     .collect();
-                items.truncate(e.mmid_limit.unwrap_or(usize::MAX));
-                if items.is_empty() {
+                jitems.truncate(e.judge_limit.unwrap_or(usize::MAX));
+                if jitems.is_empty() {
                     return Err(Error::Recipe(format!(
-                        "recipe key `eval.mmid`: {} has no scorable matching or location item",
+                        "recipe key `eval.judge`: {} has no QA or caption item to judge",
                         path.display()
                     )));
                 }
-                idavlm_shards::mmid::check_items(&items, &root)?;
-                Some((items, root))
+                idavlm_shards::mmid::check_items(&jitems, &root)?;
+                let judge = Judge::new(cfg).map_err(|e| Error::Recipe(format!("recipe key `eval.judge`: {e}")))?;
+                let cache = Cache::open(&cfg.cache.clone().unwrap_or_else(|| ckpt_dir.join("judge-cache.jsonl")))?;
+                let gen = GenOptions { max_new_tokens: e.judge_max_new_tokens, top_p: None, seed: 0, resize: data.resize };
+                judged = Some(Judged { items: jitems, judge, cache, every: e.judge_every, gen });
+            } else if items.is_empty() {
+                return Err(Error::Recipe(format!(
+                    "recipe key `eval.mmid`: {} has no scorable matching or location item",
+                    path.display()
+                )));
             }
-            None => None,
-        };
+            idavlm_shards::mmid::check_items(&items, &root)?;
+            mmid = Some((items, root));
+        }
         Ok(Self {
             every: e.every_steps,
             at_end: e.at_end,
@@ -90,6 +126,7 @@ impl Evaluator {
             tok,
             heldout,
             mmid,
+            judged,
         })
     }
 
@@ -98,8 +135,15 @@ impl Evaluator {
         (self.every > 0 && k.is_multiple_of(self.every)) || (self.at_end && k == total)
     }
 
-    /// Evaluates the current weights (every rank calls it).
-    pub fn run(&self, st: &Sharded, comm: &dyn Communicator, cfg: &ModelConfig) -> Result<EvalScores> {
+    /// Whether the evaluation after step `k` of `total` also judges: every `judge_every`-th evaluation
+    /// (counted from the step, so a resumed run judges at the same steps) and the final one.
+    fn judges(&self, k: u64, total: u64) -> bool {
+        let Some(j) = &self.judged else { return false };
+        k == total || (self.every > 0 && (k / self.every).is_multiple_of(j.every))
+    }
+
+    /// Evaluates the current weights after step `k` of `total` (every rank calls it).
+    pub fn run(&self, st: &Sharded, comm: &dyn Communicator, cfg: &ModelConfig, k: u64, total: u64) -> Result<EvalScores> {
         let _guard = tch::no_grad_guard();
         // LoRA's dropout is a training-time draw.
         let mut cfg = cfg.clone();
@@ -152,14 +196,63 @@ impl Evaluator {
                     }
                 }
             }
+            // QA sum, QA items, caption sum, caption items, ranks whose judge failed.
+            let mut judged = [0.0f64; 5];
+            if let Some(j) = self.judged.as_ref().filter(|_| self.judges(k, total)) {
+                match judge_share(j, &model, &self.tok, root, rank, world, self.batch) {
+                    Ok(sums) => judged[..4].copy_from_slice(&sums),
+                    Err(e) => {
+                        tracing::warn!("rank {rank}: the judge failed, eval/qa and eval/caption are left out of this evaluation: {e}");
+                        judged[4] = 1.0;
+                    }
+                }
+            }
             drop(model);
             let t = comm.sum_over_ranks(&acc, st.device)?;
             scores.matching = (t[1] > 0.0).then(|| t[0] / t[1]);
             scores.location_acc = (t[4] > 0.0).then(|| t[2] / t[4]);
             scores.location_iou = (t[4] > 0.0).then(|| t[3] / t[4]);
+            if self.judges(k, total) {
+                let t = comm.sum_over_ranks(&judged, st.device)?;
+                if t[4] == 0.0 {
+                    scores.qa = (t[1] > 0.0).then(|| t[0] / t[1]);
+                    scores.caption = (t[3] > 0.0).then(|| t[2] / t[3]);
+                }
+            }
         }
         Ok(scores)
     }
+}
+
+/// Answers this rank's share of the QA and caption items and judges them: [QA score sum, QA items
+/// scored, caption score sum, caption items scored] (unparsable and failed verdicts left out).
+fn judge_share(
+    j: &Judged,
+    model: &QwenVl,
+    tok: &Tokenizer,
+    root: &Path,
+    rank: usize,
+    world: usize,
+    batch: usize,
+) -> Result<[f64; 4]> {
+    use idavlm_shards::mmid::judge::{classify, Task};
+    let mine: Vec<&Item> = j.items.iter().skip(rank).step_by(world).collect();
+    let mut requests = Vec::new();
+    for chunk in mine.chunks(batch) {
+        for (item, (text, _)) in chunk.iter().zip(generate_batch(model, tok, chunk, root, &j.gen)?) {
+            requests.push((item.kind.clone(), request_for(&item.kind, &item.question, &text, &item.answer).expect("a judged type")));
+        }
+    }
+    let reqs: Vec<_> = requests.iter().map(|(_, r)| r.clone()).collect();
+    let (verdicts, _) = j.judge.judge_all(&reqs, &j.cache, &|| {})?;
+    let mut sums = [0.0; 4];
+    for ((kind, _), v) in requests.iter().zip(verdicts) {
+        let (Some(score), Some((task, _))) = (v.score(), classify(kind)) else { continue };
+        let at = if task == Task::Qa { 0 } else { 2 };
+        sums[at] += score as f64;
+        sums[at + 1] += 1.0;
+    }
+    Ok(sums)
 }
 
 /// Every role's parameters gathered (views; a full copy under ZeRO-3), for a local model.

@@ -57,11 +57,22 @@ pub struct EvalRecord {
     pub location_acc: Option<f64>,
     #[serde(rename = "eval/location_iou", skip_serializing_if = "Option::is_none")]
     pub location_iou: Option<f64>,
+    #[serde(rename = "eval/qa", skip_serializing_if = "Option::is_none")]
+    pub qa: Option<f64>,
+    #[serde(rename = "eval/caption", skip_serializing_if = "Option::is_none")]
+    pub caption: Option<f64>,
 }
 
 impl From<crate::eval::EvalScores> for EvalRecord {
     fn from(e: crate::eval::EvalScores) -> Self {
-        Self { loss: e.loss, matching: e.matching, location_acc: e.location_acc, location_iou: e.location_iou }
+        Self {
+            loss: e.loss,
+            matching: e.matching,
+            location_acc: e.location_acc,
+            location_iou: e.location_iou,
+            qa: e.qa,
+            caption: e.caption,
+        }
     }
 }
 
@@ -72,6 +83,8 @@ impl EvalRecord {
             ("eval/matching", self.matching),
             ("eval/location_acc", self.location_acc),
             ("eval/location_iou", self.location_iou),
+            ("eval/qa", self.qa),
+            ("eval/caption", self.caption),
         ]
         .into_iter()
         .filter_map(|(k, v)| v.map(|v| (k, v)))
@@ -168,6 +181,8 @@ impl Reporter {
                 "eval/loss" => metrics::gauge!("idavlm_eval_loss").set(*v),
                 "eval/matching" => metrics::gauge!("idavlm_eval_matching").set(*v),
                 "eval/location_acc" => metrics::gauge!("idavlm_eval_location_acc").set(*v),
+                "eval/qa" => metrics::gauge!("idavlm_eval_qa").set(*v),
+                "eval/caption" => metrics::gauge!("idavlm_eval_caption").set(*v),
                 _ => metrics::gauge!("idavlm_eval_location_iou").set(*v),
             }
         }

@@ -226,7 +226,7 @@ impl<'a> Trainer<'a> {
             Planner::new(mode, &plan.cfg, plan.kind.elt_size_in_bytes(), st.kept_block_numel(), recipe.memory.limit_gib)
                 .with_explicit_blocks(crate::model::llm::explicit_runs(&plan.cfg, st.device, plan.kind));
         let evaluator = match &recipe.eval {
-            Some(e) => Some(Evaluator::new(e, &recipe.data, plan.cfg.visual.image_size, tok)?),
+            Some(e) => Some(Evaluator::new(e, &recipe.data, plan.cfg.visual.image_size, tok, &recipe.checkpoint.dir)?),
             None => None,
         };
         let reporter = Reporter::new(recipe, rank, total_steps, ts.step, st.layout.trainable_numel(), st.layout.shard_numel())?;
@@ -324,7 +324,7 @@ impl<'a> Trainer<'a> {
         let eval = match &self.evaluator {
             Some(e) if e.due(k, self.total_steps) => {
                 let t = Instant::now();
-                let r = e.run(&self.st, self.comm, &self.plan.cfg)?;
+                let r = e.run(&self.st, self.comm, &self.plan.cfg, k, self.total_steps)?;
                 self.reporter.note(&format!("evaluation after step {k}: {:.1} s", t.elapsed().as_secs_f64()));
                 Some(r)
             }

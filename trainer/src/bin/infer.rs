@@ -12,6 +12,8 @@ use anyhow::{Context, Result};
 use clap::Parser;
 use idavlm::infer::*;
 use idavlm::model::{ModelConfig, QwenVl};
+use idavlm_shards::mmid::judge::{Cache, Judge, JudgeArgs};
+use idavlm_shards::mmid::report::{self, JudgeInfo, Report};
 use idavlm_shards::preprocess::ResizeOrder;
 use idavlm_shards::tokenizer::Tokenizer;
 use indicatif::{ProgressBar, ProgressStyle};
@@ -54,6 +56,13 @@ struct Cli {
     /// Only the first N items.
     #[arg(long)]
     limit: Option<usize>,
+    /// Also write the four-column MM-ID report (report.json, report.md) into this folder (default,
+    /// when a judge is given: OUT's stem + `.report` beside OUT).
+    #[arg(long)]
+    report: Option<PathBuf>,
+    /// The LLM judge of the QA and caption items (as idavlm-eval's).
+    #[command(flatten)]
+    judge: JudgeArgs,
 }
 
 fn main() {
@@ -90,6 +99,8 @@ fn read_partial(path: &std::path::Path) -> Result<Vec<Prediction>> {
 }
 
 fn run(cli: Cli) -> Result<()> {
+    // A judge that cannot be set up (its key variable unset) fails before any generation.
+    let judge = cli.judge.config()?.as_ref().map(Judge::new).transpose()?;
     let mut items = read_bench(&cli.bench)?;
     if let Some(n) = cli.limit {
         items.truncate(n);
@@ -236,5 +247,44 @@ fn run(cli: Cli) -> Result<()> {
     let sp = cli.out.with_extension("summary.json");
     std::fs::write(&sp, serde_json::to_vec_pretty(&summary)?)?;
     println!("predictions: {}   summary: {}", cli.out.display(), sp.display());
+    let report_dir = cli.report.clone().or_else(|| {
+        judge.as_ref().map(|_| {
+            let stem = cli.out.file_stem().map(|s| s.to_string_lossy().into_owned()).unwrap_or_else(|| "preds".into());
+            cli.out.with_file_name(format!("{stem}.report"))
+        })
+    });
+    if let Some(dir) = report_dir {
+        write_report(&cli, judge.as_ref(), &preds, &dir)?;
+    }
+    Ok(())
+}
+
+/// The four-column report of this run, its QA and caption items judged when a judge is given.
+fn write_report(cli: &Cli, judge: Option<&Judge>, preds: &[Prediction], dir: &std::path::Path) -> Result<()> {
+    let mut verdicts = vec![None; preds.len()];
+    if let Some(j) = judge {
+        let cache_path = cli.judge.judge_cache.clone().unwrap_or_else(|| report::default_cache(&cli.out));
+        let cache = Cache::open(&cache_path)?;
+        let bar = ProgressBar::new(report::judged_count(preds) as u64);
+        bar.set_style(ProgressStyle::with_template("judging {bar:30} {pos}/{len} [{elapsed_precise}<{eta_precise}]").expect("template"));
+        let (v, stats) = report::judge_predictions(j, preds, &cache, &|| bar.inc(1))?;
+        bar.finish_and_clear();
+        eprintln!(
+            "judge: {} from the cache {}, {} requests, {} retries",
+            stats.cached,
+            cache_path.display(),
+            stats.requests,
+            stats.retries
+        );
+        verdicts = v;
+    }
+    let name = cli.checkpoint.file_name().map(|s| s.to_string_lossy().into_owned()).unwrap_or_else(|| "run".into());
+    let info = judge.map(|j| JudgeInfo { url: j.config().url.clone(), model: j.config().model.clone() });
+    let run = report::score_run(&name, &cli.out.display().to_string(), info, preds, &verdicts);
+    let rep = Report { runs: vec![run], published: None };
+    print!("{}", rep.markdown().split("\n## ").next().unwrap_or_default());
+    for f in rep.write(dir)? {
+        println!("wrote {}", f.display());
+    }
     Ok(())
 }

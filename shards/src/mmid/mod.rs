@@ -6,6 +6,10 @@
 //! a user turn with the question's keys replaced by `<img>PATH</img>`, an assistant turn with the
 //! reference answer, the image bytes embedded), so an evaluation split travels as one verified folder.
 
+pub mod judge;
+pub mod report;
+pub mod score;
+
 use std::collections::HashMap;
 use std::path::Path;
 

@@ -81,10 +81,30 @@ pub struct EvalSection {
     /// Samples per forward (loss) and prompts per generation batch, per rank.
     #[serde(default = "default_eval_batch")]
     pub batch: usize,
+    /// An LLM judge (any OpenAI-compatible endpoint) for `mmid`'s QA and caption items: they are
+    /// answered and judged every `judge_every` evaluations (`eval/qa`, `eval/caption`). Off without
+    /// it: every verdict is a paid request (each is cached, by default in `checkpoint.dir`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub judge: Option<idavlm_shards::mmid::judge::JudgeConfig>,
+    /// Judge at every this many evaluations (1: every evaluation; the final one always).
+    #[serde(default = "default_judge_every")]
+    pub judge_every: u64,
+    /// Only the first N QA and caption items are answered and judged.
+    #[serde(default)]
+    pub judge_limit: Option<usize>,
+    /// The answer length of QA and caption items.
+    #[serde(default = "default_judge_new_tokens")]
+    pub judge_max_new_tokens: usize,
 }
 
 fn default_eval_new_tokens() -> usize {
     32
+}
+fn default_judge_every() -> u64 {
+    1
+}
+fn default_judge_new_tokens() -> usize {
+    256
 }
 fn default_eval_batch() -> usize {
     8
@@ -926,6 +946,19 @@ impl Recipe {
             }
             if e.every_steps == 0 && !e.at_end {
                 return err("eval.every_steps", "0 with eval.at_end false never evaluates".into());
+            }
+            if let Some(j) = &e.judge {
+                if e.mmid.is_none() {
+                    return err("eval.judge", "judges the QA and caption items of eval.mmid, which is not given".into());
+                }
+                if let Err(m) = j.check("") {
+                    let m = m.to_string();
+                    let (field, why) = m.split_once(": ").unwrap_or(("", &m));
+                    return err(&format!("eval.judge.{field}").trim_end_matches('.').to_string(), why.to_string());
+                }
+                if e.judge_every == 0 {
+                    return err("eval.judge_every", "must be at least 1 (remove eval.judge to never judge)".into());
+                }
             }
         }
         if self.data.sources.is_empty() {
