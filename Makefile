@@ -30,7 +30,7 @@ test: build setup-test
 ## Release binaries for a GPU machine, stripped, in .carry/ (see README: GPU machines).
 gpu-bundle: setup
 	$(ENV) && cargo build --release --workspace $(FEATURES)
-	mkdir -p .carry/bin && cp target/release/idavlm-{launch,worker,shards,infer} .carry/bin/ && strip .carry/bin/*
+	mkdir -p .carry/bin && cp target/release/idavlm-{launch,worker,shards,infer,eval} .carry/bin/ && strip .carry/bin/*
 	cp scripts/gpu-env.sh .carry/
 	@du -sh .carry
 

@@ -1,5 +1,6 @@
 //! One integration-test binary: cross-crate and multi-process tests of idavlm.
 mod dist;
+mod docs;
 mod integrity;
 mod judge;
 mod layering;

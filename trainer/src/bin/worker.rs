@@ -37,6 +37,8 @@ enum Cmd {
         #[arg(long, value_enum, default_value_t = CommKind::Auto)]
         comm: CommKind,
     },
+    /// Print every key the recipe schema accepts, one per line (the keys docs/recipes.md documents).
+    RecipeKeys,
     /// Report libtorch, the CUDA devices, and time a bf16 matmul on each.
     Info {
         #[arg(long, default_value_t = 8192)]
@@ -242,6 +244,12 @@ fn run(cli: Cli) -> Result<i32> {
             } else {
                 0
             })
+        }
+        Cmd::RecipeKeys => {
+            for k in recipe::keys::schema_keys() {
+                println!("{k}");
+            }
+            Ok(0)
         }
         Cmd::Info { size } => {
             let cuda = runtime::init();

@@ -12,6 +12,8 @@ use serde_yaml_ng::Value;
 
 use crate::error::{Error, Result};
 
+pub mod keys;
+
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct Recipe {
