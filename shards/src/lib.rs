@@ -13,6 +13,7 @@ pub mod preprocess;
 pub mod tokenizer;
 
 pub use error::{Error, Result};
+pub mod build;
 pub mod convert;
 pub mod format;
 pub mod mmid;

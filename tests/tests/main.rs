@@ -1,4 +1,5 @@
 //! One integration-test binary: cross-crate and multi-process tests of idavlm.
+mod build;
 mod dist;
 mod docs;
 mod integrity;

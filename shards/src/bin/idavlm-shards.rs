@@ -27,6 +27,54 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Cmd {
+    /// Build tuning shards straight from a public release in its own layout (VCR, Flickr30k Entities in
+    /// Shikra's form, RefCOCO/+/g, MovieNet), by the rules of the original IDA-VLM scripts: crops cut in
+    /// memory and embedded, a random name per person, deterministic for --seed.
+    Build {
+        #[arg(value_enum)]
+        source: idavlm_shards::build::SourceKind,
+        /// The release's folder (vcr: vcr1annots/ and vcr1images/; flickr30k: CWB_flickr30k_SPLIT.jsonl and
+        /// flickr30k-images/; refcoco: refcoco*/ and the COCO train2014 images; movienet: files/, 240P/ and
+        /// SPLIT_split.txt).
+        root: PathBuf,
+        /// Output dataset folder (must not hold a dataset).
+        out: PathBuf,
+        #[arg(long, default_value_t = 0)]
+        seed: u64,
+        /// The split to read (refcoco: several, comma-separated: train,val).
+        #[arg(long, default_value = "train")]
+        split: String,
+        /// The chat template the answers are written for.
+        #[arg(long, value_enum, default_value_t = idavlm_shards::build::Template::QwenVl)]
+        template: idavlm_shards::build::Template,
+        /// Source name recorded in every row (default: SOURCE).
+        #[arg(long)]
+        source_name: Option<String>,
+        #[arg(long, default_value_t = 2048)]
+        max_len: usize,
+        /// Target shard size in MiB.
+        #[arg(long, default_value_t = 256)]
+        shard_mib: u64,
+        /// Samples per row group.
+        #[arg(long, default_value_t = 64)]
+        row_group: usize,
+        /// Threads (default: all cores); the output does not depend on it.
+        #[arg(long)]
+        workers: Option<usize>,
+        /// Only the first N annotation records.
+        #[arg(long)]
+        limit: Option<usize>,
+        /// flickr30k: the caption-request templates (a JSON list of strings holding <image>; the original
+        /// used Shikra's flickr30k.json).
+        #[arg(long)]
+        templates: Option<PathBuf>,
+        /// movienet: the file listing the movies (default: ROOT/SPLIT_split.txt).
+        #[arg(long)]
+        split_file: Option<PathBuf>,
+        /// Write each record's random choices (names, flips, prompt form) as JSON lines to this file.
+        #[arg(long)]
+        dump_choices: Option<PathBuf>,
+    },
     /// Convert a JSON list of {id, conversations} plus an image folder into Parquet shards.
     Convert {
         /// The tuning JSON file.
@@ -221,6 +269,67 @@ fn run(cli: Cli) -> Result<i32> {
                     100.0 * total as f64 / (lengths.len().max(1) * max_len) as f64
                 );
             }
+            Ok(0)
+        }
+        Cmd::Build {
+            source,
+            root,
+            out,
+            seed,
+            split,
+            template,
+            source_name,
+            max_len,
+            shard_mib,
+            row_group,
+            workers,
+            limit,
+            templates,
+            split_file,
+            dump_choices,
+        } => {
+            let tok = Tokenizer::load_default()?;
+            let o = idavlm_shards::build::BuildOptions {
+                seed,
+                split,
+                template,
+                source: source_name,
+                max_len,
+                target_shard_bytes: shard_mib << 20,
+                row_group_rows: row_group,
+                workers: workers.unwrap_or_else(cores),
+                limit,
+                dump_choices,
+                templates,
+                split_file,
+            };
+            let bar = indicatif::ProgressBar::new(0);
+            bar.set_style(
+                indicatif::ProgressStyle::with_template("{msg} {bar:30} {pos}/{len} records [{elapsed_precise}<{eta_precise}]")
+                    .expect("template"),
+            );
+            bar.set_message(format!("building {}", source.name()));
+            let r = idavlm_shards::build::build(source, &root, &out, &tok, &o, &|done, total| {
+                bar.set_length(total);
+                bar.inc(done);
+            })
+            .with_context(|| format!("building {} from {}", source.name(), root.display()))?;
+            bar.finish_and_clear();
+            let shards = r.manifest.as_ref().map(|m| m.shards.len()).unwrap_or(0);
+            println!(
+                "{}: {} records -> {} samples ({} images) in {shards} shards in {} ({:.1} s, {:.0} images/s)",
+                source.name(),
+                r.records,
+                r.written,
+                r.images,
+                out.display(),
+                r.seconds,
+                r.images as f64 / r.seconds.max(1e-9)
+            );
+            for (why, n) in &r.skipped {
+                println!("  skipped {n:>8}  {why}");
+            }
+            std::fs::write(out.join("build-report.json"), serde_json::to_vec_pretty(&r)?)?;
             Ok(0)
         }
         Cmd::Verify { dir } => {
