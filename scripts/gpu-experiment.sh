@@ -132,10 +132,11 @@ check)
   echo "medium 2 GPUs ZeRO-3, every block kept rc=$?"
   fi
   # The explicit LLM block (csrc/block.cpp) against the autograd block: 20 steps of the 4-layer
-  # full-width model on 1 GPU, each way (IDAVLM_EXPLICIT_BLOCK=0: autograd).
+  # full-width model on 1 GPU, each way (kernels.explicit_block: false is the autograd block).
   if has explicit; then
   for e in 0 1; do
-    IDAVLM_EXPLICIT_BLOCK=$e idavlm-launch --nproc-per-node 1 "$(mk x$e 2 2 20 $med)" --resume none "${nock[@]}" >"$OUT/x$e.log" 2>&1
+    eb=$([ "$e" = 1 ] && echo true || echo false)
+    idavlm-launch --nproc-per-node 1 "$(mk x$e 2 2 20 $med)" --resume none "${nock[@]}" --set kernels.explicit_block=$eb >"$OUT/x$e.log" 2>&1
     echo "medium 1 GPU, explicit block $e: rc=$?"
   done
   fi

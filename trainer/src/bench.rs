@@ -58,6 +58,8 @@ pub struct W1 {
     pub memory_limit_gib: Option<f64>,
     /// Record the last timed step as a timeline into `FILE.rR.json` (rank R; [`crate::profile::trace_start`]).
     pub trace_step: Option<std::path::PathBuf>,
+    /// The formulations the GPU paths run (a recipe's `kernels:`).
+    pub kernels: crate::model::choice::Kernels,
 }
 
 /// PERF.md's w2_lengths.json: per sample (images, prompt text tokens, answer tokens).
@@ -343,6 +345,7 @@ fn cuda_profiler(start: bool) {
 }
 
 pub fn run(w: &W1, comm: &dyn Communicator, device: Device, gpu_name: &str) -> Result<W1Result> {
+    crate::model::choice::apply(&w.kernels);
     let mut cfg = ModelConfig::qwen_vl_chat();
     cfg.num_hidden_layers = w.layers;
     cfg.visual.layers = w.vit_layers;

@@ -100,7 +100,10 @@ pub fn forward_backward(
     if reshard {
         // ZeRO-3: the stem's gathered parameters (the embedding and the resampler) are not needed again
         // before its backward, at the end of the micro-batch.
-        st.release(&mut stem);
+        // SAFETY: the stem's graph is run backward only at the end, after `regather(stem)` (started at
+        // block 0's backward) has been waited by `st.finish(comm, next)`; nothing else reads `stem`'s
+        // views meanwhile, and an error return drops the graph unread.
+        unsafe { st.release(&mut stem) };
     }
     let rope = QwenVl::rope_for(cfg, input, device);
 
@@ -130,7 +133,11 @@ pub fn forward_backward(
             if reshard {
                 // ZeRO-3: the graph keeps views of the gathered parameters, whose memory goes now; the
                 // backward gathers them again (FSDP's reshard after forward).
-                st.release(&mut p);
+                // SAFETY: block i's graph is run backward only after `backward_gather` regathered `p`
+                // (started during block i+1's backward, or the head's) and `st.finish` waited for it;
+                // `p` itself is read only after that wait (`accumulate_grad`); an error return drops
+                // the graph unread.
+                unsafe { st.release(&mut p) };
             }
             kept.push((xin, Some((p, out))));
         }

@@ -45,6 +45,8 @@ pub fn stop_flag() -> Result<Arc<AtomicBool>> {
 
 /// Runs a recipe on this rank to its end (or to a stop signal, see [`stop_flag`]).
 pub fn run(recipe: &Recipe, resume: Resume, comm: &dyn Communicator, device: Device, stop: Arc<AtomicBool>) -> Result<Summary> {
+    // The recipe's choice of formulations, before anything runs the model.
+    crate::model::choice::apply(&recipe.kernels);
     let mut t = Trainer::new(recipe, resume, comm, device, stop)?;
     if t.stop_requested()? {
         return Ok(t.stopped_at_start());

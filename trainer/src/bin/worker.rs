@@ -115,6 +115,18 @@ enum Cmd {
         /// them after the forward (zero.reshard_after_forward: false).
         #[arg(long)]
         no_reshard_after_forward: bool,
+        /// The libtorch ops instead of the NVRTC kernels (kernels.fused: false).
+        #[arg(long)]
+        no_fused: bool,
+        /// The autograd LLM block instead of the explicit one (kernels.explicit_block: false).
+        #[arg(long)]
+        autograd_block: bool,
+        /// The explicit block recomputes its norms and SwiGLU product (kernels.block_recompute).
+        #[arg(long)]
+        block_recompute: bool,
+        /// The resampler's and ID-Former's attention (kernels.mha_attention).
+        #[arg(long, value_enum, default_value_t = idavlm::model::choice::MhaAttention::Flash)]
+        mha_attention: idavlm::model::choice::MhaAttention,
         /// Bracket the last timed step with cuProfilerStart/Stop, so that `ncu --profile-from-start off`
         /// records that one step's kernels (scripts/gpu-experiment.sh opclass).
         #[arg(long)]
@@ -355,6 +367,10 @@ fn run(cli: Cli) -> Result<i32> {
             pack_window,
             reduce_dtype,
             no_reshard_after_forward,
+            no_fused,
+            autograd_block,
+            block_recompute,
+            mha_attention,
             cuda_profiler_step,
             trace_step,
             memory_limit_gib,
@@ -387,6 +403,12 @@ fn run(cli: Cli) -> Result<i32> {
                 cuda_profiler_step,
                 trace_step,
                 memory_limit_gib,
+                kernels: idavlm::model::choice::Kernels {
+                    fused: !no_fused,
+                    explicit_block: !autograd_block,
+                    block_recompute,
+                    mha_attention,
+                },
             };
             let r = idavlm::bench::run(&w, comm.as_ref(), device, &name)?;
             if info.rank == 0 {

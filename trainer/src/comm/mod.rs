@@ -21,18 +21,43 @@ use crate::error::Result;
 
 /// A collective in flight on a communication stream. The tensors it touches are kept alive until
 /// [`Communicator::wait`] has ordered the compute stream after it, so libtorch's caching allocator
-/// cannot hand their memory to other kernels while the collective still reads or writes it.
+/// cannot hand their memory to other kernels while the collective still reads or writes it. Dropped
+/// without a wait (an error on the way), it orders the compute stream after the collective itself
+/// before letting the tensors go; if even that fails, the tensors' memory is leaked rather than reused
+/// under a running collective.
+#[must_use = "a collective in flight is waited with Communicator::wait"]
 pub struct InFlight {
     /// The backend's completion event (a `CUevent` of the NCCL backend), owned by this value; None when
-    /// the collective already completed.
+    /// the collective already completed (or [`Communicator::wait`] took it).
     pub(crate) event: Option<std::ptr::NonNull<std::ffi::c_void>>,
+    /// The backend's way of ordering the compute stream after `event` and freeing it: what its `wait`
+    /// does, for a value dropped unwaited.
+    pub(crate) order_after: Option<fn(std::ptr::NonNull<std::ffi::c_void>) -> std::result::Result<(), String>>,
     pub(crate) keep: Vec<Tensor>,
 }
 
 impl InFlight {
     /// A collective that completed before returning (host backends).
     pub fn done() -> Self {
-        Self { event: None, keep: Vec::new() }
+        Self { event: None, order_after: None, keep: Vec::new() }
+    }
+}
+
+impl Drop for InFlight {
+    fn drop(&mut self) {
+        let Some(ev) = self.event.take() else { return };
+        let ordered = match self.order_after {
+            Some(order) => order(ev),
+            None => Err("the backend gave no way to wait for it".into()),
+        };
+        if let Err(e) = ordered {
+            tracing::error!(
+                "a collective dropped while in flight could not be waited for ({e}); its {} tensors' memory is leaked \
+                 rather than reused under it",
+                self.keep.len()
+            );
+            std::mem::forget(std::mem::take(&mut self.keep));
+        }
     }
 }
 
@@ -161,5 +186,41 @@ impl RankInfo {
             master_addr: get("MASTER_ADDR").unwrap_or_else(|| "127.0.0.1".into()),
             master_port: num("MASTER_PORT", 29500)? as u16,
         })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::atomic::{AtomicUsize, Ordering};
+
+    use super::InFlight;
+
+    static ORDERED: AtomicUsize = AtomicUsize::new(0);
+
+    fn order(_: std::ptr::NonNull<std::ffi::c_void>) -> std::result::Result<(), String> {
+        ORDERED.fetch_add(1, Ordering::SeqCst);
+        Ok(())
+    }
+
+    fn refuse(_: std::ptr::NonNull<std::ffi::c_void>) -> std::result::Result<(), String> {
+        Err("no device".into())
+    }
+
+    /// An in-flight collective dropped without a wait (an error between its start and its wait) orders
+    /// the stream after it before its tensors go; one that cannot be ordered leaks them instead.
+    #[test]
+    fn an_unwaited_collective_is_ordered_before_its_tensors_are_freed() {
+        let t = tch::Tensor::zeros([4], (tch::Kind::Float, tch::Device::Cpu));
+        let before = ORDERED.load(Ordering::SeqCst);
+        drop(InFlight { event: Some(std::ptr::NonNull::dangling()), order_after: Some(order), keep: vec![t.shallow_clone()] });
+        assert_eq!(ORDERED.load(Ordering::SeqCst), before + 1);
+        // Waited (the event taken out): nothing more to order.
+        let mut f = InFlight { event: Some(std::ptr::NonNull::dangling()), order_after: Some(order), keep: vec![] };
+        f.event = None;
+        drop(f);
+        assert_eq!(ORDERED.load(Ordering::SeqCst), before + 1);
+        // Not orderable: the drop logs and leaks the tensors instead of freeing them (and does not panic).
+        drop(InFlight { event: Some(std::ptr::NonNull::dangling()), order_after: Some(refuse), keep: vec![t.shallow_clone()] });
+        drop(InFlight::done());
     }
 }

@@ -32,8 +32,16 @@ use crate::error::{Error, Result};
 /// communicator from another thread, and then ends the process.
 #[derive(Clone, Copy)]
 struct Raw<T>(T);
-unsafe impl<T> Send for Raw<T> {}
-unsafe impl<T> Sync for Raw<T> {}
+// SAFETY (each handle type on its own, not any `T`): see above. Events move between threads only
+// inside the watchdog's mutex (Send); contexts are set current from either thread (Send + Sync); the
+// communicator is shared with the watchdog for `ncclCommAbort` only (Send + Sync); the collective
+// stream is used by the owning thread only (Send).
+unsafe impl Send for Raw<cusys::CUevent> {}
+unsafe impl Send for Raw<cusys::CUcontext> {}
+unsafe impl Sync for Raw<cusys::CUcontext> {}
+unsafe impl Send for Raw<ncclsys::ncclComm_t> {}
+unsafe impl Sync for Raw<ncclsys::ncclComm_t> {}
+unsafe impl Send for Raw<cusys::CUstream> {}
 
 struct Pending {
     event: Raw<cusys::CUevent>,
@@ -244,7 +252,7 @@ impl NcclComm {
         // SAFETY: as above.
         unsafe { cu::event::record(done, cs) }.map_err(ce)?;
         self.watch_on(what, cs)?;
-        Ok(InFlight { event: std::ptr::NonNull::new(done as *mut std::ffi::c_void), keep })
+        Ok(InFlight { event: std::ptr::NonNull::new(done as *mut std::ffi::c_void), order_after: Some(order_after_event), keep })
     }
 }
 
@@ -363,19 +371,15 @@ impl Communicator for NcclComm {
         })
     }
 
-    fn wait(&self, f: InFlight) -> Result<()> {
-        if let Some(ev) = f.event {
-            let ev = ev.as_ptr() as cusys::CUevent;
-            // SAFETY: the event was created in `on_comm_stream` and is owned by this `InFlight`, which
-            // is consumed here: it is destroyed exactly once.
-            unsafe {
-                // libtorch's stream continues only after the collective: later kernels see its result,
-                // and the kept tensors' memory is reused only after it (frees are ordered on that stream).
-                cu::stream::wait_event(std::ptr::null_mut(), ev, cusys::CUevent_wait_flags::CU_EVENT_WAIT_DEFAULT).map_err(ce)?;
-                cu::event::destroy(ev).map_err(ce)?;
+    fn wait(&self, mut f: InFlight) -> Result<()> {
+        if let Some(ev) = f.event.take() {
+            if let Err(e) = order_after_event(ev) {
+                // Dropping `f` now would free its tensors under the collective: leak them instead.
+                std::mem::forget(std::mem::take(&mut f.keep));
+                return Err(Error::Comm(format!("rank {}: waiting for a collective: {e}", self.rank)));
             }
         }
-        drop(f.keep);
+        drop(f);
         Ok(())
     }
 
@@ -390,5 +394,19 @@ impl Communicator for NcclComm {
     fn barrier(&self) -> Result<()> {
         let t = Tensor::zeros([1], (Kind::Float, tch::Device::Cuda(self.device)));
         self.all_reduce_sum(&t)
+    }
+}
+
+/// Makes libtorch's current stream continue only after the collective whose completion event is `ev`,
+/// then destroys the event: later kernels see the collective's result, and the memory of the tensors it
+/// used is reused only after it (the caching allocator's frees are ordered on that stream).
+fn order_after_event(ev: std::ptr::NonNull<std::ffi::c_void>) -> std::result::Result<(), String> {
+    let ev = ev.as_ptr() as cusys::CUevent;
+    // SAFETY: `ev` was created in `on_comm_stream` and handed over in one `InFlight`, which gives it up
+    // exactly once (to `wait` or to its `Drop`), so it is destroyed exactly once.
+    unsafe {
+        cu::stream::wait_event(std::ptr::null_mut(), ev, cusys::CUevent_wait_flags::CU_EVENT_WAIT_DEFAULT)
+            .map_err(|e| format!("{e:?}"))?;
+        cu::event::destroy(ev).map_err(|e| format!("{e:?}"))
     }
 }

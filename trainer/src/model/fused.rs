@@ -1,6 +1,6 @@
 //! Fused CUDA kernels of the LLM block (csrc/fused.cpp): compiled at run time with the libnvrtc that
 //! ships in torch's wheel, launched on libtorch's stream, differentiable as autograd functions. Used on
-//! CUDA tensors when libnvrtc is found; otherwise (and with `IDAVLM_FUSED=0`) the libtorch formulations
+//! CUDA tensors when libnvrtc is found; otherwise (and with `kernels.fused: false`) the libtorch formulations
 //! run, with one warning saying why.
 
 use std::ffi::{c_char, CStr, CString};
@@ -52,10 +52,15 @@ extern "C" {
 
 /// Frees the memory behind `t`'s storage (csrc/storage.cpp): every tensor sharing the storage (views,
 /// detached leaves, what an autograd graph saved) keeps its shape but holds no data until
-/// [`storage_restore`]: none of them may be read until then (libtorch's kernels do not check; the data
-/// pointer is null).
-pub fn storage_release(t: &Tensor) {
-    // SAFETY: a live tch tensor borrowed for the call; the shim catches every C++ exception.
+/// [`storage_restore`].
+///
+/// # Safety
+/// No tensor sharing `t`'s storage may be read or written until [`storage_restore`] has given the
+/// storage memory again: libtorch's kernels do not check, and the data pointer is null (a kernel would
+/// read or write through it).
+pub unsafe fn storage_release(t: &Tensor) {
+    // SAFETY: `t` is a live tch tensor borrowed for the call and the shim catches every C++ exception;
+    // the caller upholds that nothing reads the released storage.
     if let Err(msg) = result(unsafe { idavlm_storage_release(t.as_ptr()) }) {
         panic!("releasing a storage failed: {msg}");
     }
@@ -235,9 +240,6 @@ fn preload_builtins(nvrtc: &std::path::Path) {
 fn setup() -> &'static Result<PathBuf, String> {
     static SETUP: OnceLock<Result<PathBuf, String>> = OnceLock::new();
     SETUP.get_or_init(|| {
-        if std::env::var("IDAVLM_FUSED").is_ok_and(|v| v == "0") {
-            return Err("IDAVLM_FUSED=0".into());
-        }
         let mut tried = Vec::new();
         for p in nvrtc_candidates() {
             preload_builtins(&p);
@@ -260,6 +262,9 @@ pub fn runs_on(t: &Tensor) -> bool {
 /// Whether the fused kernels run on CUDA tensors (warns once when not).
 pub fn available() -> bool {
     static WARNED: OnceLock<()> = OnceLock::new();
+    if !super::choice::current().fused {
+        return false;
+    }
     match setup() {
         Ok(_) => true,
         Err(why) => {
@@ -309,7 +314,8 @@ mod tests {
         let w = flat.narrow(0, 4, 6).view([2, 3]).detach().set_requires_grad(true);
         let x = Tensor::ones([2, 3], (Kind::Float, tch::Device::Cpu)).set_requires_grad(true);
         let y = (&w * &x).sum(Kind::Float);
-        super::storage_release(&flat);
+        // SAFETY: `flat`, `w` and the graph's saved `w` are read again only after the restore below.
+        unsafe { super::storage_release(&flat) };
         assert_eq!(flat.data_ptr(), std::ptr::null_mut(), "the memory is gone");
         let mut alias = super::storage_restore(&flat, 12 * 4);
         assert_eq!(alias.size(), vec![12]);

@@ -93,7 +93,7 @@ impl Mha {
         };
         let (q, k, v) = (heads(&q), heads(&k), heads(&v));
         // Flash attention where it applies (see `attention::dense_flash`: the shapes here change with
-        // every micro-batch); `IDAVLM_MHA_ATTENTION=sdpa` keeps libtorch's choice (cuDNN on Hopper).
+        // every micro-batch); `kernels.mha_attention: sdpa` keeps libtorch's choice (cuDNN on Hopper).
         let a = if mha_flash() && super::attention::dense_flash_applies(&q) {
             super::attention::dense_flash(&q, &k, &v)
         } else {
@@ -104,8 +104,7 @@ impl Mha {
 }
 
 fn mha_flash() -> bool {
-    static ON: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
-    *ON.get_or_init(|| !std::env::var("IDAVLM_MHA_ATTENTION").is_ok_and(|v| v == "sdpa"))
+    super::choice::current().mha_attention == super::choice::MhaAttention::Flash
 }
 
 /// Bicubic (align_corners = false) resize of a square position table (G*G, D) to (T*T, D), in f32,

@@ -2,7 +2,6 @@
 //! causal attention scaled by 1/sqrt(head_dim), MLP `c_proj(w1(x) * silu(w2(x)))`.
 
 use std::ffi::c_char;
-use std::sync::OnceLock;
 
 use tch::{Kind, Tensor};
 
@@ -33,17 +32,15 @@ extern "C" {
 }
 
 /// Whether training blocks on CUDA run the explicit block (csrc/block.cpp): on unless
-/// `IDAVLM_EXPLICIT_BLOCK=0`, which keeps the autograd formulation (the reference) everywhere.
+/// `kernels.explicit_block: false`, which keeps the autograd formulation (the reference) everywhere.
 pub fn explicit_enabled() -> bool {
-    static ON: OnceLock<bool> = OnceLock::new();
-    *ON.get_or_init(|| !std::env::var("IDAVLM_EXPLICIT_BLOCK").is_ok_and(|v| v == "0"))
+    super::choice::current().explicit_block
 }
 
 /// Whether the explicit block recomputes its norms' outputs and SwiGLU product in the backward instead
-/// of keeping them (`IDAVLM_BLOCK_RECOMPUTE=1`: 0.32 instead of 0.47 GiB per kept block at W1's shape).
+/// of keeping them (`kernels.block_recompute`: 0.32 instead of 0.47 GiB per kept block at W1's shape).
 pub fn explicit_recomputes() -> bool {
-    static ON: OnceLock<bool> = OnceLock::new();
-    *ON.get_or_init(|| std::env::var("IDAVLM_BLOCK_RECOMPUTE").is_ok_and(|v| v == "1"))
+    super::choice::current().block_recompute
 }
 
 #[derive(Debug)]

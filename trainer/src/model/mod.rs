@@ -6,6 +6,7 @@
 //! communication block by block; [`QwenVl::forward_loss`] runs them in one go.
 
 pub mod attention;
+pub mod choice;
 pub mod config;
 pub mod fused;
 pub mod layers;

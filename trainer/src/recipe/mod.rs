@@ -53,6 +53,10 @@ pub struct Recipe {
     /// Evaluation during training: held-out loss and MM-ID scoring every N steps and at the end.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub eval: Option<EvalSection>,
+    /// Which formulation the GPU paths run (all fast paths by default; each off runs the libtorch
+    /// formulation it is tested against).
+    #[serde(default)]
+    pub kernels: crate::model::choice::Kernels,
 }
 
 /// `eval:` in recipes. Every rank takes a share of the work; the results are logged with the step
@@ -1107,6 +1111,21 @@ mod tests {
         let e = load(&p, &[]).unwrap_err().to_string();
         let want = format!("{}:{}", p.display(), line_of(&text, "sources:", "path: {a: 1}"));
         assert!(e.contains("`data.sources[0].path`") && e.contains(&want), "{e}\nwanted {want}");
+    }
+
+    /// The kernel choice is a recipe setting: `--set` changes it, the resolved recipe records it, and a
+    /// bad value names the key.
+    #[test]
+    fn kernel_choices_are_recipe_keys_recorded_in_the_resolved_recipe() {
+        let (_d, p, _) = demo_with(|t| t.to_string());
+        let r = load(&p, &[]).unwrap();
+        assert_eq!(r.kernels, crate::model::choice::Kernels::default());
+        let r = load(&p, &["kernels.explicit_block=false".into(), "kernels.mha_attention=sdpa".into()]).unwrap();
+        assert!(!r.kernels.explicit_block && r.kernels.mha_attention == crate::model::choice::MhaAttention::Sdpa);
+        let resolved = serde_yaml_ng::to_string(&r).unwrap();
+        assert!(resolved.contains("explicit_block: false") && resolved.contains("mha_attention: sdpa"), "{resolved}");
+        let e = load(&p, &["kernels.mha_attention=cudnn".into()]).unwrap_err().to_string();
+        assert!(e.contains("`kernels.mha_attention`"), "{e}");
     }
 
     #[test]

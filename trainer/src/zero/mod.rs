@@ -159,7 +159,9 @@ struct Gathered {
 
 impl BucketParams {
     /// The trained parameters, in the bucket's entry order (empty when the role has no trained bucket).
+    /// Panics while the gathered buffers behind them are released ([`Sharded::release`]).
     pub fn tensors(&self) -> &[Tensor] {
+        assert!(!self.released, "parameters read while their gathered storage is released (regather them first)");
         &self.tensors
     }
 }
@@ -399,12 +401,18 @@ impl Sharded {
     /// them: what a kept block holds between its forward and its backward drops from its whole
     /// parameters to nothing. [`Self::regather`] fills the same storage again before the backward. A
     /// no-op under stages 1/2 (nothing is gathered).
-    pub fn release(&self, p: &mut BucketParams) {
+    ///
+    /// # Safety
+    /// Until [`Self::regather`] of `p` has been waited ([`Self::finish`]), nothing may read the views
+    /// of `p`'s gathered buffers: neither the parameters `p` hands out (its accessors panic meanwhile)
+    /// nor the views an autograd graph saved of them (run that graph's backward only after the wait).
+    pub unsafe fn release(&self, p: &mut BucketParams) {
         if p.released {
             return;
         }
         for g in &p.gathered {
-            fused::storage_release(&g.flat);
+            // SAFETY: the caller's contract above; `p.released` makes `p`'s own accessors refuse.
+            unsafe { fused::storage_release(&g.flat) };
         }
         p.released = !p.gathered.is_empty();
     }
