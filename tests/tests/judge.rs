@@ -23,7 +23,8 @@ fn line(id: &str, kind: &str, question: &str, prediction: &str, score: Option<f6
 /// The prediction of a request (what the server keys its behaviour on).
 fn prediction_of(body: &serde_json::Value) -> String {
     let user = body["messages"][1]["content"].as_str().unwrap_or_default();
-    user.lines().find_map(|l| l.strip_prefix("Prediction: ")).unwrap_or_default().to_string()
+    let after = user.split_once(" Prediction: ").map(|(_, r)| r).unwrap_or_default();
+    after.split_once(" GT: ").map(|(p, _)| p).unwrap_or_default().to_string()
 }
 
 /// Predictions of every type of the published file, each QA/caption prediction telling the server
@@ -133,11 +134,12 @@ fn the_judge_retries_parses_every_verdict_form_caches_and_resumes() {
         assert_eq!(s.body["model"], "fake-judge");
         assert_eq!(s.body["temperature"], 0.0);
         let sys = s.body["messages"][0]["content"].as_str().unwrap();
-        assert!(sys.contains("names") && sys.contains("actions") && sys.contains("first line"), "{sys}");
+        assert!(sys.contains("names") && sys.contains("states") && sys.contains("actions") && sys.contains("first line"), "{sys}");
     }
     let users: BTreeSet<String> = seen.iter().map(|s| s.body["messages"][1]["content"].as_str().unwrap().to_string()).collect();
-    assert!(users.contains("Question: What is Ann doing?\nPrediction: say 8\nGT: gt of q1"), "{users:?}");
-    assert!(users.contains("Question: Give an image description.\nPrediction: say 8/10\nGT: gt of c1"), "{users:?}");
+    // The original evaluation's message: the item question's last line, or the caption question.
+    assert!(users.contains("Question:  What is Ann doing? Prediction: say 8 GT: gt of q1"), "{users:?}");
+    assert!(users.contains("Question: Give an image description. Prediction: say 8/10 GT: gt of c1"), "{users:?}");
 
     let rep: serde_json::Value = serde_json::from_slice(&std::fs::read(report.join("report.json")).unwrap()).unwrap();
     let run = &rep["runs"][0];

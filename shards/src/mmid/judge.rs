@@ -4,7 +4,7 @@
 //!
 //! - The prompt: a system instruction that asks for the consistency of character names, states and
 //!   actions between prediction and reference, with the score alone on the first line, and the user
-//!   message `Question: ..\nPrediction: ..\nGT: ..` ([`request_for`]). Captions ask "Give an image
+//!   message `Question: .. Prediction: .. GT: ..` ([`request_for`]). Captions ask "Give an image
 //!   description."; QA items ask the last line of the item's question.
 //! - The verdict: the first integer of its first line, if it is 1..=10 ([`parse_verdict`]: "8",
 //!   "Score: 8", "8/10", "10/10"). An unparsable verdict is asked again, then counted as unparsable,
@@ -32,11 +32,12 @@ use crate::error::{Error, Result};
 
 /// The system instruction of every request (the original evaluation's rules, in our words).
 pub const SYSTEM_PROMPT: &str = "You grade answers about movie scenes whose characters are introduced by \
-reference images. You are given a question, a model's prediction and the ground-truth answer (GT). Judge \
-how consistent the prediction is with the GT, above all whether it gives the same characters the same \
-names, the same states and the same actions; wording, length and extra detail that does not contradict \
-the GT matter much less. Write a single integer score from 1 (inconsistent) to 10 (fully consistent) \
-alone on the first line, then one short sentence of reasons.";
+reference images. You are given a question, an AI assistant's prediction and the ground-truth answer, \
+marked 'Question', 'Prediction' and 'GT'. Judge whether the prediction means the same as the GT, above \
+all whether it gives the same characters the same names, the same states and the same actions; weigh its \
+helpfulness, relevance and accuracy. Write one overall score, an integer from 1 (inconsistent) to 10 \
+(fully consistent), alone on the first line; explain your judgement on the following lines, without \
+letting the order in which the texts were given sway it.";
 
 /// The question of a caption item (the original evaluation's).
 pub const CAPTION_QUESTION: &str = "Give an image description.";
@@ -292,19 +293,20 @@ pub struct JudgeRequest {
     pub user: String,
 }
 
-/// The judge's request for one QA or caption prediction (None for other types): captions ask "Give
-/// an image description.", QA items the last non-empty line of their question (the lines before it
-/// introduce the characters and the scene).
+/// The judge's request for one QA or caption prediction (None for other types), in the original
+/// evaluation's form `Question: Q Prediction: P GT: A`: captions ask "Give an image description.", QA
+/// items the last line of their question (the lines before it introduce the characters and the scene;
+/// a blank last line gives way to the last non-blank one).
 pub fn request_for(kind: &str, question: &str, prediction: &str, answer: &str) -> Option<JudgeRequest> {
     let q = match classify(kind)? {
         (Task::Caption, _) => CAPTION_QUESTION.to_string(),
-        (Task::Qa, _) => question.lines().map(str::trim).filter(|l| !l.is_empty()).last().unwrap_or("").to_string(),
+        (Task::Qa, _) => match question.split('\n').next_back() {
+            Some(l) if !l.trim().is_empty() => l.to_string(),
+            _ => question.lines().filter(|l| !l.trim().is_empty()).last().unwrap_or("").to_string(),
+        },
         _ => return None,
     };
-    Some(JudgeRequest {
-        system: SYSTEM_PROMPT.to_string(),
-        user: format!("Question: {q}\nPrediction: {}\nGT: {}", prediction.trim(), answer.trim()),
-    })
+    Some(JudgeRequest { system: SYSTEM_PROMPT.to_string(), user: format!("Question: {q} Prediction: {prediction} GT: {answer}") })
 }
 
 /// The score of a verdict: the first integer on its first non-empty line, when it is 1..=10 ("8",
@@ -702,9 +704,9 @@ mod tests {
         assert_eq!(classify("qabc"), None);
         let r = request_for("QA_multiimage", "Ann is <img>a</img>\n In the image: <img>b</img>\n What is Ann holding? ", " A cup. ", "a cup")
             .unwrap();
-        assert_eq!(r.user, "Question: What is Ann holding?\nPrediction: A cup.\nGT: a cup");
+        assert_eq!(r.user, "Question:  What is Ann holding?  Prediction:  A cup.  GT: a cup");
         let r = request_for("caption_singleimage", "Ann is <img>a</img>\nDescribe.", "x", "y").unwrap();
-        assert_eq!(r.user, "Question: Give an image description.\nPrediction: x\nGT: y");
+        assert_eq!(r.user, "Question: Give an image description. Prediction: x GT: y");
         assert!(request_for("matching", "q", "p", "a").is_none());
     }
 
