@@ -7,6 +7,9 @@ use crate::error::{Error, Result};
 use crate::tokenizer::*;
 
 pub const IGNORE_INDEX: i64 = -100;
+/// The chat template this module writes (Qwen-VL's ChatML with 258-position image spans): the name a
+/// dataset records (`index.json`'s `template`) and a model family must match to train on it.
+pub const TEMPLATE: &str = "qwen-vl";
 pub const SYSTEM_MESSAGE: &str = "You are a helpful assistant.";
 
 #[derive(Clone, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]

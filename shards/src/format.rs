@@ -160,8 +160,16 @@ pub struct ShardInfo {
 pub struct Manifest {
     pub schema_version: u32,
     pub source: String,
+    /// The chat template the samples were tokenised for (`num_tokens`, image spans): a model of another
+    /// template refuses the dataset. Datasets written before the field were all Qwen-VL's.
+    #[serde(default = "legacy_template")]
+    pub template: String,
     pub total_samples: u64,
     pub shards: Vec<ShardInfo>,
+}
+
+fn legacy_template() -> String {
+    crate::chat::TEMPLATE.to_string()
 }
 
 impl Manifest {
@@ -283,6 +291,7 @@ impl DatasetWriter {
         let m = Manifest {
             schema_version: SCHEMA_VERSION,
             source: self.source.clone(),
+            template: crate::chat::TEMPLATE.to_string(),
             total_samples: self.total,
             shards: self.shards.clone(),
         };

@@ -43,6 +43,21 @@ impl Source {
     }
 
     /// As [`Self::open`]; `verify_checksums: false` skips the sha256 of each shard (trusted storage).
+    /// Refuses a dataset tokenised for another chat template than `expected` (the model's), naming both.
+    pub fn require_template(&self, expected: &str) -> Result<()> {
+        if self.manifest.template == expected {
+            return Ok(());
+        }
+        Err(Error::format(
+            &self.dir.join(crate::format::MANIFEST),
+            format!(
+                "dataset {:?} was tokenised for the {} chat template, and this model reads {expected}: convert or build it \
+                 again for {expected}",
+                self.name, self.manifest.template
+            ),
+        ))
+    }
+
     pub fn open_with(name: &str, dir: &Path, verify_checksums: bool) -> Result<Self> {
         let manifest = Manifest::load(dir)?;
         let mut blocks = Vec::new();

@@ -6,7 +6,7 @@ use std::sync::Arc;
 
 use idavlm_shards::convert::{convert, ConvertOptions, OnBad};
 use idavlm_shards::format::{sha256_file, Manifest};
-use idavlm_tests::{bin, free_port, recipe, tokenizer, wait_for_first_step, worker_train};
+use idavlm_tests::{bin, free_port, metrics, recipe, tokenizer, wait_for_first_step, worker_train};
 
 use crate::train::data;
 
@@ -44,6 +44,28 @@ fn a_bit_rotted_shard_stops_training_naming_it() {
     // The path appears once in the message, not repeated by every layer.
     let line = err.lines().find(|l| l.contains("sha256")).unwrap();
     assert_eq!(line.matches(&shard.display().to_string()).count(), 1, "{line}");
+}
+
+/// A dataset records the chat template it was tokenised for; training a model of another template on
+/// it stops before any step, naming the dataset and both templates. A manifest from before the field
+/// reads as Qwen-VL's (what every earlier dataset was).
+#[test]
+fn a_dataset_of_another_chat_template_is_refused_naming_both() {
+    let d = tempfile::tempdir().unwrap();
+    let data = data(d.path());
+    let index = data.join("id").join("index.json");
+    let mut m: serde_json::Value = serde_json::from_slice(&std::fs::read(&index).unwrap()).unwrap();
+    assert_eq!(m["template"], "qwen-vl", "datasets record their template");
+    m["template"] = "qwen3-vl".into();
+    std::fs::write(&index, serde_json::to_vec_pretty(&m).unwrap()).unwrap();
+    let r = recipe(d.path(), &data, "");
+    let err = fails(&worker_train(&r, &["--set", "length.steps=2", "--set", "checkpoint.at_end=false"]));
+    assert!(err.contains(&index.display().to_string()) && err.contains("qwen3-vl") && err.contains("reads qwen-vl"), "{err}");
+    assert!(!d.path().join("metrics.jsonl").exists() || metrics(&d.path().join("metrics.jsonl")).is_empty(), "no step ran");
+    // The field absent (an older dataset): Qwen-VL's.
+    m.as_object_mut().unwrap().remove("template");
+    std::fs::write(&index, serde_json::to_vec_pretty(&m).unwrap()).unwrap();
+    assert_eq!(Manifest::load(&data.join("id")).unwrap().template, "qwen-vl");
 }
 
 #[test]

@@ -67,6 +67,7 @@ impl Evaluator {
         let heldout = match &e.data {
             Some(dir) => {
                 let src = Source::open_with("eval", dir, data.verify_checksums)?;
+                src.require_template(idavlm_shards::chat::TEMPLATE)?;
                 let mut locs: Vec<Locator> = src.layout.locators().collect();
                 locs.truncate(e.max_samples.unwrap_or(usize::MAX));
                 let opts = LoadOptions {

@@ -522,12 +522,15 @@ fn open_data(recipe: &Recipe, plan: &Plan, rank: usize, world: usize, tok: Arc<T
     let mut main = Vec::new();
     for s in &d.sources {
         let src = Source::open_with(&s.name, &s.path, d.verify_checksums)?;
+        src.require_template(plan.cfg.template())?;
         main.push((sources.len(), s.count.unwrap_or_else(|| src.layout.len())));
         sources.push(src);
     }
     let general = match &d.general {
         Some(g) => {
-            sources.push(Source::open_with(&g.name, &g.path, d.verify_checksums)?);
+            let src = Source::open_with(&g.name, &g.path, d.verify_checksums)?;
+            src.require_template(plan.cfg.template())?;
+            sources.push(src);
             Some(sources.len() - 1)
         }
         None => None,

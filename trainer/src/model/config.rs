@@ -69,6 +69,11 @@ fn default_seq_length() -> i64 {
 }
 
 impl ModelConfig {
+    /// The chat template this model's data must be tokenised for (a dataset records its own).
+    pub fn template(&self) -> &'static str {
+        idavlm_shards::chat::TEMPLATE
+    }
+
     /// Full-size Qwen-VL-Chat (SPEC §1).
     pub fn qwen_vl_chat() -> Self {
         Self {
