@@ -26,7 +26,7 @@ pub struct VisualConfig {
 }
 
 fn default_image_start_id() -> i64 {
-    151_857
+    idavlm_shards::tokenizer::IMG_START as i64
 }
 fn default_n_queries() -> i64 {
     256
@@ -94,7 +94,7 @@ impl ModelConfig {
                 output_dim: 4096,
                 patch_size: 14,
                 width: 1664,
-                image_start_id: 151_857,
+                image_start_id: default_image_start_id(),
                 n_queries: 256,
             },
             id_former: false,
@@ -122,7 +122,7 @@ impl ModelConfig {
                 output_dim: 128,
                 patch_size: 14,
                 width: 64,
-                image_start_id: 151_857,
+                image_start_id: default_image_start_id(),
                 n_queries: 256,
             },
             id_former: false,
@@ -178,6 +178,15 @@ impl ModelConfig {
         if self.hidden_size % 4 != 0 {
             return Err(format!("hidden_size ({}) must be a multiple of 4 (2-D sin-cos table)", self.hidden_size));
         }
+        if v.image_start_id != idavlm_shards::tokenizer::IMG_START as i64 {
+            return Err(format!(
+                "visual.image_start_id is {}, and the {} chat template marks images with <img> = {}: the model would \
+                 look for image spans where the data has none",
+                v.image_start_id,
+                self.template(),
+                idavlm_shards::tokenizer::IMG_START
+            ));
+        }
         if v.n_queries != 256 {
             return Err(format!("visual.n_queries is {}, Qwen-VL uses 256", v.n_queries));
         }
@@ -202,5 +211,19 @@ impl ModelConfig {
     /// Resampler heads: hidden / 128 (32 at full size); tiny widths use at least one head.
     pub fn resampler_heads(&self) -> i64 {
         (self.hidden_size / 128).max(1)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    /// `visual.image_start_id` is checked against the template's `<img>` id (a config that disagrees
+    /// would train on image spans the data does not have).
+    #[test]
+    fn an_image_start_id_other_than_the_templates_is_refused() {
+        let mut cfg = super::ModelConfig::tiny();
+        assert!(cfg.validate().is_ok());
+        cfg.visual.image_start_id += 1;
+        let e = cfg.validate().unwrap_err();
+        assert!(e.contains("visual.image_start_id is 151858") && e.contains("151857"), "{e}");
     }
 }
