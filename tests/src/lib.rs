@@ -37,6 +37,18 @@ pub fn tokenizer() -> &'static Tokenizer {
     T.get_or_init(|| Tokenizer::load_default().expect("tokenizer: run scripts/setup.sh"))
 }
 
+/// A checkpoint-shaped folder of the tiny model with the ID-Former (f32 safetensors + config.json),
+/// random weights from seed 5: what `idavlm-infer --checkpoint` reads.
+pub fn tiny_checkpoint(dir: &Path) {
+    use idavlm::model::weights::save_params;
+    use idavlm::model::{ModelConfig, ParamSet};
+    let mut cfg = ModelConfig::tiny();
+    cfg.id_former = true;
+    let p = ParamSet::init(&cfg, tch::Device::Cpu, tch::Kind::Float, 5);
+    save_params(&p, dir, tch::Kind::Float, usize::MAX).expect("save the tiny checkpoint");
+    std::fs::write(dir.join("config.json"), serde_json::to_vec_pretty(&cfg).expect("json")).expect("write config.json");
+}
+
 /// Writes a small synthetic dataset (id + general + eval) into `dir`.
 pub fn synth(dir: &Path, id_samples: usize, general_samples: usize, row_group: usize) {
     let o = SynthOptions {

@@ -248,15 +248,14 @@ fn refcoco_release(root: &Path) {
         {"id": 12, "image_id": 2, "bbox": [150.0, 30.0, 80.0, 140.0], "category_id": 1},
         {"id": 13, "image_id": 3, "bbox": [0.0, 0.0, 239.0, 179.0], "category_id": 3},
         {"id": 14, "image_id": 4, "bbox": [1.0, 1.0, 50.0, 50.0], "category_id": 1}]);
-    let refs = |list: Value| list;
-    let plain = refs(json!([
+    let plain = json!([
         {"ref_id": 1, "ann_id": 11, "image_id": 1, "split": "train", "file_name": "COCO_train2014_000000000001_11.jpg", "sentences": [{"sent": "man on left"}], "category_id": 1},
         {"ref_id": 2, "ann_id": 12, "image_id": 2, "split": "train", "file_name": "COCO_train2014_000000000002_12.jpg", "sentences": [], "category_id": 1},
         {"ref_id": 3, "ann_id": 13, "image_id": 3, "split": "val", "file_name": "COCO_train2014_000000000003_13.jpg", "sentences": [], "category_id": 3},
-        {"ref_id": 4, "ann_id": 14, "image_id": 4, "split": "train", "file_name": "COCO_train2014_000000000004_14.jpg", "sentences": [], "category_id": 1}]));
-    let plus = refs(json!([
+        {"ref_id": 4, "ann_id": 14, "image_id": 4, "split": "train", "file_name": "COCO_train2014_000000000004_14.jpg", "sentences": [], "category_id": 1}]);
+    let plus = json!([
         {"ref_id": 5, "ann_id": 11, "image_id": 1, "split": "train", "file_name": "COCO_train2014_000000000001_11.jpg", "sentences": [], "category_id": 1},
-        {"ref_id": 6, "ann_id": 13, "image_id": 3, "split": "train", "file_name": "COCO_train2014_000000000003_13.jpg", "sentences": [], "category_id": 3}]));
+        {"ref_id": 6, "ann_id": 13, "image_id": 3, "split": "train", "file_name": "COCO_train2014_000000000003_13.jpg", "sentences": [], "category_id": 3}]);
     for (d, r) in [("refcoco", plain), ("refcoco+", plus)] {
         let dir = root.join(d);
         write(&dir.join("instances.json"), json!({"images": images, "annotations": anns, "categories": []}).to_string().as_bytes());

@@ -9,7 +9,7 @@ use std::sync::Mutex;
 use std::time::Duration;
 
 use idavlm_tests::judge_server::{JudgeServer, Reply};
-use idavlm_tests::{bin, metrics, recipe, synth, worker_train};
+use idavlm_tests::{bin, metrics, recipe, synth, tiny_checkpoint, worker_train};
 
 const SECRET: &str = "sk-test-SECRET-4711";
 
@@ -219,16 +219,6 @@ fn the_judge_stops_clearly_on_401_404_an_unset_key_and_no_answer() {
     let err = fails(&down, Some("set"));
     assert!(err.contains("gave no answer to any request") && err.contains("503"), "{err}");
     assert!(!d.path().join("r/report.json").exists(), "no report from a failed run");
-}
-
-fn tiny_checkpoint(dir: &Path) {
-    use idavlm::model::weights::save_params;
-    use idavlm::model::{ModelConfig, ParamSet};
-    let mut cfg = ModelConfig::tiny();
-    cfg.id_former = true;
-    let p = ParamSet::init(&cfg, tch::Device::Cpu, tch::Kind::Float, 5);
-    save_params(&p, dir, tch::Kind::Float, usize::MAX).unwrap();
-    std::fs::write(dir.join("config.json"), serde_json::to_vec_pretty(&cfg).unwrap()).unwrap();
 }
 
 #[test]

@@ -4,10 +4,8 @@
 use std::path::Path;
 use std::process::Command;
 
-use idavlm::model::weights::save_params;
-use idavlm::model::{ModelConfig, ParamSet};
 use idavlm_shards::mmid::{read_bench, Item};
-use idavlm_tests::bin;
+use idavlm_tests::{bin, tiny_checkpoint};
 
 /// The location item quoted from the published `benchmark_mmid.json`, a matching item in the same
 /// form, and small generated images at their paths under `root`.
@@ -48,14 +46,6 @@ fn original_prompt(raw: &serde_json::Value) -> String {
         k += 1;
     }
     q
-}
-
-fn tiny_checkpoint(dir: &Path) {
-    let mut cfg = ModelConfig::tiny();
-    cfg.id_former = true;
-    let p = ParamSet::init(&cfg, tch::Device::Cpu, tch::Kind::Float, 5);
-    save_params(&p, dir, tch::Kind::Float, usize::MAX).unwrap();
-    std::fs::write(dir.join("config.json"), serde_json::to_vec_pretty(&cfg).unwrap()).unwrap();
 }
 
 #[test]

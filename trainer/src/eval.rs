@@ -241,14 +241,13 @@ fn judge_share(
     let mut requests = Vec::new();
     for chunk in mine.chunks(batch) {
         for (item, (text, _)) in chunk.iter().zip(generate_batch(model, tok, chunk, root, &j.gen)?) {
-            requests.push((item.kind.clone(), request_for(&item.kind, &item.question, &text, &item.answer).expect("a judged type")));
+            requests.push(request_for(&item.kind, &item.question, &text, &item.answer).expect("a judged type"));
         }
     }
-    let reqs: Vec<_> = requests.iter().map(|(_, r)| r.clone()).collect();
-    let (verdicts, _) = j.judge.judge_all(&reqs, &j.cache, &|| {})?;
+    let (verdicts, _) = j.judge.judge_all(&requests, &j.cache, &|| {})?;
     let mut sums = [0.0; 4];
-    for ((kind, _), v) in requests.iter().zip(verdicts) {
-        let (Some(score), Some((task, _))) = (v.score(), classify(kind)) else { continue };
+    for (item, v) in mine.iter().zip(verdicts) {
+        let (Some(score), Some((task, _))) = (v.score(), classify(&item.kind)) else { continue };
         let at = if task == Task::Qa { 0 } else { 2 };
         sums[at] += score as f64;
         sums[at + 1] += 1.0;

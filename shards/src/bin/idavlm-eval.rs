@@ -9,9 +9,8 @@ use std::path::PathBuf;
 
 use anyhow::{Context, Result};
 use clap::Parser;
-use idavlm_shards::mmid::judge::{Cache, Judge, JudgeArgs};
-use idavlm_shards::mmid::report::{self, JudgeInfo, Report};
-use indicatif::{ProgressBar, ProgressStyle};
+use idavlm_shards::mmid::judge::{Judge, JudgeArgs};
+use idavlm_shards::mmid::report::{self, Report};
 
 #[derive(Parser)]
 #[command(
@@ -63,48 +62,18 @@ fn run(cli: Cli) -> Result<()> {
                 (p.file_stem().map(|s| s.to_string_lossy().into_owned()).unwrap_or_else(|| arg.clone()), p)
             }
         };
-        out.runs.push(score_file(&name, &path, judge.as_ref(), cli.judge.judge_cache.as_ref())?);
+        let preds = report::read_predictions(&path)?;
+        let run = report::score_predictions(&name, &path, &preds, judge.as_ref(), cli.judge.judge_cache.as_deref())
+            .with_context(|| format!("judging {}", path.display()))?;
+        out.runs.push(run);
     }
     let names: std::collections::BTreeSet<&str> = out.runs.iter().map(|r| r.name.as_str()).collect();
     anyhow::ensure!(names.len() == out.runs.len(), "two runs share a name: give each `--predictions NAME=FILE`");
     let files = out.write(&cli.report)?;
-    print!("{}", out.markdown().split("\n## ").next().unwrap_or_default());
+    print!("{}", out.table_markdown());
     println!();
     for f in files {
         println!("wrote {}", f.display());
     }
     Ok(())
-}
-
-/// One run's report: its rule scores and, with a judge, its QA and caption verdicts.
-fn score_file(name: &str, path: &std::path::Path, judge: Option<&Judge>, cache: Option<&PathBuf>) -> Result<report::RunReport> {
-    let preds = report::read_predictions(path)?;
-    let mut verdicts = vec![None; preds.len()];
-    if let Some(j) = judge {
-        let cache_path = cache.cloned().unwrap_or_else(|| report::default_cache(path));
-        let cache = Cache::open(&cache_path)?;
-        let n = report::judged_count(&preds);
-        let bar = ProgressBar::new(n as u64);
-        bar.set_style(
-            ProgressStyle::with_template("judging {msg} {bar:30} {pos}/{len} [{elapsed_precise}<{eta_precise}]").expect("template"),
-        );
-        bar.set_message(name.to_string());
-        let (v, stats) = report::judge_predictions(j, &preds, &cache, &|| bar.inc(1))
-            .with_context(|| format!("judging {}", path.display()))?;
-        bar.finish_and_clear();
-        let failed = v.iter().filter(|v| matches!(v, Some(idavlm_shards::mmid::judge::Verdict::Failed { .. }))).count();
-        eprintln!(
-            "{name}: {n} items judged ({} from the cache {}, {} requests, {} retries)",
-            stats.cached,
-            cache_path.display(),
-            stats.requests,
-            stats.retries
-        );
-        if failed > 0 {
-            eprintln!("{name}: {failed} items got no verdict after every retry (not scored); run again to ask only those");
-        }
-        verdicts = v;
-    }
-    let info = judge.map(|j| JudgeInfo { url: j.config().url.clone(), model: j.config().model.clone() });
-    Ok(report::score_run(name, &path.display().to_string(), info, &preds, &verdicts))
 }

@@ -25,6 +25,20 @@ struct Cli {
     cmd: Cmd,
 }
 
+/// How samples are cut and laid into shards (`convert` and `build`).
+#[derive(clap::Args)]
+struct Sharding {
+    /// Tokens per sample; a longer one is not written.
+    #[arg(long, default_value_t = 2048)]
+    max_len: usize,
+    /// Target shard size in MiB.
+    #[arg(long, default_value_t = 256)]
+    shard_mib: u64,
+    /// Samples per row group (the unit of shuffling).
+    #[arg(long, default_value_t = 64)]
+    row_group: usize,
+}
+
 #[derive(Subcommand)]
 enum Cmd {
     /// Build tuning shards straight from a public release in its own layout (VCR, Flickr30k Entities in
@@ -50,14 +64,8 @@ enum Cmd {
         /// Source name recorded in every row (default: SOURCE).
         #[arg(long)]
         source_name: Option<String>,
-        #[arg(long, default_value_t = 2048)]
-        max_len: usize,
-        /// Target shard size in MiB.
-        #[arg(long, default_value_t = 256)]
-        shard_mib: u64,
-        /// Samples per row group.
-        #[arg(long, default_value_t = 64)]
-        row_group: usize,
+        #[command(flatten)]
+        sharding: Sharding,
         /// Threads (default: all cores); the output does not depend on it.
         #[arg(long)]
         workers: Option<usize>,
@@ -87,14 +95,8 @@ enum Cmd {
         /// Source name recorded in every row and the manifest (default: the JSON file's stem).
         #[arg(long)]
         source: Option<String>,
-        #[arg(long, default_value_t = 2048)]
-        max_len: usize,
-        /// Target shard size in MiB.
-        #[arg(long, default_value_t = 256)]
-        shard_mib: u64,
-        /// Samples per row group (the unit of shuffling).
-        #[arg(long, default_value_t = 64)]
-        row_group: usize,
+        #[command(flatten)]
+        sharding: Sharding,
         #[arg(long, value_enum, default_value_t = OnBad::Fail)]
         on_bad_sample: OnBad,
         /// Checking threads (default: all cores).
@@ -192,7 +194,7 @@ fn cores() -> usize {
 
 fn run(cli: Cli) -> Result<i32> {
     match cli.cmd {
-        Cmd::Convert { json, out, images, source, max_len, shard_mib, row_group, on_bad_sample, workers } => {
+        Cmd::Convert { json, out, images, source, sharding: Sharding { max_len, shard_mib, row_group }, on_bad_sample, workers } => {
             let tok = Tokenizer::load_default()?;
             let source = source.unwrap_or_else(|| stem_name(&json, "data"));
             let o = ConvertOptions {
@@ -279,9 +281,7 @@ fn run(cli: Cli) -> Result<i32> {
             split,
             template,
             source_name,
-            max_len,
-            shard_mib,
-            row_group,
+            sharding: Sharding { max_len, shard_mib, row_group },
             workers,
             limit,
             templates,

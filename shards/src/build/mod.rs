@@ -356,9 +356,7 @@ pub fn build(
     o: &BuildOptions,
     progress: &(dyn Fn(u64, u64) + Sync),
 ) -> Result<BuildReport> {
-    if out.join(crate::format::MANIFEST).exists() {
-        return Err(Error::format(&out.join(crate::format::MANIFEST), "the output folder already holds a dataset"));
-    }
+    // (An output folder that already holds a dataset is refused by the writer, and is not removed.)
     let created = !out.exists();
     let r = match kind {
         SourceKind::Vcr => vcr::build(root, out, tok, o, progress),

@@ -249,6 +249,46 @@ pub fn judged_count(preds: &[Prediction]) -> usize {
     preds.iter().filter(|p| matches!(classify(&p.kind), Some((Task::Qa | Task::Caption, _)))).count()
 }
 
+/// One run's report from its predictions (read from `path`): the rule scores they carry and, with a
+/// judge, the verdicts of its QA and caption items, cached in `cache` (default: [`default_cache`] of
+/// `path`), with a progress bar and the judge's counts on stderr.
+pub fn score_predictions(
+    name: &str,
+    path: &Path,
+    preds: &[Prediction],
+    judge: Option<&Judge>,
+    cache: Option<&Path>,
+) -> Result<RunReport> {
+    let mut verdicts = vec![None; preds.len()];
+    if let Some(j) = judge {
+        let cache_path = cache.map(Path::to_path_buf).unwrap_or_else(|| default_cache(path));
+        let cache = Cache::open(&cache_path)?;
+        let n = judged_count(preds);
+        let bar = indicatif::ProgressBar::new(n as u64);
+        bar.set_style(
+            indicatif::ProgressStyle::with_template("judging {msg} {bar:30} {pos}/{len} [{elapsed_precise}<{eta_precise}]")
+                .expect("template"),
+        );
+        bar.set_message(name.to_string());
+        let (v, stats) = judge_predictions(j, preds, &cache, &|| bar.inc(1))?;
+        bar.finish_and_clear();
+        let failed = v.iter().filter(|v| matches!(v, Some(Verdict::Failed { .. }))).count();
+        eprintln!(
+            "{name}: {n} items judged ({} from the cache {}, {} requests, {} retries)",
+            stats.cached,
+            cache_path.display(),
+            stats.requests,
+            stats.retries
+        );
+        if failed > 0 {
+            eprintln!("{name}: {failed} items got no verdict after every retry (not scored); run again to ask only those");
+        }
+        verdicts = v;
+    }
+    let info = judge.map(|j| JudgeInfo { url: j.config().url.clone(), model: j.config().model.clone() });
+    Ok(score_run(name, &path.display().to_string(), info, preds, &verdicts))
+}
+
 impl Report {
     /// Reads a report written by [`Report::write`] (its folder or its `report.json`).
     pub fn read(path: &Path) -> Result<Self> {
@@ -262,6 +302,11 @@ impl Report {
         let mut rows: Vec<(String, Row)> = self.published.iter().map(|p| (PUBLISHED_NAME.to_string(), *p)).collect();
         rows.extend(self.runs.iter().map(|r| (r.name.clone(), r.row())));
         rows
+    }
+
+    /// The paper's table alone (the report's head, what the command line prints).
+    pub fn table_markdown(&self) -> String {
+        self.markdown().split("\n## ").next().unwrap_or_default().to_string()
     }
 
     /// The Markdown report: the paper's table, then each run's per-type figures with counts.

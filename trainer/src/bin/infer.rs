@@ -12,8 +12,8 @@ use anyhow::{Context, Result};
 use clap::Parser;
 use idavlm::infer::*;
 use idavlm::model::{ModelConfig, QwenVl};
-use idavlm_shards::mmid::judge::{Cache, Judge, JudgeArgs};
-use idavlm_shards::mmid::report::{self, JudgeInfo, Report};
+use idavlm_shards::mmid::judge::{Judge, JudgeArgs};
+use idavlm_shards::mmid::report::{self, Report};
 use idavlm_shards::preprocess::ResizeOrder;
 use idavlm_shards::tokenizer::Tokenizer;
 use indicatif::{ProgressBar, ProgressStyle};
@@ -261,28 +261,10 @@ fn run(cli: Cli) -> Result<()> {
 
 /// The four-column report of this run, its QA and caption items judged when a judge is given.
 fn write_report(cli: &Cli, judge: Option<&Judge>, preds: &[Prediction], dir: &std::path::Path) -> Result<()> {
-    let mut verdicts = vec![None; preds.len()];
-    if let Some(j) = judge {
-        let cache_path = cli.judge.judge_cache.clone().unwrap_or_else(|| report::default_cache(&cli.out));
-        let cache = Cache::open(&cache_path)?;
-        let bar = ProgressBar::new(report::judged_count(preds) as u64);
-        bar.set_style(ProgressStyle::with_template("judging {bar:30} {pos}/{len} [{elapsed_precise}<{eta_precise}]").expect("template"));
-        let (v, stats) = report::judge_predictions(j, preds, &cache, &|| bar.inc(1))?;
-        bar.finish_and_clear();
-        eprintln!(
-            "judge: {} from the cache {}, {} requests, {} retries",
-            stats.cached,
-            cache_path.display(),
-            stats.requests,
-            stats.retries
-        );
-        verdicts = v;
-    }
     let name = cli.checkpoint.file_name().map(|s| s.to_string_lossy().into_owned()).unwrap_or_else(|| "run".into());
-    let info = judge.map(|j| JudgeInfo { url: j.config().url.clone(), model: j.config().model.clone() });
-    let run = report::score_run(&name, &cli.out.display().to_string(), info, preds, &verdicts);
+    let run = report::score_predictions(&name, &cli.out, preds, judge, cli.judge.judge_cache.as_deref())?;
     let rep = Report { runs: vec![run], published: None };
-    print!("{}", rep.markdown().split("\n## ").next().unwrap_or_default());
+    print!("{}", rep.table_markdown());
     for f in rep.write(dir)? {
         println!("wrote {}", f.display());
     }
