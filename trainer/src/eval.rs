@@ -61,13 +61,14 @@ pub struct Evaluator {
 
 impl Evaluator {
     /// Opens what `eval` names (checking the held-out shards and every benchmark image before training,
-    /// and setting up the judge: its key variable must be set). `ckpt_dir` holds the judge's default
-    /// cache.
-    pub fn new(e: &EvalSection, data: &DataSection, image_size: i64, tok: Arc<Tokenizer>, ckpt_dir: &Path) -> Result<Self> {
+    /// and setting up the judge: its key variable must be set) for the model `cfg` describes (its image
+    /// size and chat template). `ckpt_dir` holds the judge's default cache.
+    pub fn new(e: &EvalSection, data: &DataSection, cfg: &ModelConfig, tok: Arc<Tokenizer>, ckpt_dir: &Path) -> Result<Self> {
+        let image_size = cfg.visual.image_size;
         let heldout = match &e.data {
             Some(dir) => {
                 let src = Source::open_with("eval", dir, data.verify_checksums)?;
-                src.require_template(idavlm_shards::chat::TEMPLATE)?;
+                src.require_template(cfg.template())?;
                 let mut locs: Vec<Locator> = src.layout.locators().collect();
                 locs.truncate(e.max_samples.unwrap_or(usize::MAX));
                 let opts = LoadOptions {
@@ -94,7 +95,7 @@ impl Evaluator {
             if let Some(cfg) = &e.judge {
                 let mut jitems: Vec<Item> = all
                     .iter()
-                    .filter(|i| request_for(&i.kind, &i.question, "", &i.answer).is_some())
+                    .filter(|i| idavlm_shards::mmid::judge::judged(&i.kind))
                     .cloned()
                     .collect();
                 jitems.truncate(e.judge_limit.unwrap_or(usize::MAX));

@@ -228,7 +228,7 @@ impl<'a> Trainer<'a> {
             Planner::new(mode, &plan.cfg, plan.kind.elt_size_in_bytes(), st.kept_block_numel(), recipe.memory.limit_gib)
                 .with_explicit_blocks(crate::model::llm::explicit_runs(&plan.cfg, st.device, plan.kind));
         let evaluator = match &recipe.eval {
-            Some(e) => Some(Evaluator::new(e, &recipe.data, plan.cfg.visual.image_size, tok, &recipe.checkpoint.dir)?),
+            Some(e) => Some(Evaluator::new(e, &recipe.data, &plan.cfg, tok, &recipe.checkpoint.dir)?),
             None => None,
         };
         let reporter = Reporter::new(recipe, rank, total_steps, ts.step, st.layout.trainable_numel(), st.layout.shard_numel())?;

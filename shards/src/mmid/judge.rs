@@ -286,6 +286,11 @@ pub fn classify(kind: &str) -> Option<(Task, Images)> {
     }
 }
 
+/// Whether the judge scores items of this type (QA and caption, whatever their image count).
+pub fn judged(kind: &str) -> bool {
+    matches!(classify(kind), Some((Task::Qa | Task::Caption, _)))
+}
+
 /// One question for the judge.
 #[derive(Clone, Debug, PartialEq)]
 pub struct JudgeRequest {

@@ -9,7 +9,7 @@ use std::path::Path;
 
 use serde::{Deserialize, Serialize};
 
-use super::judge::{classify, request_for, Cache, Images, Judge, JudgeStats, Task, Verdict};
+use super::judge::{classify, judged, request_for, Cache, Images, Judge, JudgeStats, Task, Verdict};
 use super::score::Prediction;
 use crate::error::{Error, Result};
 
@@ -246,7 +246,7 @@ pub fn judge_predictions(
 
 /// How many of the predictions the judge scores.
 pub fn judged_count(preds: &[Prediction]) -> usize {
-    preds.iter().filter(|p| matches!(classify(&p.kind), Some((Task::Qa | Task::Caption, _)))).count()
+    preds.iter().filter(|p| judged(&p.kind)).count()
 }
 
 /// One run's report from its predictions (read from `path`): the rule scores they carry and, with a
