@@ -19,5 +19,6 @@ pub mod format;
 pub mod mmid;
 pub mod order;
 pub mod pack;
+pub mod qwen3vl;
 pub mod reader;
 pub mod synth;

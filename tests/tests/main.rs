@@ -9,6 +9,7 @@ mod lora;
 mod mmid;
 mod model;
 mod packing;
+mod qwen3vl;
 mod shards;
 mod slurm;
 mod tokenizer;

@@ -13,6 +13,7 @@ pub mod layers;
 pub mod llm;
 pub mod lora;
 pub mod params;
+pub mod qwen3vl;
 pub mod resampler;
 pub mod vision;
 pub mod weights;
@@ -47,8 +48,12 @@ impl ParamSet {
     /// Fresh weights per the init rules of SPEC §1.1/§1.5, deterministic in `seed` for a device type.
     /// Each tensor is drawn in f32 in spec order, then cast to `kind`.
     pub fn init(cfg: &ModelConfig, device: Device, kind: Kind, seed: i64) -> Self {
+        Self::init_specs(param_specs(cfg), device, kind, seed)
+    }
+
+    /// Fresh weights of any family's table, drawn as [`ParamSet::init`] does.
+    pub fn init_specs(specs: Vec<ParamSpec>, device: Device, kind: Kind, seed: i64) -> Self {
         tch::manual_seed(seed);
-        let specs = param_specs(cfg);
         let tensors = tch::no_grad(|| specs.iter().map(|s| init_tensor(s, device).to_kind(kind)).collect());
         Self::from_tensors(specs, tensors)
     }

@@ -24,6 +24,8 @@ pub enum Part {
     IdFormer,
     /// `ln_post` and `proj`.
     PostProj,
+    /// Qwen3-VL's patch merger and DeepStack mergers (trained with the LLM).
+    Merger,
     /// LoRA adapter factors (not part of the published model).
     Lora,
 }
@@ -44,28 +46,29 @@ impl ParamSpec {
     }
 }
 
-struct Builder {
-    out: Vec<ParamSpec>,
-    part: Part,
-    block: Option<usize>,
+/// Builds a weight table in order; a family's table is a sequence of these calls.
+pub(crate) struct Builder {
+    pub(crate) out: Vec<ParamSpec>,
+    pub(crate) part: Part,
+    pub(crate) block: Option<usize>,
 }
 
 impl Builder {
-    fn add(&mut self, name: String, shape: &[i64], init: Init) {
+    pub(crate) fn add(&mut self, name: String, shape: &[i64], init: Init) {
         self.out.push(ParamSpec { name, shape: shape.to_vec(), init, part: self.part, block: self.block });
     }
-    fn linear(&mut self, prefix: &str, din: i64, dout: i64, bias: bool, std: f64) {
+    pub(crate) fn linear(&mut self, prefix: &str, din: i64, dout: i64, bias: bool, std: f64) {
         self.add(format!("{prefix}.weight"), &[dout, din], Init::Normal(std));
         if bias {
             self.add(format!("{prefix}.bias"), &[dout], Init::Zeros);
         }
     }
-    fn layer_norm(&mut self, prefix: &str, d: i64) {
+    pub(crate) fn layer_norm(&mut self, prefix: &str, d: i64) {
         self.add(format!("{prefix}.weight"), &[d], Init::Ones);
         self.add(format!("{prefix}.bias"), &[d], Init::Zeros);
     }
     /// PyTorch `nn.MultiheadAttention` layout.
-    fn mha(&mut self, prefix: &str, d: i64, zero_out: bool) {
+    pub(crate) fn mha(&mut self, prefix: &str, d: i64, zero_out: bool) {
         self.add(format!("{prefix}.in_proj_weight"), &[3 * d, d], Init::Normal(0.02));
         self.add(format!("{prefix}.in_proj_bias"), &[3 * d], Init::Zeros);
         let out_init = if zero_out { Init::Zeros } else { Init::Normal(0.02) };
@@ -74,7 +77,7 @@ impl Builder {
     }
 }
 
-const STD: f64 = 0.02;
+pub(crate) const STD: f64 = 0.02;
 
 /// All parameters in a fixed order: vision tower, resampler (+ ID-Former), ln_post/proj, then the LLM
 /// (wte, blocks, ln_f, lm_head).

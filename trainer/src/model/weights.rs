@@ -77,8 +77,20 @@ pub struct LoadReport {
 
 /// Loads weights for `cfg` from a HF checkpoint into `kind` on `device`.
 pub fn load_hf(path: &Path, cfg: &ModelConfig, device: Device, kind: Kind) -> Result<(ParamSet, LoadReport)> {
+    load_specs(path, param_specs(cfg), &[], device, kind)
+}
+
+/// Loads the tensors of a weight table from a HF checkpoint: every spec by name and shape, the
+/// ID-Former and LoRA factors created when absent, `ignored` keys skipped (a tied head saved anyway),
+/// any other key an error.
+pub fn load_specs(
+    path: &Path,
+    specs: Vec<super::ParamSpec>,
+    ignored: &[&str],
+    device: Device,
+    kind: Kind,
+) -> Result<(ParamSet, LoadReport)> {
     let (files, index) = checkpoint_files(path)?;
-    let specs = param_specs(cfg);
     let wanted: HashMap<&str, usize> = specs.iter().enumerate().map(|(i, s)| (s.name.as_str(), i)).collect();
     let mut tensors: Vec<Option<Tensor>> = (0..specs.len()).map(|_| None).collect();
     let mut unexpected = Vec::new();
@@ -92,6 +104,9 @@ pub fn load_hf(path: &Path, cfg: &ModelConfig, device: Device, kind: Kind) -> Re
             .map_err(|e| Error::weights(file, format!("not a readable safetensors file (truncated or corrupt?): {e}")))?;
         for (name, view) in st.tensors() {
             seen_in_files.insert(name.clone());
+            if ignored.contains(&name.as_str()) {
+                continue;
+            }
             let Some(&i) = wanted.get(name.as_str()) else {
                 // The original keeps non-persistent buffers out of checkpoints; anything else is a mismatch.
                 unexpected.push(name);
