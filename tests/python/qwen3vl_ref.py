@@ -9,6 +9,10 @@
       loss, position_ids (3,B,S) from the model's own get_rope_index, and grad.NAME of every parameter.
   python qwen3vl_ref.py logits DIR INPUTS.safetensors OUT.safetensors
       The same forward only (a checkpoint written by idavlm, read by from_pretrained).
+  python qwen3vl_ref.py images DIR MIN_PIXELS MAX_PIXELS WxH...
+      Writes a seeded random PNG per size (smooth gradients plus noise) into DIR and runs transformers'
+      Qwen2VLImageProcessorPil with Qwen3-VL's preprocessor values on each: DIR/N.safetensors gets
+      pixel_values and image_grid_thw.
 """
 import sys
 import torch
@@ -56,8 +60,30 @@ def forward(m, inp):
     return out, pos
 
 
+def images(d, min_pixels, max_pixels, sizes):
+    import numpy as np
+    from PIL import Image
+    from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
+    p = Qwen2VLImageProcessorPil(patch_size=16, temporal_patch_size=2, merge_size=2, image_mean=[0.5] * 3,
+                                 image_std=[0.5] * 3, size={"shortest_edge": min_pixels, "longest_edge": max_pixels})
+    rng = np.random.default_rng(5)
+    for n, wh in enumerate(sizes):
+        w, h = map(int, wh.split("x"))
+        y, x = np.mgrid[0:h, 0:w]
+        base = np.stack([x * 255 / max(w - 1, 1), y * 255 / max(h - 1, 1), (x + y) % 256], -1)
+        img = np.clip(base + rng.normal(0, 40, base.shape), 0, 255).astype("uint8")
+        path = f"{d}/{n}.png"
+        Image.fromarray(img).save(path)
+        o = p(images=[Image.open(path).convert("RGB")], return_tensors="pt")
+        save_file({"pixel_values": o["pixel_values"].float().contiguous(), "image_grid_thw": o["image_grid_thw"].long()},
+                  f"{d}/{n}.safetensors")
+
+
 def main():
     cmd = sys.argv[1]
+    if cmd == "images":
+        images(sys.argv[2], int(sys.argv[3]), int(sys.argv[4]), sys.argv[5:])
+        return
     if cmd == "make":
         make(sys.argv[2], tied="--untied" not in sys.argv)
         return

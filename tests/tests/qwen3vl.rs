@@ -231,3 +231,32 @@ fn id_former_starts_as_the_base_and_the_export_loads_in_transformers() {
     let again = tch::no_grad(|| Qwen3Vl::new(&cfg, &back).forward_logits(&inp));
     assert!(again.equal(&moved), "the ID-Former beside the export did not come back");
 }
+
+/// The image path against transformers' processor (PIL backend, Qwen3-VL's preprocessor values):
+/// grids, token counts and pixel values for sizes that upscale, downscale under max_pixels, keep, and
+/// round half to even (336x1040 -> 320x1024).
+#[test]
+fn image_grids_and_pixels_equal_the_processors() {
+    use idavlm_shards::qwen3vl::image::patchify_rgb8;
+    let dir = tempfile::tempdir().unwrap();
+    let sizes = ["1040x336", "640x480", "100x100", "37x1000", "3000x2000", "97x211"];
+    let (min, max) = (65_536usize, 1_048_576usize);
+    let mut args: Vec<String> = vec!["images".into(), dir.path().display().to_string(), min.to_string(), max.to_string()];
+    args.extend(sizes.iter().map(|s| s.to_string()));
+    python_script("qwen3vl_ref.py", args);
+    for (n, size) in sizes.iter().enumerate() {
+        let bytes = std::fs::read(dir.path().join(format!("{n}.png"))).unwrap();
+        let (rgb, w, h) = idavlm_shards::preprocess::decode_rgb8(&bytes, size).unwrap();
+        let (px, grid) = patchify_rgb8(&rgb, w, h, min, max).unwrap();
+        let r = refs(&dir.path().join(format!("{n}.safetensors")));
+        let g = Vec::<i64>::try_from(r["image_grid_thw"].view([-1])).unwrap();
+        assert_eq!([grid.t, grid.h, grid.w], g.as_slice(), "{size}: grid");
+        let ours = Tensor::from_slice(&px).view([-1, 1536]);
+        assert_eq!(ours.size(), r["pixel_values"].size(), "{size}");
+        let d = (&ours - &r["pixel_values"]).abs().max().double_value(&[]);
+        assert!(d <= 1e-6, "{size}: pixel values differ by {d}");
+    }
+    // 336x1040 is the half-to-even case: 20 x 64 patches, 320 LLM tokens.
+    let r = refs(&dir.path().join("0.safetensors"));
+    assert_eq!(Vec::<i64>::try_from(r["image_grid_thw"].view([-1])).unwrap(), [1, 20, 64]);
+}
