@@ -49,9 +49,10 @@ fi
 # The LoRA tests compare the adapter layout and merge with PEFT's own (pinned: its file layout is the
 # contract).
 # TensorBoard's own event reader checks the event files (tests/tests/train.rs).
-if [ "$with_slurm" -eq 1 ] && ! .venv/bin/python -c 'import peft, tensorboard; assert peft.__version__ == "0.21.2"; assert tensorboard.__version__ == "2.21.0"' 2>/dev/null; then
-  log "installing peft==0.21.2 transformers==5.24.0 tensorboard==2.21.0 into .venv (test oracles)"
-  .venv/bin/pip install -q --disable-pip-version-check peft==0.21.2 transformers==5.24.0 tensorboard==2.21.0 >&2
+# tiktoken: the Qwen3-VL template's oracle (tests/python/qwen3vl_template.py).
+if [ "$with_slurm" -eq 1 ] && ! .venv/bin/python -c 'import peft, tensorboard, tiktoken; assert peft.__version__ == "0.21.2"; assert tensorboard.__version__ == "2.21.0"; assert tiktoken.__version__ == "0.12.0"' 2>/dev/null; then
+  log "installing peft==0.21.2 transformers==5.24.0 tensorboard==2.21.0 tiktoken==0.12.0 into .venv (test oracles)"
+  .venv/bin/pip install -q --disable-pip-version-check peft==0.21.2 transformers==5.24.0 tensorboard==2.21.0 tiktoken==0.12.0 >&2
 fi
 
 if [ ! -s .deps/qwen.tiktoken ]; then

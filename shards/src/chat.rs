@@ -38,6 +38,9 @@ pub struct Encoded {
     pub image_roles: Vec<ImageRole>,
     /// True when the sample was cut at max length (outside any image span).
     pub truncated: bool,
+    /// Each image's patch grid (Qwen3-VL, whose span length follows the image's size); empty for
+    /// Qwen-VL's fixed 256-token spans.
+    pub image_grids: Vec<crate::qwen3vl::positions::Grid>,
 }
 
 /// What happens to a sample longer than the maximum length.
@@ -50,7 +53,7 @@ pub enum Overflow {
 }
 
 /// Splits `text` into plain-text pieces and image paths.
-fn split_images(id: &str, text: &str) -> Result<Vec<Result<String, String>>> {
+pub(crate) fn split_images(id: &str, text: &str) -> Result<Vec<Result<String, String>>> {
     let mut out = Vec::new();
     let mut rest = text;
     while let Some(s) = rest.find("<img>") {
@@ -109,7 +112,7 @@ pub fn confined(root: &std::path::Path, path: &str) -> std::result::Result<std::
     }
 }
 
-fn clip(s: &str) -> String {
+pub(crate) fn clip(s: &str) -> String {
     s.chars().take(120).collect()
 }
 
@@ -243,5 +246,5 @@ pub fn encode_conversation(tok: &Tokenizer, id: &str, turns: &[Turn], max_len: u
         truncated = true;
     }
     let roles = image_roles(&ids, &starts);
-    Ok(Encoded { input_ids: ids, labels, image_starts: starts, image_paths: paths, image_roles: roles, truncated })
+    Ok(Encoded { input_ids: ids, labels, image_starts: starts, image_paths: paths, image_roles: roles, truncated, image_grids: vec![] })
 }

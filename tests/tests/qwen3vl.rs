@@ -260,3 +260,74 @@ fn image_grids_and_pixels_equal_the_processors() {
     let r = refs(&dir.path().join("0.safetensors"));
     assert_eq!(Vec::<i64>::try_from(r["image_grid_thw"].view([-1])).unwrap(), [1, 20, 64]);
 }
+
+/// The template's token ids and labels equal an oracle built from the chat template's text, tiktoken
+/// and transformers' smart_resize, on IDA-VLM's prompt forms (location, matching, QA, caption, a
+/// multi-turn conversation, grounding answers rewritten to bbox_2d, non-ASCII text).
+#[test]
+fn template_ids_and_labels_equal_the_oracle() {
+    use idavlm_shards::chat::{Overflow, Turn};
+    use idavlm_shards::qwen3vl::template::{encode_conversation, rewrite_boxes, Pixels};
+    let tok = idavlm_tests::tokenizer();
+    let t = |from: &str, value: &str| Turn { from: from.into(), value: value.into() };
+    let loc = rewrite_boxes("<ref>Ben Milo</ref><box>(102,33),(588,997)</box>").unwrap();
+    let items: Vec<(Vec<Turn>, Vec<(usize, usize)>)> = vec![
+        (
+            vec![
+                t("user", "Ben Milo is <img>r/ben.jpg</img>\n In the image: <img>s/1.jpg</img>\nIdentify Ben Milo with grounding."),
+                t("assistant", &loc),
+            ],
+            vec![(180, 240), (1040, 336)],
+        ),
+        (
+            vec![
+                t("user", "Anna is <img>a.png</img>\n In the following four images, Which is Anna? Image 1: <img>1.png</img>\n Image 2: <img>2.png</img>\n Image 3: <img>3.png</img>\n Image 4: <img>4.png</img>"),
+                t("assistant", "Image 3"),
+            ],
+            vec![(64, 64), (640, 480), (480, 640), (100, 100), (1920, 1080)],
+        ),
+        (
+            vec![
+                t("human", "Zoë is <img>z.jpg</img>\nLeo is <img>l.jpg</img>\n<img>scene.jpg</img>\nWhat is Zoë doing?"),
+                t("gpt", "Zoë hands Leo a café crème; he smiles.\n\nThen they leave."),
+                t("human", "And Leo?"),
+                t("gpt", "He waves."),
+            ],
+            vec![(300, 500), (37, 1000), (2000, 3000)],
+        ),
+        (
+            vec![t("system", "Describe people by name."), t("user", "<img>x.jpg</img>Give an image description."), t("assistant", "  Two people talk.")],
+            vec![(97, 211)],
+        ),
+    ];
+    let px = Pixels { min: 65_536, max: 1_048_576 };
+    let dir = tempfile::tempdir().unwrap();
+    let spec = serde_json::json!({
+        "min_pixels": px.min, "max_pixels": px.max,
+        "items": items.iter().map(|(turns, dims)| serde_json::json!({
+            "conversations": turns.iter().map(|t| serde_json::json!({"from": t.from, "value": t.value})).collect::<Vec<_>>(),
+            "image_sizes": dims.iter().map(|&(w, h)| [w, h]).collect::<Vec<_>>(),
+        })).collect::<Vec<_>>(),
+    });
+    std::fs::write(dir.path().join("in.json"), spec.to_string()).unwrap();
+    let tiktoken = idavlm_shards::tokenizer::default_tokenizer_path().unwrap();
+    python_script(
+        "qwen3vl_template.py",
+        [tiktoken, dir.path().join("in.json"), dir.path().join("out.json")],
+    );
+    let want: Vec<serde_json::Value> = serde_json::from_slice(&std::fs::read(dir.path().join("out.json")).unwrap()).unwrap();
+    for (n, ((turns, dims), w)) in items.iter().zip(&want).enumerate() {
+        let e = encode_conversation(tok, &format!("s{n}"), turns, dims, px, 1 << 20, Overflow::Reject).unwrap();
+        let ids: Vec<u32> = serde_json::from_value(w["input_ids"].clone()).unwrap();
+        let labels: Vec<i64> = serde_json::from_value(w["labels"].clone()).unwrap();
+        assert_eq!(e.input_ids, ids, "sample {n}: token ids");
+        assert_eq!(e.labels, labels, "sample {n}: labels");
+        assert_eq!(e.image_grids.len(), dims.len());
+    }
+    // An over-long sample is cut only outside image spans; a cut inside one refuses the sample.
+    let (turns, dims) = &items[0];
+    let e = encode_conversation(tok, "x", turns, dims, px, 1 << 20, Overflow::Reject).unwrap();
+    let inside = e.image_starts[1] + 5;
+    let err = encode_conversation(tok, "x", turns, dims, px, inside, Overflow::TruncateOutsideImages).unwrap_err();
+    assert!(err.to_string().contains("inside an image span"), "{err}");
+}

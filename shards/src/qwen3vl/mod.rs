@@ -4,6 +4,7 @@
 
 pub mod image;
 pub mod positions;
+pub mod template;
 
 /// The name a dataset records for this template (index.json `template`).
 pub const TEMPLATE: &str = "qwen3-vl";
